@@ -1,0 +1,153 @@
+"""SNAC codec: the 7 staggered audio streams <-> SNAC's 3 code levels <-> 24 kHz PCM (spec §4.6, §6.3).
+
+Frame `k` of the answer takes layer `j`'s token from decode position `k + j + 1` (layer j starts
+j + 1 steps after the text). A frame's 7 tokens are SNAC's codes in depth-first order:
+level 0 gets [t0], level 1 gets [t1, t4], level 2 gets [t2, t3, t5, t6].
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+from .tokens import AUDIO_CODES, N_AUDIO_LAYERS
+
+OUTPUT_SAMPLE_RATE = 24000  # SNAC 24 kHz model
+SAMPLES_PER_FRAME = 2048  # hop 512 x 4 level-2 codes: 85.3 ms of audio per decode step
+LEVEL_OF_SLOT = (0, 1, 2, 2, 1, 2, 2)  # which SNAC level each of a frame's 7 tokens belongs to
+N_LEVELS = 3
+# Decode steps before frame 0 is complete: layer 6 lags the prefill token by 7 positions.
+FRAME_LAG = N_AUDIO_LAYERS
+FIRST_CHUNK_STEPS = 10  # the official first chunk comes after prefill + 10 decode steps (stride 4)
+INT16_MAX, INT16_MIN = 32767, -32768
+PCM_SCALE = 32768.0
+SNAC_HUB_REPO = "hubertsiuzdak/snac_24khz"
+SNAC_CONFIG = "config.json"
+SNAC_WEIGHTS = "pytorch_model.bin"
+# torch's two spellings of a weight-normed weight: legacy hooks and parametrizations.
+LEGACY_NORM_KEYS = ("weight_g", "weight_v")
+PARAM_NORM_KEYS = ("parametrizations.weight.original0", "parametrizations.weight.original1")
+
+Frame = tuple[int, ...]  # 7 local audio codes
+
+
+def frames_to_codes(frames: list[Frame], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """n frames -> SNAC codes `[(1, n), (1, 2n), (1, 4n)]`."""
+    levels: list[list[int]] = [[] for _ in range(N_LEVELS)]
+    for frame in frames:
+        for slot, code in enumerate(frame):
+            levels[LEVEL_OF_SLOT[slot]].append(code)
+    return [torch.tensor(level, dtype=torch.long, device=device).unsqueeze(0) for level in levels]
+
+
+def codes_to_frames(codes: list[torch.Tensor]) -> list[Frame]:
+    """Inverse of `frames_to_codes`."""
+    flat = [level.reshape(-1).tolist() for level in codes]
+    frames = []
+    for k in range(len(flat[0])):
+        taken = [0] * N_LEVELS
+        frame = []
+        for level in LEVEL_OF_SLOT:
+            frame.append(flat[level][k * (1 << level) + taken[level]])
+            taken[level] += 1
+        frames.append(tuple(frame))
+    return frames
+
+
+def streams_to_frames(streams: list[list[int]]) -> list[Frame]:
+    """7 per-layer token lists (from the prefill token on) -> the complete frames."""
+    n = min(len(s) - layer - 1 for layer, s in enumerate(streams[:N_AUDIO_LAYERS]))
+    return [tuple(streams[j][k + j + 1] for j in range(N_AUDIO_LAYERS)) for k in range(max(n, 0))]
+
+
+def frames_to_streams(frames: list[Frame], fill: int) -> list[list[int]]:
+    """Inverse of `streams_to_frames`: re-apply the stagger, `fill` where a layer has no frame yet."""
+    return [[fill] * (j + 1) + [f[j] for f in frames] + [fill] * (N_AUDIO_LAYERS - 1 - j)
+            for j in range(N_AUDIO_LAYERS)]
+
+
+class FrameScheduler:
+    """Collects per-step audio tokens and hands out frames on the official streaming schedule.
+
+    The first chunk is due once `stride` frames are complete (10 decode steps at stride 4), then
+    every `stride` steps; `flush()` returns the tail the official code drops.
+    """
+
+    def __init__(self, stride: int) -> None:
+        self.stride = stride
+        self.streams: list[list[int]] = [[] for _ in range(N_AUDIO_LAYERS)]
+        self.emitted = 0
+
+    def push(self, audio: Frame) -> list[Frame]:
+        for layer, token in enumerate(audio):
+            self.streams[layer].append(token)
+        if len(self.streams[0]) - FRAME_LAG - self.emitted < self.stride:
+            return []
+        return self.flush()
+
+    def flush(self) -> list[Frame]:
+        frames = streams_to_frames(self.streams)[self.emitted:]
+        self.emitted += len(frames)
+        return frames
+
+
+def pcm_from_wave(wave: np.ndarray) -> bytes:
+    """float waveform -> int16 LE bytes; clipped, where the official code lets +-1.0 wrap around."""
+    return np.clip(wave.astype(np.float64) * PCM_SCALE, INT16_MIN, INT16_MAX).astype("<i2").tobytes()
+
+
+def _remap_weight_norm(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Rename weight-norm keys between torch's legacy and parametrization spellings as needed."""
+    out = {}
+    for key, value in state.items():
+        if key not in expected:
+            for old, new in (*zip(LEGACY_NORM_KEYS, PARAM_NORM_KEYS), *zip(PARAM_NORM_KEYS, LEGACY_NORM_KEYS)):
+                if key.endswith(old) and key[: -len(old)] + new in expected:
+                    key = key[: -len(old)] + new
+                    break
+        out[key] = value
+    return out
+
+
+class SnacCodec:
+    """Decodes frames to PCM with a SNAC 24 kHz model."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+
+    @classmethod
+    def from_dir(cls, snac_dir: str | Path, device: torch.device) -> "SnacCodec":
+        from snac import SNAC
+
+        snac_dir = Path(snac_dir)
+        try:
+            config = json.loads((snac_dir / SNAC_CONFIG).read_text())
+            state = torch.load(snac_dir / SNAC_WEIGHTS, map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read the SNAC model in {snac_dir} ({SNAC_CONFIG} + {SNAC_WEIGHTS}): {e}") from e
+        model = SNAC(**config)
+        expected = set(model.state_dict())
+        state = _remap_weight_norm(state, expected)
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or extra:
+            raise CheckpointError(f"SNAC weights in {snac_dir} do not match its config: "
+                                  f"missing {missing[:5]}, unexpected {extra[:5]}")
+        model.load_state_dict(state)
+        return cls(model.to(device).eval(), device)
+
+    @torch.inference_mode()
+    def decode(self, frames: list[Frame]) -> bytes:
+        """Frames -> int16 LE mono PCM at 24 kHz, 2048 samples per frame.
+
+        A slot holding a special token (>= 4096; a trained model never puts one inside a frame)
+        is decoded as code 0 rather than failing.
+        """
+        if not frames:
+            return b""
+        codes = [c.masked_fill(c >= AUDIO_CODES, 0) for c in frames_to_codes(frames, self.device)]
+        wave = self.model.decode(codes)  # (1, 1, samples)
+        return pcm_from_wave(wave.reshape(-1).float().cpu().numpy())

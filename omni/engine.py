@@ -1,0 +1,242 @@
+"""`OmniEngine`: load a checkpoint once, then answer questions as a stream of audio/text chunks."""
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from .audio import SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel, pad_or_trim
+from .checkpoint import TOKENIZER_FILE, ensure_checkpoint, load_lm, snac_dir, whisper_path
+from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, FrameScheduler, SnacCodec
+from .config import ModelConfig
+from .generate import SpeechDecoder, Step, TextDecoder, generate
+from .sampling import GenerationConfig
+from .tokens import EOT, N_AUDIO_LAYERS, Task, build_prompt
+from .whisper import load_whisper_encoder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WARMUP_SECONDS = 1.0
+WARMUP_TONE_HZ = 220.0
+WARMUP_LEVEL = 0.3
+REPLACEMENT_CHAR = "\ufffd"  # what a byte-level BPE decode shows for a cut UTF-8 sequence
+
+Cancel = threading.Event | Callable[[], bool] | None
+
+
+@dataclass(frozen=True)
+class OmniChunk:
+    """One piece of a streamed answer."""
+
+    pcm: bytes  # int16 little-endian mono 24 kHz audio; b"" for text-only tasks
+    text: str  # answer text added since the previous chunk
+    steps: tuple[Step, ...] = ()  # the tokens decided since the previous chunk
+
+
+@dataclass(frozen=True)
+class OmniResult:
+    """A whole answer: the joined chunks plus the token streams in the official order."""
+
+    pcm: bytes
+    text: str
+    streams: list[list[int]] = field(default_factory=list)  # 0-6 audio layers (local ids), 7 text
+
+    @property
+    def wave(self) -> np.ndarray:
+        return np.frombuffer(self.pcm, dtype="<i2").astype(np.float32) / PCM_SCALE
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available; use device='cpu' or 'auto'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32  # the official numerics
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype == torch.float16 and device.type == "cpu":
+        warnings.warn("float16 is slow and inexact on CPU; using float32", stacklevel=3)
+        return torch.float32
+    return dtype
+
+
+class TextStream:
+    """Turns text ids into deltas, holding back a delta that ends inside a UTF-8 sequence."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.ended = False
+        self.shown = ""
+
+    def push(self, token: int) -> None:
+        if token == EOT:
+            self.ended = True
+        elif not self.ended:
+            self.ids.append(token)
+
+    def delta(self, final: bool = False) -> str:
+        text = self.tokenizer.decode(self.ids)
+        if (text.endswith(REPLACEMENT_CHAR) and not final) or not text.startswith(self.shown):
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+
+class OmniEngine:
+    """A loaded Mini-Omni model that answers audio or text questions with speech and/or text.
+
+    Device and dtype are decided here, once. One request runs at a time (a lock); each request
+    starts from the same state, so any answer equals the one a fresh engine would give.
+    """
+
+    def __init__(self, ckpt_dir: str | Path = "checkpoint", device: str | torch.device = "auto",
+                 dtype: str | torch.dtype | None = None, family: str = "mini-omni") -> None:
+        self._device = resolve_device(device)
+        self._dtype = resolve_dtype(dtype, self._device)
+        self.ckpt_dir = ensure_checkpoint(ckpt_dir, family)
+        self.config = ModelConfig.from_checkpoint(self.ckpt_dir)
+        self.model = load_lm(self.ckpt_dir, self.config, self._device, self._dtype)
+        self.tokenizer = Tokenizer.from_file(str(self.ckpt_dir / TOKENIZER_FILE))
+        self.whisper = load_whisper_encoder(whisper_path(self.ckpt_dir), self._device)
+        if self.whisper.n_state != self.config.whisper_adapter_dim:
+            raise ValueError(f"Whisper width {self.whisper.n_state} != whisper_adapter_dim {self.config.whisper_adapter_dim}")
+        self.codec = SnacCodec.from_dir(snac_dir(self.ckpt_dir), self._device)
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    @property
+    def sample_rate(self) -> int:
+        return OUTPUT_SAMPLE_RATE
+
+    def stream(self, audio: AudioSource | None = None, *, text: str | None = None, task: str | Task = Task.A1A2,
+               sample_rate: int | None = None, cancel: Cancel = None,
+               config: GenerationConfig | None = None, **options: Any) -> Iterator[OmniChunk]:
+        """Answer one question as it is generated.
+
+        Args:
+            audio: a file path, the bytes of an audio file, or a numpy array (then `sample_rate`).
+            text: the question for the text-input tasks T1A2 and T1T2.
+            task: A1A2 (default), A1T2, ASR, T1A2 or T1T2.
+            cancel: an Event or callable, checked before every decode step; set, it ends the stream.
+            config / options: a `GenerationConfig`, or its fields as keywords (stream_stride, max_tokens,
+                temperature, top_k, top_p, seed).
+        Returns:
+            an iterator of `OmniChunk`: the first audio chunk after the official number of decode
+            steps (10 at stride 4), then one every `stream_stride` steps, then the remaining frames.
+        """
+        cfg = config if config is not None else GenerationConfig(**options)
+        task = self._check_task(task, audio, text)
+        samples = load_audio(audio, sample_rate) if task.audio_in else None
+        text_ids = self.tokenizer.encode(text).ids if not task.audio_in else None
+        if text_ids is not None and not text_ids:
+            raise ValueError("the text question is empty")
+        return self._answer(task, samples, text_ids, cfg, _as_callable(cancel))
+
+    def run(self, audio: AudioSource | None = None, **kwargs: Any) -> OmniResult:
+        """The whole answer: `stream()` collected."""
+        chunks = list(self.stream(audio, **kwargs))
+        steps = [step for chunk in chunks for step in chunk.steps]
+        streams = [[s.audio[layer] for s in steps if s.audio is not None] for layer in range(N_AUDIO_LAYERS)]
+        streams.append([s.text for s in steps])
+        return OmniResult(b"".join(c.pcm for c in chunks), "".join(c.text for c in chunks), streams)
+
+    def generate(self, audio: AudioSource | None = None, return_numpy: bool = False, **kwargs: Any) -> bytes | np.ndarray:
+        """The spoken answer as int16 LE PCM bytes, or float32 samples in [-1, 1] with `return_numpy`."""
+        result = self.run(audio, **kwargs)
+        return result.wave if return_numpy else result.pcm
+
+    def warmup(self) -> None:
+        """One short answer to a synthetic tone, so the first real request pays no first-call costs."""
+        t = np.arange(int(WARMUP_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
+        tone = (WARMUP_LEVEL * np.sin(2 * np.pi * WARMUP_TONE_HZ * t)).astype(np.float32)
+        prompt_len = feature_frames(tone.size) + 3
+        for _ in self.stream(tone, sample_rate=SAMPLE_RATE, max_tokens=prompt_len + 12):
+            pass
+
+    @staticmethod
+    def _check_task(task: str | Task, audio: AudioSource | None, text: str | None) -> Task:
+        try:
+            task = Task(task.upper() if isinstance(task, str) else task)
+        except ValueError as e:
+            raise ValueError(f"unknown task {task!r}; choose one of {[t.value for t in Task]}") from e
+        if task.audio_in and (audio is None or text is not None):
+            raise ValueError(f"task {task.value} answers an audio question: pass audio and no text")
+        if not task.audio_in and (text is None or audio is not None):
+            raise ValueError(f"task {task.value} answers a text question: pass text= and no audio")
+        return task
+
+    def _prepare(self, task: Task, samples: np.ndarray | None,
+                 text_ids: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None, SpeechDecoder | TextDecoder]:
+        """Prompt `(B, 8, T)`, Whisper features `(B, L, 768)` and the decoding policy of `task`."""
+        features = None
+        if samples is not None:
+            n_frames = feature_frames(samples.size)
+            mel = log_mel(pad_or_trim(samples), self._device)
+            with torch.inference_mode():
+                features = self.whisper(mel.unsqueeze(0))[:, :n_frames]  # (1, L, 768)
+            rows = (Task.A1A2, Task.A1T2) if task == Task.A1A2 else (task,)
+            prompt = torch.stack([build_prompt(row, n_frames) for row in rows])
+            features = features.expand(len(rows), -1, -1)
+        else:
+            prompt = build_prompt(task, text_ids=text_ids).unsqueeze(0)
+        decoder = SpeechDecoder(batch=prompt.size(0) == 2) if task.speaks else TextDecoder()
+        return prompt.to(self._device), features, decoder
+
+    def _answer(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None,
+                cfg: GenerationConfig, cancel: Callable[[], bool]) -> Iterator[OmniChunk]:
+        with self._lock:
+            if cfg.seed is not None:
+                torch.manual_seed(cfg.seed)
+            prompt, features, decoder = self._prepare(task, samples, text_ids)
+            frames = FrameScheduler(cfg.stream_stride) if task.speaks else None
+            text = TextStream(self.tokenizer)
+            pending: list[Step] = []
+            for step in generate(self.model, prompt, decoder, cfg, features, cancel):
+                pending.append(step)
+                text.push(step.text)
+                ready = frames.push(step.audio) if frames is not None else None
+                if ready or frames is None:
+                    yield OmniChunk(self.codec.decode(ready or []), text.delta(), tuple(pending))
+                    pending = []
+            if cancel():
+                return
+            tail = self.codec.decode(frames.flush()) if frames is not None else b""
+            last_text = text.delta(final=True)
+            if tail or last_text or pending:
+                yield OmniChunk(tail, last_text, tuple(pending))
+
+
+def _as_callable(cancel: Cancel) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    if callable(cancel):
+        return cancel
+    raise TypeError(f"cancel must be a threading.Event or a callable, got {type(cancel).__name__}")

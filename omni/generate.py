@@ -1,0 +1,119 @@
+"""The prefill / decode-step loop as an iterator of per-step tokens (spec §4.5, §6.2, §13).
+
+Two decoding policies cover every task:
+- `SpeechDecoder` samples 7 audio tokens and a text token per step. With `batch=True` it is the
+  official batch-of-two trick (A1A2): row 0 is the speech prompt, row 1 the text-only prompt;
+  audio comes from row 0, text from row 1, and both rows are fed row 1's text. With
+  `batch=False` it is the official single-row T1A2 helper.
+- `TextDecoder` samples only the text token on one row (A1T2, ASR, T1T2) and stops on a sampled EOT.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .model import OmniLM
+from .sampling import GenerationConfig, sample
+from .tokens import (
+    EOA, EOT, N_AUDIO_LAYERS, PAD_A, PAD_T, PADDED_AUDIO_VOCAB, PADDED_TEXT_VOCAB, STOP_LAYER, audio_id,
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """The tokens chosen at one position: 7 local audio ids (None for text-only tasks) and a text id."""
+
+    audio: tuple[int, ...] | None
+    text: int
+
+
+class SpeechDecoder:
+    """Audio + text out; stops when the last audio layer emits EOA; text is forced to pad after EOT."""
+
+    def __init__(self, batch: bool) -> None:
+        self.batch_size = 2 if batch else 1
+        self.text_row = self.batch_size - 1
+        self.text_ended = False
+
+    def advance(self, logits: torch.Tensor, cfg: GenerationConfig, first: bool) -> Step | None:
+        """`logits (B, V)` of the last position -> the next step, or None to stop."""
+        audio_logits = logits[0, PADDED_TEXT_VOCAB:].view(N_AUDIO_LAYERS, PADDED_AUDIO_VOCAB)
+        text_logits = logits[self.text_row:self.text_row + 1, :PADDED_TEXT_VOCAB]
+        audio = tuple(sample(audio_logits, cfg).tolist())
+        text = int(sample(text_logits, cfg)[0])
+        if first:  # the official loop applies no rule to the prefill token
+            return Step(audio, text)
+        if self.text_ended:
+            text = PAD_T
+        if audio[STOP_LAYER] == EOA:
+            return None
+        if text == EOT:
+            self.text_ended = True
+        return Step(audio, text)
+
+    def feedback(self, step: Step, device: torch.device) -> torch.Tensor:
+        """The next input `(B, 8, 1)`: own audio on row 0, pads on row 1, the text on every row."""
+        rows = [[audio_id(a, layer) for layer, a in enumerate(step.audio)] + [step.text]]
+        if self.batch_size == 2:
+            rows.append([audio_id(PAD_A, layer) for layer in range(N_AUDIO_LAYERS)] + [step.text])
+        return torch.tensor(rows, device=device).unsqueeze(-1)
+
+
+class TextDecoder:
+    """Text out on one row; the audio rows are fed pads; a sampled EOT ends it and is dropped."""
+
+    batch_size = 1
+
+    def advance(self, logits: torch.Tensor, cfg: GenerationConfig, first: bool) -> Step | None:
+        text = int(sample(logits[:1, :PADDED_TEXT_VOCAB], cfg)[0])
+        if not first and text == EOT:
+            return None
+        return Step(None, text)
+
+    def feedback(self, step: Step, device: torch.device) -> torch.Tensor:
+        row = [audio_id(PAD_A, layer) for layer in range(N_AUDIO_LAYERS)] + [step.text]
+        return torch.tensor([row], device=device).unsqueeze(-1)
+
+
+def check_length(prompt_len: int, cfg: GenerationConfig, block_size: int) -> None:
+    """The official limits: room for at least one token, and every position inside the cache."""
+    if cfg.max_tokens <= prompt_len:
+        raise ValueError(
+            f"max_tokens {cfg.max_tokens} leaves no room to answer a prompt of {prompt_len} positions; "
+            f"raise max_tokens (up to {block_size + 1}) or shorten the input"
+        )
+    if cfg.max_tokens - 1 > block_size:
+        raise ValueError(f"max_tokens {cfg.max_tokens} exceeds the model's limit of {block_size + 1}")
+
+
+@torch.inference_mode()
+def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextDecoder,
+             cfg: GenerationConfig, audio_features: torch.Tensor | None = None,
+             cancel: Callable[[], bool] = lambda: False) -> Iterator[Step]:
+    """Yield one `Step` for the prefill and one per decode step until a stop rule fires.
+
+    Args:
+        prompt: `(B, 8, T)` global ids, B = `decoder.batch_size`.
+        audio_features: `(B, L, whisper_dim)` injected at positions 1..L during the prefill.
+        cancel: polled before every decode step; True ends the iteration at once.
+    """
+    B, _, T = prompt.shape
+    assert B == decoder.batch_size, f"prompt batch {B} != decoder batch {decoder.batch_size}"
+    check_length(T, cfg, model.config.block_size)
+    device = prompt.device
+    model.setup_cache(B, cfg.max_tokens - 1)
+    logits = model(prompt, torch.arange(T, device=device), audio_features, last_only=True)
+    step = decoder.advance(logits[:, -1], cfg, first=True)
+    yield step
+    input_pos = torch.tensor([T], device=device)
+    for _ in range(cfg.max_tokens - T - 1):
+        if cancel():
+            return
+        logits = model(decoder.feedback(step, device), input_pos, last_only=True)
+        step = decoder.advance(logits[:, -1], cfg, first=False)
+        if step is None:
+            return
+        yield step
+        input_pos += 1

@@ -1,0 +1,216 @@
+"""The Mini-Omni language model: Qwen2-0.5B blocks over 8 averaged token streams (spec §3).
+
+Only `nn.Module`s live here. Parameter names are litgpt's, so the official `lit_model.pth`
+loads strictly. Token tensors are `[B, 8, T]` (streams 0-6 audio layers, 7 text).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .tokens import N_AUDIO_LAYERS, N_STREAMS
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32 whatever the model dtype (litgpt's formula)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + self.eps)
+        return x.to(dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """`proj(silu(fc_1 x) * fc_2 x)`: the LLaMA MLP, also used for the whisper/vision adapters."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(d_in, d_hidden, bias=False)
+        self.fc_2 = nn.Linear(d_in, d_hidden, bias=False)
+        self.proj = nn.Linear(d_hidden, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(x)) * self.fc_2(x))
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, one KV head per query group: `(B, G, S, hs)`."""
+
+    def __init__(self, batch_size: int, groups: int, max_len: int, head_size: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (batch_size, groups, max_len, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k, v` at `input_pos`; return the cache up to position `end` (exclusive)."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def build_rope(seq_len: int, n_elem: int, base: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables `(seq_len, n_elem)`, built with litgpt's exact op order (fp32)."""
+    theta = 1.0 / (base ** (torch.arange(0, n_elem, 2, device=device).float() / n_elem))
+    positions = torch.arange(seq_len, device=device) / 1
+    angles = torch.outer(positions, theta).repeat(1, 2)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotate-half RoPE over the last dim of `x: (B, nh, T, hs)`."""
+    half = x.size(-1) // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return ((x * cos) + (rotated * sin)).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Grouped-query attention with litgpt's fused, group-interleaved QKV projection.
+
+    The `qkv_size` outputs of `attn` are laid out `[group][q_0 .. q_{k-1}, key, value][head_size]`,
+    so query head `h` belongs to group `h // q_per_kv`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn = nn.Linear(config.n_embd, config.qkv_size, bias=config.add_qkv_bias)
+        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
+        self.config = config
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: torch.Tensor | None, end: int) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        qkv = self.attn(x).view(B, T, c.n_query_groups, c.q_per_kv + 2, c.head_size)
+        qkv = qkv.permute(0, 2, 3, 1, 4)  # (B, G, q_per_kv + 2, T, hs)
+        q, k, v = qkv.split((c.q_per_kv, 1, 1), dim=2)
+        q = apply_rope(q.reshape(B, c.n_head, T, c.head_size), cos, sin)  # (B, nh, T, hs)
+        k = apply_rope(k.reshape(B, c.n_query_groups, T, c.head_size), cos, sin)  # (B, G, T, hs)
+        v = v.reshape(B, c.n_query_groups, T, c.head_size)
+        mask = None
+        if input_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("call setup_cache() first")
+            k, v = self.kv_cache.update(input_pos, k, v, end)
+            mask = torch.arange(end, device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
+        k = k.repeat_interleave(c.q_per_kv, dim=1)  # (B, nh, S, hs)
+        v = v.repeat_interleave(c.q_per_kv, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(c.head_size), is_causal=mask is None
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: `x += attn(norm_1 x)`, then `x += mlp(norm_2 x)`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = SwiGLU(config.n_embd, config.intermediate_size, config.n_embd)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: torch.Tensor | None, end: int) -> torch.Tensor:
+        x = self.attn(self.norm_1(x), cos, sin, input_pos, end) + x
+        return self.mlp(self.norm_2(x)) + x
+
+
+class OmniLM(nn.Module):
+    """Eight token streams in, one shared head out: logits `(B, T, 181120)` for all streams."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.whisper_adapter = SwiGLU(config.whisper_adapter_dim, config.intermediate_size, config.n_embd)
+        if config.vision_adapter_dim:
+            self.vision_adapter = SwiGLU(config.vision_adapter_dim, config.intermediate_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.tie_weights()
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tie_weights(self) -> None:
+        """Share one matrix for embedding and head; the embedding's values win (spec §3.5)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def setup_cache(self, batch_size: int, max_len: int) -> None:
+        """Allocate KV caches for `max_len` positions; a no-op if the current ones fit."""
+        if max_len > self.config.block_size:
+            raise ValueError(f"max_len {max_len} exceeds the model's block size {self.config.block_size}")
+        cache = self.transformer.h[0].attn.kv_cache
+        if cache is not None and cache.k.size(0) == batch_size and cache.k.size(2) >= max_len:
+            return
+        weight = self.lm_head.weight
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_query_groups, max_len,
+                                          self.config.head_size, weight.device, weight.dtype)
+
+    def clear_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.lm_head.weight.device
+        if self._rope is None or self._rope[0].device != device:
+            self._rope = build_rope(self.config.block_size, self.config.head_size, self.config.rope_base, device)
+        return self._rope
+
+    def embed(self, idx: torch.Tensor, audio_features: torch.Tensor | None = None,
+              audio_start: int = 1) -> torch.Tensor:
+        """Mean of the 8 stream embeddings, `(B, 8, T)` ids -> `(B, T, C)`.
+
+        `audio_features (B, L, whisper_dim)` pass through the adapter and replace the audio-stream
+        embeddings at positions `audio_start .. audio_start + L - 1`; the text stream keeps its own.
+        """
+        emb = self.transformer.wte(idx)  # (B, 8, T, C)
+        if audio_features is not None:
+            feats = self.whisper_adapter(audio_features.to(emb.dtype))  # (B, L, C)
+            emb[:, :N_AUDIO_LAYERS, audio_start:audio_start + feats.size(1)] = feats[:, None]
+        x = emb[:, 0]
+        for stream in range(1, N_STREAMS):  # summed in order, as the official code does
+            x = x + emb[:, stream]
+        return x / N_STREAMS
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                audio_features: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Args:
+            idx: `(B, 8, T)` global token ids.
+            input_pos: `(T,)` positions to write into the KV cache; None runs without a cache.
+            audio_features: `(B, L, whisper_dim)` Whisper encoder output injected at positions 1..L.
+            last_only: compute logits for the last position only.
+        Returns:
+            logits `(B, T or 1, padded_vocab_size)`.
+        """
+        T = idx.size(-1)
+        cos, sin = self.rope()
+        if input_pos is None:
+            cos, sin, end = cos[:T], sin[:T], T
+        else:
+            cos, sin, end = cos.index_select(0, input_pos), sin.index_select(0, input_pos), int(input_pos[-1]) + 1
+        x = self.embed(idx, audio_features)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, input_pos, end)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)

@@ -1,0 +1,107 @@
+"""Token ids, stream layout and prompt builders (spec §4).
+
+Convention used everywhere: a token tensor is `[B, 8, T]`; streams 0-6 are the seven SNAC
+audio layers and stream 7 is the text stream. All eight streams index one shared embedding
+table, so audio ids are shifted into their layer's slice of the vocabulary (`audio_id`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+# Text side: Qwen2's 151,936 ids plus 64 specials -> 152,000 text logits.
+TEXT_VOCAB = 151936
+TEXT_SPECIALS = 64
+PADDED_TEXT_VOCAB = TEXT_VOCAB + TEXT_SPECIALS
+EOT = TEXT_VOCAB  # end of text
+PAD_T = TEXT_VOCAB + 1
+INPUT_T = TEXT_VOCAB + 2
+ANSWER_T = TEXT_VOCAB + 3
+ASR_T = TEXT_VOCAB + 4
+
+# Audio side (local ids within one layer): 4,096 SNAC codes plus 64 specials -> 4,160 per layer.
+AUDIO_CODES = 4096
+AUDIO_SPECIALS = 64
+PADDED_AUDIO_VOCAB = AUDIO_CODES + AUDIO_SPECIALS
+EOA = AUDIO_CODES  # end of audio
+PAD_A = AUDIO_CODES + 1
+INPUT_A = AUDIO_CODES + 2
+ANSWER_A = AUDIO_CODES + 3
+
+N_AUDIO_LAYERS = 7
+N_STREAMS = N_AUDIO_LAYERS + 1
+TEXT_STREAM = N_AUDIO_LAYERS
+PADDED_VOCAB = PADDED_TEXT_VOCAB + N_AUDIO_LAYERS * PADDED_AUDIO_VOCAB  # 181,120 rows
+# The layer whose EOA ends an answer: it starts last in the 7-layer stagger (spec §4.6).
+STOP_LAYER = N_AUDIO_LAYERS - 1
+# Whisper features replace the audio-stream embeddings from this position on (after INPUT_A).
+AUDIO_FEATURE_START = 1
+
+
+def audio_id(local: int, layer: int) -> int:
+    """Global embedding row of local audio id `local` (0..4159) in SNAC layer `layer` (0..6)."""
+    return PADDED_TEXT_VOCAB + layer * PADDED_AUDIO_VOCAB + local
+
+
+def audio_logit_slice(layer: int) -> slice:
+    """The columns of the shared head that score layer `layer`'s local audio ids."""
+    start = PADDED_TEXT_VOCAB + layer * PADDED_AUDIO_VOCAB
+    return slice(start, start + PADDED_AUDIO_VOCAB)
+
+
+class Task(str, Enum):
+    """What goes in (A1 = audio, T1 = text) and what comes out (A2 = speech and text, T2 = text)."""
+
+    A1A2 = "A1A2"
+    A1T2 = "A1T2"
+    T1A2 = "T1A2"
+    T1T2 = "T1T2"
+    ASR = "ASR"
+
+    @property
+    def audio_in(self) -> bool:
+        return self in (Task.A1A2, Task.A1T2, Task.ASR)
+
+    @property
+    def speaks(self) -> bool:
+        return self in (Task.A1A2, Task.T1A2)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """The two tokens that close a prompt; they tell the model which task to perform."""
+
+    audio_last: int
+    text_last: int
+
+
+PROMPTS: dict[Task, PromptSpec] = {
+    Task.A1A2: PromptSpec(ANSWER_A, ANSWER_T),
+    Task.A1T2: PromptSpec(PAD_A, ANSWER_T),
+    Task.ASR: PromptSpec(PAD_A, ASR_T),
+    Task.T1A2: PromptSpec(ANSWER_A, ANSWER_T),
+    Task.T1T2: PromptSpec(PAD_A, ANSWER_T),
+}
+
+
+def build_prompt(task: Task, n_audio_frames: int = 0, text_ids: list[int] | None = None) -> torch.Tensor:
+    """One prompt as `[8, T]` global ids (spec §4.3).
+
+    Audio input: audio rows `INPUT_A, PAD_A x L, EOA, last`, text row `INPUT_T, PAD_T x L, EOT, last`
+    (T = L + 3). Text input: audio rows `PAD_A x (N + 2), last`, text row `INPUT_T, ids, EOT, last`.
+    """
+    spec = PROMPTS[task]
+    if task.audio_in:
+        if n_audio_frames <= 0:
+            raise ValueError(f"task {task.value} needs audio features, got {n_audio_frames} frames")
+        audio = [INPUT_A] + [PAD_A] * n_audio_frames + [EOA, spec.audio_last]
+        text = [INPUT_T] + [PAD_T] * n_audio_frames + [EOT, spec.text_last]
+    else:
+        if not text_ids:
+            raise ValueError(f"task {task.value} needs a non-empty text prompt")
+        audio = [PAD_A] * (len(text_ids) + 2) + [spec.audio_last]
+        text = [INPUT_T] + list(text_ids) + [EOT, spec.text_last]
+    rows = [[audio_id(a, layer) for a in audio] for layer in range(N_AUDIO_LAYERS)]
+    return torch.tensor(rows + [text], dtype=torch.long)

@@ -1,0 +1,105 @@
+"""Whisper's audio encoder, loaded from an openai-whisper checkpoint file such as `small.pt`.
+
+Only the encoder is needed, so the project carries these ~60 lines instead of openai-whisper
+(which pulls triton, ~1 GB). Parameter names match openai-whisper's `encoder.*` keys and the
+op order matches its forward, so features equal the official ones.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import CheckpointError
+
+ENCODER_PREFIX = "encoder."
+MLP_RATIO = 4
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> torch.Tensor:
+    """Whisper's fixed positional embedding `(length, channels)`; checkpoints store it too."""
+    increment = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-increment * torch.arange(channels // 2))
+    scaled_time = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.n_head, -1).permute(0, 2, 1, 3)  # (B, nh, T, hs)
+                   for proj in (self.query, self.key, self.value))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.permute(0, 2, 1, 3).flatten(start_dim=2))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int) -> None:
+        super().__init__()
+        self.attn = SelfAttention(n_state, n_head)
+        self.attn_ln = nn.LayerNorm(n_state)
+        self.mlp = nn.Sequential(nn.Linear(n_state, n_state * MLP_RATIO), nn.GELU(),
+                                 nn.Linear(n_state * MLP_RATIO, n_state))
+        self.mlp_ln = nn.LayerNorm(n_state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_ln(x))
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class WhisperEncoder(nn.Module):
+    """Log-mel `(B, n_mels, 3000)` -> features `(B, 1500, n_state)`."""
+
+    def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
+        self.blocks = nn.ModuleList(EncoderBlock(n_state, n_head) for _ in range(n_layer))
+        self.ln_post = nn.LayerNorm(n_state)
+
+    @property
+    def n_state(self) -> int:
+        return self.ln_post.weight.numel()
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).permute(0, 2, 1)  # (B, n_ctx, n_state)
+        assert x.shape[1:] == self.positional_embedding.shape, f"mel gives {tuple(x.shape)}, expected 30 s"
+        x = x + self.positional_embedding
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+def load_whisper_encoder(path: str | Path, device: torch.device) -> WhisperEncoder:
+    """Load the encoder half of an openai-whisper file, in fp32 (the file's fp16 values, upcast).
+
+    openai-whisper loads its fp16 file into an fp32 model the same way, so the numbers agree.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        dims = ckpt["dims"]
+        state = {k[len(ENCODER_PREFIX):]: v for k, v in ckpt["model_state_dict"].items() if k.startswith(ENCODER_PREFIX)}
+    except (OSError, RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not an openai-whisper checkpoint ({e})") from e
+    with torch.device("meta"):
+        encoder = WhisperEncoder(dims["n_mels"], dims["n_audio_ctx"], dims["n_audio_state"],
+                                 dims["n_audio_head"], dims["n_audio_layer"])
+    expected = set(encoder.state_dict())
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise CheckpointError(f"{path}: whisper encoder keys differ (missing {missing[:5]}, unexpected {extra[:5]})")
+    encoder.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return encoder.to(device).eval()

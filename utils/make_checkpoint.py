@@ -1,0 +1,211 @@
+"""Write a complete official-format checkpoint directory with seeded random weights.
+
+    python -m utils.make_checkpoint OUT_DIR --preset tiny|full [--seed N] [--likely-stop]
+
+Files: model_config.yaml, lit_model.pth (litgpt keys, lm_head stored beside wte as in the
+release), tokenizer.json (+ tokenizer_config.json), Whisper small.pt (openai-whisper's format,
+fp16) and snac/ (config.json + pytorch_model.bin with legacy weight-norm keys, as on the hub).
+A random model speaks noise; these files exist to test structure, tokens and timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from omni.checkpoint import SNAC_DIR, TOKENIZER_FILE, WEIGHTS_FILE, WHISPER_FILE
+from omni.codec import LEGACY_NORM_KEYS, PARAM_NORM_KEYS, SNAC_CONFIG, SNAC_WEIGHTS
+from omni.config import CONFIG_FILE, ModelConfig
+from omni.model import OmniLM
+from omni.tokens import (
+    AUDIO_CODES, EOA, EOT, N_AUDIO_LAYERS, PADDED_AUDIO_VOCAB, PADDED_TEXT_VOCAB, STOP_LAYER, TEXT_VOCAB, audio_id,
+)
+from omni.whisper import WhisperEncoder, sinusoids
+
+# The released model_config.yaml (spec §2.3); presets override the dimensions only.
+OFFICIAL_YAML = {
+    "add_qkv_bias": True, "asr_adapter": "llamamlp", "attn_dropout": 0.0, "bias": False, "block_size": 2048,
+    "force_align": False, "gelu_approximate": "none", "head_size": 64,
+    "hf_config": {"name": "Qwen2-0.5B", "org": "Qwen"}, "intermediate_size": 4864, "lm_head_bias": False,
+    "mlp_class_name": "LLaMAMLP", "n_embd": 896, "n_expert": 0, "n_expert_per_token": 0, "n_head": 14,
+    "n_layer": 24, "n_query_groups": 2, "name": "Qwen2-0.5B", "norm_class_name": "RMSNorm", "norm_eps": 1.0e-06,
+    "padded_vocab_size": 181120, "padding_multiple": 512, "parallel_residual": False, "pos_type": "rope",
+    "post_adapter": False, "post_adapter_layers": 6, "prompt_vocab_size": None, "rope_base": 1000000,
+    "rope_condense_ratio": 1, "rotary_percentage": 1, "scale_embeddings": False, "shared_attention_norm": False,
+    "tie_word_embeddings": True, "use_pretrain_phoneme_emb": False, "vocab_size": 50254,
+    "text_vocab_size": 152000, "cat_audio_vocab_size": 29120, "audio_vocab_size": 4160, "whisper_adapter_dim": 768,
+}
+
+
+@dataclass(frozen=True)
+class WhisperDims:
+    """openai-whisper's ModelDimensions, stored in the file as `dims`."""
+
+    n_mels: int = 80
+    n_audio_ctx: int = 1500
+    n_audio_state: int = 768
+    n_audio_head: int = 12
+    n_audio_layer: int = 12
+    n_vocab: int = 51865
+    n_text_ctx: int = 448
+    n_text_state: int = 768
+    n_text_head: int = 12
+    n_text_layer: int = 12
+
+
+@dataclass(frozen=True)
+class Preset:
+    lm: dict
+    whisper: WhisperDims
+    snac: dict
+    tokenizer_vocab: int
+
+
+SNAC_24KHZ = {  # hubertsiuzdak/snac_24khz config.json
+    "sampling_rate": 24000, "encoder_dim": 48, "encoder_rates": [2, 4, 8, 8], "decoder_dim": 1024,
+    "decoder_rates": [8, 8, 4, 2], "attn_window_size": None, "codebook_size": 4096, "codebook_dim": 8,
+    "vq_strides": [4, 2, 1], "noise": True, "depthwise": True,
+}
+PRESETS = {
+    "full": Preset({}, WhisperDims(), SNAC_24KHZ, tokenizer_vocab=4000),
+    "tiny": Preset(
+        dict(n_embd=64, n_layer=2, n_head=4, n_query_groups=2, head_size=16, intermediate_size=128,
+             whisper_adapter_dim=64),
+        WhisperDims(n_audio_state=64, n_audio_head=2, n_audio_layer=2, n_text_state=64, n_text_head=2, n_text_layer=1),
+        {**SNAC_24KHZ, "encoder_dim": 8, "decoder_dim": 64},
+        tokenizer_vocab=1000,
+    ),
+}
+
+# Random weights need care to be useful (see the README): a gain above 1 keeps the greedy loop
+# out of a fixed point; rows the tokenizer cannot spell and audio specials are shrunk so the
+# text decodes to words and frames hold real codes; --likely-stop enlarges EOT and the stop
+# layer's EOA so answers end on their own within tens of steps.
+LINEAR_GAIN = 2.0
+EMBED_STD = 1.0
+UNUSED_ROW_SCALE = 0.05
+STOP_ROW_SCALE = 2.5
+CORPUS = [
+    "What is your name?", "What are your hobbies?", "How are you feeling today?",
+    "What is the weather like today?", "Can you tell me a joke?", "I like to read books about science and history.",
+    "The quick brown fox jumps over the lazy dog.", "My name is Omni and I can listen and talk.",
+    "It is sunny and warm, a good day for a walk in the park.", "Tea is made by pouring hot water over leaves.",
+    "Time moves forward, and we measure it with clocks and calendars.", "Hello! Nice to meet you. How can I help?",
+]
+
+
+def build_config(preset: Preset) -> dict:
+    return {**OFFICIAL_YAML, **preset.lm}
+
+
+def train_tokenizer(vocab_size: int) -> Tokenizer:
+    """A byte-level BPE tokenizer like Qwen2's, trained on a few sentences."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return tokenizer
+
+
+def random_lm_state(config: ModelConfig, text_rows: int, likely_stop: bool) -> dict[str, torch.Tensor]:
+    model = OmniLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm_1.weight") or name.endswith("norm_2.weight") or name.endswith("ln_f.weight"):
+                continue  # RMSNorm weights stay at 1
+            if p.dim() == 1:
+                p.normal_(0.0, 0.1)  # the QKV bias
+            elif name == "transformer.wte.weight":
+                p.normal_(0.0, EMBED_STD)
+            else:
+                p.normal_(0.0, LINEAR_GAIN / math.sqrt(p.size(1)))
+        wte = model.transformer.wte.weight
+        wte[text_rows:PADDED_TEXT_VOCAB] *= UNUSED_ROW_SCALE
+        for layer in range(N_AUDIO_LAYERS):
+            wte[audio_id(AUDIO_CODES, layer):audio_id(PADDED_AUDIO_VOCAB, layer)] *= UNUSED_ROW_SCALE
+        if likely_stop:
+            for row in (EOT, audio_id(EOA, STOP_LAYER)):
+                wte[row] = torch.randn(wte.size(1)) * STOP_ROW_SCALE * EMBED_STD
+    state = model.state_dict()
+    state["lm_head.weight"] = state["transformer.wte.weight"].clone()  # stored separately, as released
+    return state
+
+
+def random_whisper(dims: WhisperDims) -> dict:
+    """A state dict in openai-whisper's layout (encoder and decoder), fp16 as released."""
+    encoder = WhisperEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    width, mlp = dims.n_text_state, dims.n_text_state * 4
+    state["decoder.token_embedding.weight"] = torch.randn(dims.n_vocab, width) * 0.02
+    state["decoder.positional_embedding"] = sinusoids(dims.n_text_ctx, width)
+    for i in range(dims.n_text_layer):
+        block = f"decoder.blocks.{i}."
+        for attn in ("attn", "cross_attn"):
+            for proj in ("query", "key", "value", "out"):
+                state[f"{block}{attn}.{proj}.weight"] = torch.randn(width, width) / math.sqrt(width)
+                if proj != "key":
+                    state[f"{block}{attn}.{proj}.bias"] = torch.zeros(width)
+        for ln in ("attn_ln", "cross_attn_ln", "mlp_ln"):
+            state[f"{block}{ln}.weight"], state[f"{block}{ln}.bias"] = torch.ones(width), torch.zeros(width)
+        state[f"{block}mlp.0.weight"], state[f"{block}mlp.0.bias"] = torch.randn(mlp, width) / math.sqrt(width), torch.zeros(mlp)
+        state[f"{block}mlp.2.weight"], state[f"{block}mlp.2.bias"] = torch.randn(width, mlp) / math.sqrt(mlp), torch.zeros(width)
+    state["decoder.ln.weight"], state["decoder.ln.bias"] = torch.ones(width), torch.zeros(width)
+    return {"dims": asdict(dims), "model_state_dict": {k: v.half() for k, v in state.items()}}
+
+
+def random_snac(config: dict) -> dict[str, torch.Tensor]:
+    """SNAC weights with the legacy `weight_g`/`weight_v` keys of the hub's pytorch_model.bin."""
+    from snac import SNAC
+
+    state = SNAC(**config).state_dict()
+    legacy = {}
+    for key, value in state.items():
+        for new, old in zip(PARAM_NORM_KEYS, LEGACY_NORM_KEYS):
+            if key.endswith(new):
+                key = key[: -len(new)] + old
+        legacy[key] = value
+    return legacy
+
+
+def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, likely_stop: bool = False) -> Path:
+    """Write every file of a checkpoint directory; returns its path."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    out = Path(out_dir)
+    (out / SNAC_DIR).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    raw_config = build_config(spec)
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(raw_config, sort_keys=False))
+    tokenizer = train_tokenizer(spec.tokenizer_vocab)
+    tokenizer.save(str(out / TOKENIZER_FILE))
+    (out / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "tokenizer_class": "Qwen2Tokenizer"}))
+    text_rows = min(tokenizer.get_vocab_size(), TEXT_VOCAB)
+    torch.save(random_lm_state(ModelConfig.from_dict(raw_config), text_rows, likely_stop), out / WEIGHTS_FILE)
+    torch.save(random_whisper(spec.whisper), out / WHISPER_FILE)
+    (out / SNAC_DIR / SNAC_CONFIG).write_text(json.dumps(spec.snac, indent=2))
+    torch.save(random_snac(spec.snac), out / SNAC_DIR / SNAC_WEIGHTS)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", help="directory to create (or overwrite files in)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="tiny for tests, full for real sizes")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for every weight")
+    parser.add_argument("--likely-stop", action="store_true", help="make text EOT and audio EOA likely, so answers end early")
+    args = parser.parse_args(argv)
+    out = make_checkpoint(args.out_dir, args.preset, args.seed, args.likely_stop)
+    print(f"wrote a {args.preset} checkpoint to {out}")
+
+
+if __name__ == "__main__":
+    main()
