@@ -54,12 +54,12 @@ def _from_array(samples: np.ndarray, sample_rate: int | None) -> np.ndarray:
     if sample_rate is None:
         raise AudioInputError("a numpy audio input needs its sample_rate")
     samples = np.asarray(samples)
+    if np.issubdtype(samples.dtype, np.integer):  # int16 PCM
+        samples = samples.astype(np.float32) / INT16_SCALE
     if samples.ndim == 2:  # (N, channels) -> mono
         samples = samples.mean(axis=1)
     if samples.ndim != 1:
         raise AudioInputError(f"audio array must be (N,) or (N, channels), got shape {samples.shape}")
-    if np.issubdtype(samples.dtype, np.integer):
-        samples = samples.astype(np.float32) / INT16_SCALE
     samples = samples.astype(np.float32)
     if sample_rate == SAMPLE_RATE or samples.size == 0:
         return samples

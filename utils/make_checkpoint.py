@@ -85,12 +85,15 @@ PRESETS = {
 
 # Random weights need care to be useful (see the README): a gain above 1 keeps the greedy loop
 # out of a fixed point; rows the tokenizer cannot spell and audio specials are shrunk so the
-# text decodes to words and frames hold real codes; --likely-stop enlarges EOT and the stop
-# layer's EOA so answers end on their own within tens of steps.
+# text decodes to words and frames hold real codes. --likely-stop gives EOT and the stop
+# layer's EOA rows of 0.3 the normal scale so answers end on their own after tens to hundreds of
+# steps: both tokens sit in every prompt and tied embeddings make a random model copy its
+# input, so at the normal scale they would win at once.
 LINEAR_GAIN = 2.0
 EMBED_STD = 1.0
 UNUSED_ROW_SCALE = 0.05
-STOP_ROW_SCALE = 2.5
+BYTE_TOKENS = 256  # a byte-level BPE's first ids are single bytes, which alone may be half a character
+STOP_ROW_SCALE = 0.3
 CORPUS = [
     "What is your name?", "What are your hobbies?", "How are you feeling today?",
     "What is the weather like today?", "Can you tell me a joke?", "I like to read books about science and history.",
@@ -128,6 +131,7 @@ def random_lm_state(config: ModelConfig, text_rows: int, likely_stop: bool) -> d
             else:
                 p.normal_(0.0, LINEAR_GAIN / math.sqrt(p.size(1)))
         wte = model.transformer.wte.weight
+        wte[:BYTE_TOKENS] *= UNUSED_ROW_SCALE
         wte[text_rows:PADDED_TEXT_VOCAB] *= UNUSED_ROW_SCALE
         for layer in range(N_AUDIO_LAYERS):
             wte[audio_id(AUDIO_CODES, layer):audio_id(PADDED_AUDIO_VOCAB, layer)] *= UNUSED_ROW_SCALE

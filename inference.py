@@ -1,0 +1,114 @@
+"""Answer a spoken (or written) question from the command line, or drop in for the official class.
+
+    python inference.py                                   # answer data/samples/*.wav with ./checkpoint
+    python inference.py --ckpt-dir DIR --input q.wav --out answer.wav
+    python inference.py --task T1T2 --text "What is your name?" --dump-tokens tokens.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from omni_engine import OmniEngine, Task
+from omni.sampling import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
+from omni.tokens import EOA, EOT
+from utils.audio_io import write_wav
+
+SAMPLES_DIR = Path(__file__).parent / "data" / "samples"
+DEFAULT_OUT_DIR = Path("output")
+
+
+class OmniInference:
+    """The official `OmniInference` interface over `OmniEngine`, for code written against it.
+
+    Unlike the official class, `device` defaults to "auto" (CUDA when available, else CPU).
+    """
+
+    def __init__(self, ckpt_dir: str = "./checkpoint", device: str = "auto") -> None:
+        self.engine = OmniEngine(ckpt_dir, device=device)
+
+    def warm_up(self, sample: str = str(SAMPLES_DIR / "output1.wav")) -> None:
+        for _ in self.run_AT_batch_stream(sample):
+            pass
+
+    def run_AT_batch_stream(self, audio_path: str, stream_stride: int = DEFAULT_STREAM_STRIDE,
+                            max_returned_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
+                            top_k: int = DEFAULT_TOP_K, top_p: float = DEFAULT_TOP_P,
+                            eos_id_a: int = EOA, eos_id_t: int = EOT) -> Iterator[bytes]:
+        """Yield the spoken answer to `audio_path` as int16 LE 24 kHz PCM chunks (16,384 bytes at stride 4)."""
+        if (eos_id_a, eos_id_t) != (EOA, EOT):
+            raise ValueError(f"only the model's own stop ids are supported (eos_id_a={EOA}, eos_id_t={EOT})")
+        for chunk in self.engine.stream(audio_path, stream_stride=stream_stride, max_tokens=max_returned_tokens,
+                                        temperature=temperature, top_k=top_k, top_p=top_p):
+            if chunk.pcm:
+                yield chunk.pcm
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Mini-Omni: answer a question with speech and text.")
+    p.add_argument("--ckpt-dir", default="checkpoint", help="checkpoint directory (downloaded if it does not exist)")
+    p.add_argument("--task", default="A1A2", type=str.upper, choices=[t.value for t in Task],
+                   help="A1A2 speech->speech (default), A1T2 speech->text, ASR, T1A2 text->speech, T1T2 text->text")
+    p.add_argument("--input", help="question audio file (any format ffmpeg reads)")
+    p.add_argument("--text", help="question text for T1A2 / T1T2")
+    p.add_argument("--out", help="where to write the spoken answer (.wav, 24 kHz)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="prompt + answer positions (official max_returned_tokens)")
+    p.add_argument("--stream-stride", type=int, default=DEFAULT_STREAM_STRIDE, help="SNAC frames per streamed chunk")
+    p.add_argument("--dump-tokens", help='write {"streams": [s0..s7]} (the sampled tokens per stream) to this JSON file')
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    args = p.parse_args(argv)
+    task = Task(args.task)
+    if args.input and args.text:
+        p.error("give --input (audio question) or --text (text question), not both")
+    if args.text and task.audio_in:
+        p.error(f"--text needs a text-input task (T1A2 or T1T2), not {task.value}")
+    if args.input and not task.audio_in:
+        p.error(f"--input needs an audio-input task (A1A2, A1T2, ASR), not {task.value}")
+    if not task.audio_in and not args.text:
+        p.error(f"task {task.value} needs --text")
+    if args.out and not task.speaks:
+        p.error(f"task {task.value} answers in text only; drop --out")
+    return args
+
+
+def answer(engine: OmniEngine, args: argparse.Namespace, audio: str | None, out: Path | None) -> None:
+    """Stream one answer, reporting the first chunk's latency, and write the requested files."""
+    start = time.perf_counter()
+    first, pcm, text, steps = None, [], [], []
+    for chunk in engine.stream(audio, text=args.text, task=args.task, max_tokens=args.max_tokens,
+                               stream_stride=args.stream_stride):
+        if first is None and (chunk.pcm or chunk.text):
+            first = time.perf_counter() - start
+        pcm.append(chunk.pcm)
+        text.append(chunk.text)
+        steps.extend(chunk.steps)
+    total = time.perf_counter() - start
+    audio_s = len(b"".join(pcm)) / 2 / engine.sample_rate
+    print(f"answer: {''.join(text).strip()!r}")
+    print(f"first chunk {first or 0:.2f} s, total {total:.2f} s, {len(steps)} steps, {audio_s:.2f} s of audio")
+    if out is not None:
+        print(f"wrote {write_wav(out, b''.join(pcm), engine.sample_rate)}")
+    if args.dump_tokens:
+        streams = [[s.audio[layer] for s in steps if s.audio is not None] for layer in range(7)] + [[s.text for s in steps]]
+        Path(args.dump_tokens).write_text(json.dumps({"streams": streams}))
+        print(f"wrote {args.dump_tokens}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    engine = OmniEngine(args.ckpt_dir, device=args.device)
+    print(f"loaded {engine.family} from {args.ckpt_dir} on {engine.device} ({engine.dtype})")
+    if args.input or args.text:
+        answer(engine, args, args.input, Path(args.out) if args.out else None)
+        return
+    for sample in sorted(SAMPLES_DIR.glob("*.wav")):  # no question given: answer the bundled samples
+        print(f"question: {sample.name}")
+        answer(engine, args, str(sample), DEFAULT_OUT_DIR / sample.name if Task(args.task).speaks else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

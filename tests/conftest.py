@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random checkpoints built once per test session, and a CPU engine."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from omni_engine import OmniEngine  # noqa: E402
+from utils.make_checkpoint import make_checkpoint  # noqa: E402
+
+SAMPLE = ROOT / "data" / "samples" / "output1.wav"
+# Seed of the --likely-stop checkpoint whose answer to SAMPLE ends by EOA after emitting EOT.
+STOP_SEED = 1
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "requires_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def stop_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "stop", "tiny", seed=STOP_SEED, likely_stop=True)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_ckpt) -> OmniEngine:
+    return OmniEngine(tiny_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def stop_engine(stop_ckpt) -> OmniEngine:
+    return OmniEngine(stop_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sample_wav() -> Path:
+    return SAMPLE
