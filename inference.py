@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from omni_engine import OmniEngine, Task
+from omni_engine import OmniEngine, OmniError, Task
 from omni.sampling import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 from omni.tokens import EOA, EOT
 from utils.audio_io import write_wav
@@ -98,8 +98,17 @@ def answer(engine: OmniEngine, args: argparse.Namespace, audio: str | None, out:
         print(f"wrote {args.dump_tokens}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        run(args)
+    except (OmniError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
     engine = OmniEngine(args.ckpt_dir, device=args.device)
     print(f"loaded {engine.family} from {args.ckpt_dir} on {engine.device} ({engine.dtype})")
     if args.input or args.text:

@@ -7,6 +7,7 @@ level 0 gets [t0], level 1 gets [t1, t4], level 2 gets [t2, t3, t5, t6].
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,14 @@ def _remap_weight_norm(state: dict[str, torch.Tensor], expected: set[str]) -> di
     return out
 
 
+def snac_class() -> type[torch.nn.Module]:
+    """The `snac` package's model class, imported quietly."""
+    with warnings.catch_warnings():  # snac 1.2.1 uses torch.jit.script, deprecated in torch 2.13
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from snac import SNAC
+    return SNAC
+
+
 class SnacCodec:
     """Decodes frames to PCM with a SNAC 24 kHz model."""
 
@@ -121,8 +130,7 @@ class SnacCodec:
 
     @classmethod
     def from_dir(cls, snac_dir: str | Path, device: torch.device) -> "SnacCodec":
-        from snac import SNAC
-
+        SNAC = snac_class()
         snac_dir = Path(snac_dir)
         try:
             config = json.loads((snac_dir / SNAC_CONFIG).read_text())

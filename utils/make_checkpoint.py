@@ -20,7 +20,7 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from omni.checkpoint import SNAC_DIR, TOKENIZER_FILE, WEIGHTS_FILE, WHISPER_FILE
-from omni.codec import LEGACY_NORM_KEYS, PARAM_NORM_KEYS, SNAC_CONFIG, SNAC_WEIGHTS
+from omni.codec import LEGACY_NORM_KEYS, PARAM_NORM_KEYS, SNAC_CONFIG, SNAC_WEIGHTS, snac_class
 from omni.config import CONFIG_FILE, ModelConfig
 from omni.model import OmniLM
 from omni.tokens import (
@@ -167,9 +167,7 @@ def random_whisper(dims: WhisperDims) -> dict:
 
 def random_snac(config: dict) -> dict[str, torch.Tensor]:
     """SNAC weights with the legacy `weight_g`/`weight_v` keys of the hub's pytorch_model.bin."""
-    from snac import SNAC
-
-    state = SNAC(**config).state_dict()
+    state = snac_class()(**config).state_dict()
     legacy = {}
     for key, value in state.items():
         for new, old in zip(PARAM_NORM_KEYS, LEGACY_NORM_KEYS):
