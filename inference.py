@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from omni_engine import OmniEngine, OmniError, Task
+from omni.generate import to_streams
 from omni.sampling import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 from omni.tokens import EOA, EOT
 from utils.audio_io import write_wav
@@ -93,8 +94,7 @@ def answer(engine: OmniEngine, args: argparse.Namespace, audio: str | None, out:
     if out is not None:
         print(f"wrote {write_wav(out, b''.join(pcm), engine.sample_rate)}")
     if args.dump_tokens:
-        streams = [[s.audio[layer] for s in steps if s.audio is not None] for layer in range(7)] + [[s.text for s in steps]]
-        Path(args.dump_tokens).write_text(json.dumps({"streams": streams}))
+        Path(args.dump_tokens).write_text(json.dumps({"streams": to_streams(steps)}))
         print(f"wrote {args.dump_tokens}")
 
 

@@ -16,9 +16,9 @@ from .audio import SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel
 from .checkpoint import TOKENIZER_FILE, ensure_checkpoint, load_lm, snac_dir, whisper_path
 from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, FrameScheduler, SnacCodec
 from .config import ModelConfig
-from .generate import SpeechDecoder, Step, TextDecoder, generate
+from .generate import SpeechDecoder, Step, TextDecoder, generate, to_streams
 from .sampling import GenerationConfig
-from .tokens import EOT, N_AUDIO_LAYERS, Task, build_prompt
+from .tokens import EOT, Task, build_prompt
 from .whisper import load_whisper_encoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -150,6 +150,8 @@ class OmniEngine:
             an iterator of `OmniChunk`: the first audio chunk after the official number of decode
             steps (10 at stride 4), then one every `stream_stride` steps, then the remaining frames.
         """
+        if config is not None and options:
+            raise TypeError(f"pass a GenerationConfig or its fields as keywords, not both ({sorted(options)})")
         cfg = config if config is not None else GenerationConfig(**options)
         task = self._check_task(task, audio, text)
         samples = load_audio(audio, sample_rate) if task.audio_in else None
@@ -161,9 +163,7 @@ class OmniEngine:
     def run(self, audio: AudioSource | None = None, **kwargs: Any) -> OmniResult:
         """The whole answer: `stream()` collected."""
         chunks = list(self.stream(audio, **kwargs))
-        steps = [step for chunk in chunks for step in chunk.steps]
-        streams = [[s.audio[layer] for s in steps if s.audio is not None] for layer in range(N_AUDIO_LAYERS)]
-        streams.append([s.text for s in steps])
+        streams = to_streams([step for chunk in chunks for step in chunk.steps])
         return OmniResult(b"".join(c.pcm for c in chunks), "".join(c.text for c in chunks), streams)
 
     def generate(self, audio: AudioSource | None = None, return_numpy: bool = False, **kwargs: Any) -> bytes | np.ndarray:

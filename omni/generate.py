@@ -29,6 +29,12 @@ class Step:
     text: int
 
 
+def to_streams(steps: list[Step]) -> list[list[int]]:
+    """Steps -> the official `list_output`: 7 audio layers (empty for text-only tasks), then text."""
+    streams = [[s.audio[layer] for s in steps if s.audio is not None] for layer in range(N_AUDIO_LAYERS)]
+    return streams + [[s.text for s in steps]]
+
+
 class SpeechDecoder:
     """Audio + text out; stops when the last audio layer emits EOA; text is forced to pad after EOT."""
 
