@@ -16,15 +16,16 @@ from .audio import SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel
 from .checkpoint import TOKENIZER_FILE, ensure_checkpoint, load_lm, snac_dir, whisper_path
 from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, FrameScheduler, SnacCodec
 from .config import ModelConfig
-from .generate import SpeechDecoder, Step, TextDecoder, generate, to_streams
+from .generate import SpeechDecoder, Step, TextDecoder, check_length, generate, to_streams
 from .sampling import GenerationConfig
-from .tokens import EOT, Task, build_prompt
+from .tokens import EOT, PROMPT_EXTRA, Task, build_prompt
 from .whisper import load_whisper_encoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WARMUP_SECONDS = 1.0
 WARMUP_TONE_HZ = 220.0
 WARMUP_LEVEL = 0.3
+WARMUP_STEPS = 12  # enough decode steps for one audio chunk
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level BPE decode shows for a cut UTF-8 sequence
 
 Cancel = threading.Event | Callable[[], bool] | None
@@ -158,6 +159,7 @@ class OmniEngine:
         text_ids = self.tokenizer.encode(text).ids if not task.audio_in else None
         if text_ids is not None and not text_ids:
             raise ValueError("the text question is empty")
+        check_length(prompt_length(task, samples, text_ids), cfg, self.config.block_size)
         return self._answer(task, samples, text_ids, cfg, _as_callable(cancel))
 
     def run(self, audio: AudioSource | None = None, **kwargs: Any) -> OmniResult:
@@ -175,8 +177,8 @@ class OmniEngine:
         """One short answer to a synthetic tone, so the first real request pays no first-call costs."""
         t = np.arange(int(WARMUP_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
         tone = (WARMUP_LEVEL * np.sin(2 * np.pi * WARMUP_TONE_HZ * t)).astype(np.float32)
-        prompt_len = feature_frames(tone.size) + 3
-        for _ in self.stream(tone, sample_rate=SAMPLE_RATE, max_tokens=prompt_len + 12):
+        prompt_len = prompt_length(Task.A1A2, tone, None)
+        for _ in self.stream(tone, sample_rate=SAMPLE_RATE, max_tokens=prompt_len + WARMUP_STEPS):
             pass
 
     @staticmethod
@@ -230,6 +232,12 @@ class OmniEngine:
             last_text = text.delta(final=True)
             if tail or last_text or pending:
                 yield OmniChunk(tail, last_text, tuple(pending))
+
+
+def prompt_length(task: Task, samples: np.ndarray | None, text_ids: list[int] | None) -> int:
+    """Positions the prompt of `task` takes: L + 3 for audio input, N + 3 for text input."""
+    body = feature_frames(samples.size) if samples is not None else len(text_ids or ())
+    return body + PROMPT_EXTRA
 
 
 def _as_callable(cancel: Cancel) -> Callable[[], bool]:

@@ -36,6 +36,8 @@ TEXT_STREAM = N_AUDIO_LAYERS
 PADDED_VOCAB = PADDED_TEXT_VOCAB + N_AUDIO_LAYERS * PADDED_AUDIO_VOCAB  # 181,120 rows
 # The layer whose EOA ends an answer: it starts last in the 7-layer stagger (spec §4.6).
 STOP_LAYER = N_AUDIO_LAYERS - 1
+# A prompt is its body (audio frames or text ids) plus these many framing tokens.
+PROMPT_EXTRA = 3
 # Whisper features replace the audio-stream embeddings from this position on (after INPUT_A).
 AUDIO_FEATURE_START = 1
 

@@ -1,0 +1,1 @@
+"""The HTTP service around OmniEngine: request parsing, response formats, queueing, metrics."""

@@ -1,0 +1,234 @@
+"""One engine behind a bounded FIFO queue, with metrics and a record of recent answers.
+
+The service owns concurrency; the engine owns tensors. A request is admitted (or refused when the
+queue is full), waits for its turn inside its response body, then streams the engine's chunks.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+from omni.audio import SAMPLE_RATE
+from omni_engine import OmniChunk, OmniEngine
+from .formats import Event, Summary
+
+log = logging.getLogger("omni.server")
+
+TURN_POLL_S = 0.05  # how often a waiting request checks whether its client went away
+RECORDS_KEPT = 256  # answers whose text stays retrievable at GET /requests/<id>
+TTFC_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20)
+RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
+BYTES_PER_SECOND = 24000 * 2
+
+
+class TurnQueue:
+    """FIFO turns for one engine: at most `max_waiting` requests wait behind the running one."""
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self._cond = threading.Condition()
+        self._waiting: deque[object] = deque()
+        self._running: object | None = None
+
+    def enter(self) -> object | None:
+        """A ticket, or None when the queue is full."""
+        with self._cond:
+            if len(self._waiting) >= self.max_waiting + (self._running is None):
+                return None
+            ticket = object()
+            self._waiting.append(ticket)
+            return ticket
+
+    def wait_turn(self, ticket: object, cancel: Callable[[], bool]) -> bool:
+        """Block until `ticket` runs; False (and the ticket given up) if `cancel()` turns true first."""
+        with self._cond:
+            while not (self._running is None and self._waiting[0] is ticket):
+                if cancel():
+                    self._waiting.remove(ticket)
+                    self._cond.notify_all()
+                    return False
+                self._cond.wait(TURN_POLL_S)
+            self._running = self._waiting.popleft()
+            return True
+
+    def leave(self, ticket: object) -> None:
+        with self._cond:
+            if self._running is ticket:
+                self._running = None
+            elif ticket in self._waiting:
+                self._waiting.remove(ticket)
+            self._cond.notify_all()
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("omni_requests", "Requests by outcome", ["outcome"], registry=self.registry)
+        self.ttfc = Histogram("omni_time_to_first_chunk_seconds", "Request start to first audio/text chunk",
+                              buckets=TTFC_BUCKETS, registry=self.registry)
+        self.rtf = Histogram("omni_real_time_factor", "Generation time / seconds of audio produced",
+                             buckets=RTF_BUCKETS, registry=self.registry)
+        self.queue_depth = Gauge("omni_queue_depth", "Requests waiting for the engine", registry=self.registry)
+        self.in_flight = Gauge("omni_in_flight", "Requests being answered", registry=self.registry)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
+
+
+@dataclass
+class Record:
+    id: str
+    outcome: str = "queued"
+    input_seconds: float = 0.0
+    first_chunk_s: float | None = None
+    chunks: int = 0
+    steps: int = 0
+    audio_seconds: float = 0.0
+    text: str = ""
+    error: str | None = None
+    finished: bool = False
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+
+class EngineService:
+    """Loads the engine in the background; answers requests one at a time in arrival order."""
+
+    def __init__(self, load: Callable[[], OmniEngine], max_queue: int) -> None:
+        self._load = load
+        self.engine: OmniEngine | None = None
+        self.load_error: str | None = None
+        self.queue = TurnQueue(max_queue)
+        self.metrics = Metrics()
+        self.records: OrderedDict[str, Record] = OrderedDict()
+        self.current: Record | None = None
+        self._records_lock = threading.Lock()
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._load_and_warm, name="engine-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def _load_and_warm(self) -> None:
+        try:
+            engine = self._load()
+            engine.warmup()
+            self.engine = engine
+            log.info("ready: %s on %s (%s)", engine.family, engine.device, engine.dtype)
+        except Exception as e:  # any load failure is reported by /health instead of killing the server
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("engine failed to load: %s", self.load_error)
+
+    @property
+    def status(self) -> str:
+        return "ready" if self.engine else ("failed" if self.load_error else "loading")
+
+    def new_record(self, input_seconds: float) -> Record:
+        record = Record(uuid.uuid4().hex[:12], input_seconds=round(input_seconds, 3))
+        with self._records_lock:
+            self.records[record.id] = record
+            while len(self.records) > RECORDS_KEPT:
+                self.records.popitem(last=False)
+        return record
+
+    def admit(self, input_seconds: float) -> tuple[object, Record] | None:
+        """A queue ticket and a fresh record, or None when the queue is full. Time counts from here."""
+        ticket = self.queue.enter()
+        if ticket is None:
+            return None
+        self.metrics.in_flight.inc()
+        self.metrics.queue_depth.set(self.queue.depth)
+        return ticket, self.new_record(input_seconds)
+
+    def wait_turn(self, ticket: object, record: Record, disconnected: Callable[[], bool]) -> bool:
+        """Block until the engine is this request's; False (and the request closed) if the client left."""
+        if not self.queue.wait_turn(ticket, disconnected):
+            self.finish(ticket, record)
+            return False
+        self.current = record
+        record.outcome = "running"
+        self.metrics.queue_depth.set(self.queue.depth)
+        return True
+
+    def answer(self, ticket: object, record: Record, samples: np.ndarray, options: dict,
+               disconnected: Callable[[], bool]) -> Iterator[Event]:
+        """The events of one answer, once its turn has come: chunks, then a `Summary`."""
+        try:
+            yield from self._generate(record, samples, options, disconnected, record.started)
+        finally:
+            self.finish(ticket, record)
+
+    def finish(self, ticket: object, record: Record) -> None:
+        """Release the turn and account for the request; safe to call more than once.
+
+        The WSGI server calls it when it closes the response, which also covers a body that was
+        never started because the client left first.
+        """
+        with self._records_lock:
+            if record.finished:
+                return
+            record.finished = True
+        self.queue.leave(ticket)
+        if self.current is record:
+            self.current = None
+        if record.outcome in ("running", "queued"):  # the body was dropped mid-way
+            record.outcome = "cancelled"
+        self.metrics.in_flight.dec()
+        self.metrics.queue_depth.set(self.queue.depth)
+        self.metrics.requests.labels(record.outcome).inc()
+        ttfc = f"{record.first_chunk_s:.3f}s" if record.first_chunk_s is not None else "-"
+        log.info("request %s input=%.2fs ttfc=%s chunks=%d steps=%d audio=%.2fs outcome=%s",
+                 record.id, record.input_seconds, ttfc, record.chunks, record.steps, record.audio_seconds,
+                 record.outcome)
+
+    def _generate(self, record: Record, samples: np.ndarray, options: dict,
+                  disconnected: Callable[[], bool], start: float) -> Iterator[Event]:
+        gen_start = time.perf_counter()
+        try:
+            for chunk in self.engine.stream(samples, sample_rate=SAMPLE_RATE, cancel=disconnected, **options):
+                self._count(record, chunk, start)
+                yield chunk
+        except Exception as e:  # the response has started: report in-band and in the record
+            record.outcome, record.error = "error", f"{type(e).__name__}: {e}"
+            log.exception("request %s failed", record.id)
+            yield Summary("error", record.text, record.steps, record.audio_seconds, record.error)
+            return
+        if disconnected():
+            record.outcome = "cancelled"
+            return
+        record.outcome = "completed"
+        if record.audio_seconds:
+            self.metrics.rtf.observe((time.perf_counter() - gen_start) / record.audio_seconds)
+        yield Summary("completed", record.text, record.steps, record.audio_seconds)
+
+    def _count(self, record: Record, chunk: OmniChunk, start: float) -> None:
+        if record.first_chunk_s is None:
+            record.first_chunk_s = round(time.perf_counter() - start, 4)
+            self.metrics.ttfc.observe(record.first_chunk_s)
+        record.chunks += 1
+        record.steps += len(chunk.steps)
+        record.audio_seconds = round(record.audio_seconds + len(chunk.pcm) / BYTES_PER_SECOND, 4)
+        record.text += chunk.text
+
+    def reject(self, outcome: str) -> None:
+        self.metrics.requests.labels(outcome).inc()
+
+    def record_json(self, request_id: str) -> dict | None:
+        with self._records_lock:
+            record = self.records.get(request_id)
+        if record is None:
+            return None
+        return {k: v for k, v in asdict(record).items() if k not in ("finished", "started")}

@@ -1,0 +1,79 @@
+"""A tiny HTTP client for the server tests (stdlib only), plus helpers to start a server process."""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python server.py` as a user starts it, on a free loopback port."""
+
+    def __init__(self, ckpt: Path, tmpdir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.tmpdir = tmpdir
+        env = {**os.environ, "TMPDIR": str(tmpdir)}
+        self.log = open(tmpdir.parent / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "server.py"), "--ckpt-dir", str(ckpt), "--port", str(self.port),
+             "--device", "cpu", *extra], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            assert self.proc.poll() is None, "server exited during start-up"
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        conn = self.connect()
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, dict(resp.getheaders()), data
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def get_json(self, path: str) -> dict:
+        return json.loads(self.get(path)[2])
+
+    def open_chat(self, audio: bytes, path: str = "/chat", **fields) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Start an official JSON request and return the unread streaming response."""
+        conn = self.connect()
+        body = json.dumps({"audio": base64.b64encode(audio).decode(), **fields})
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        return conn, conn.getresponse()
+
+    def chat(self, audio: bytes, path: str = "/chat", **fields):
+        conn, resp = self.open_chat(audio, path, **fields)
+        data = resp.read()
+        conn.close()
+        return resp.status, dict(resp.getheaders()), data
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()

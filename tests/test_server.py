@@ -1,0 +1,253 @@
+"""The real server process on a loopback port, spoken to over HTTP the way its clients do."""
+import base64
+import io
+import json
+import threading
+import time
+import wave
+
+import pytest
+
+from omni.audio import SAMPLE_RATE
+from tests.conftest import ROOT
+from tests.http_client import Server
+
+MAX = 120  # max_tokens for quick answers on the tiny checkpoint
+LONG = 1200  # an answer long enough to interrupt
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("server-tmp"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def sample_bytes(sample_wav):
+    return sample_wav.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def expected(engine, sample_wav):
+    return engine.run(sample_wav, max_tokens=MAX)
+
+
+def read_chunks(resp, size=16384):
+    chunks = []
+    while block := resp.read(size):
+        chunks.append(block)
+    return chunks
+
+
+def test_health(server):
+    health = server.get_json("/health")
+    assert health["status"] == "ready" and health["family"] == "mini-omni"
+    assert health["device"] == "cpu" and health["dtype"] == "float32" and health["can_see"] is False
+
+
+def test_official_request_streams_the_engines_answer(server, sample_bytes, expected):
+    status, headers, body = server.chat(sample_bytes, max_tokens=MAX, stream_stride=4)
+    assert status == 200 and headers["Transfer-Encoding"] == "chunked"
+    assert headers["X-Sample-Rate"] == "24000" and headers["Content-Type"] == "application/octet-stream"
+    assert body == expected.pcm
+    record = server.get_json(f"/requests/{headers['X-Request-Id']}")
+    assert record["outcome"] == "completed" and record["text"] == expected.text
+    assert record["steps"] == len(expected.streams[7])
+
+
+def test_first_chunk_arrives_while_the_engine_is_still_generating(server, sample_bytes):
+    conn, resp = server.open_chat(sample_bytes, max_tokens=LONG)
+    first = resp.read(16384)
+    running = server.get_json("/health")["current"]  # the engine's own step count, right now
+    assert len(first) == 16384
+    assert 11 <= running["steps"] < LONG - 70  # first chunk after 11 steps; far from the end
+    resp.close()  # hang up: the server must stop this answer
+    conn.close()
+    request_id = resp.getheader("X-Request-Id")
+    deadline = time.monotonic() + 30
+    while (record := server.get_json(f"/requests/{request_id}"))["outcome"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert record["outcome"] == "cancelled" and record["steps"] < LONG - 70
+    assert server.get_json("/health")["busy"] is False
+    assert server.chat(sample_bytes, max_tokens=MAX)[0] == 200  # the engine is free again
+
+
+def test_wav_format_reads_with_the_wave_module(server, sample_bytes, expected):
+    status, headers, body = server.chat(sample_bytes, path="/chat?format=wav", max_tokens=MAX)
+    assert status == 200 and headers["Content-Type"] == "audio/wav"
+    with wave.open(io.BytesIO(body)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+        assert w.readframes(10**9) == expected.pcm
+
+
+def test_multipart_v2_layout(server, sample_bytes, expected):
+    status, headers, body = server.chat(sample_bytes, path="/chat?format=multipart", max_tokens=MAX)
+    assert status == 200 and headers["Content-Type"] == "multipart/x-mixed-replace; boundary=frame"
+    audio, text = b"", ""
+    for part in body.split(b"\r\n--frame\r\n")[1:]:  # how the official v2 clients read it
+        head, payload = part.split(b"\r\n\r\n", 1)
+        if head == b"Content-Type: audio/wav":
+            audio += payload
+        else:
+            assert head == b"Content-Type: text/plain"
+            text += payload.decode()
+    assert audio == expected.pcm and text == expected.text
+
+
+@pytest.mark.parametrize("fmt", ["sse", "ndjson"])
+def test_event_formats(server, sample_bytes, expected, fmt):
+    status, headers, body = server.chat(sample_bytes, path=f"/chat?format={fmt}", max_tokens=MAX)
+    assert status == 200
+    if fmt == "sse":
+        events = [json.loads(block.split("data: ", 1)[1]) for block in body.decode().split("\n\n") if block]
+    else:
+        events = [json.loads(line) for line in body.decode().splitlines()]
+    chunks, done = events[:-1], events[-1]
+    assert b"".join(base64.b64decode(c["audio"]) for c in chunks) == expected.pcm
+    assert "".join(c["text"] for c in chunks) == expected.text == done["text"]
+    assert done["done"] and done["outcome"] == "completed" and done["steps"] == len(expected.streams[7])
+
+
+def test_accept_header_picks_the_format(server, sample_bytes):
+    body = json.dumps({"audio": base64.b64encode(sample_bytes).decode(), "max_tokens": MAX})
+    status, headers, _ = server.request("POST", "/chat", body.encode(),
+                                        {"Content-Type": "application/json", "Accept": "text/event-stream"})
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+
+
+def test_multipart_upload_and_raw_body(server, sample_bytes, expected):
+    boundary = "xYz"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"q.wav\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\n").encode() + sample_bytes + (
+            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"max_tokens\"\r\n\r\n{MAX}"
+            f"\r\n--{boundary}--\r\n").encode()
+    status, _, body = server.request("POST", "/chat", form, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200 and body == expected.pcm
+    status, _, body = server.request("POST", f"/chat?max_tokens={MAX}", sample_bytes, {"Content-Type": "audio/wav"})
+    assert status == 200 and body == expected.pcm
+
+
+def _silence_wav(seconds: float) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(b"\0\0" * int(seconds * SAMPLE_RATE))
+    return out.getvalue()
+
+
+def _tone_wav(seconds: float) -> bytes:
+    import numpy as np
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes((np.sin(2 * np.pi * 300 * t) * 8000).astype("<i2").tobytes())
+    return out.getvalue()
+
+
+def _json(**body):
+    return json.dumps(body).encode(), {"Content-Type": "application/json"}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", "POST", "/chat", b"{not json", {"Content-Type": "application/json"}, 400, "not valid JSON"),
+    ("not an object", "POST", "/chat", *_json(), 400, "required"),
+    ("bad base64", "POST", "/chat", *_json(audio="@@@"), 400, "base64"),
+    ("not audio", "POST", "/chat", *_json(audio=_b64(b"hello, I am text")), 400, "could not decode"),
+    ("empty audio", "POST", "/chat", *_json(audio=""), 400, "empty"),
+    ("silent audio", "POST", "/chat", *_json(audio=_b64(_silence_wav(1))), 400, "silent"),
+    ("over 30 s", "POST", "/chat", *_json(audio=_b64(_tone_wav(31))), 400, "30 s"),
+    ("wrong field type", "POST", "/chat", *_json(audio=_b64(b"x"), max_tokens="many"), 400, "max_tokens"),
+    ("bool as int", "POST", "/chat", *_json(audio=_b64(b"x"), stream_stride=True), 400, "stream_stride"),
+    ("unknown field", "POST", "/chat", *_json(audio=_b64(b"x"), volume=11), 400, "unknown field"),
+    ("image on a v1 model", "POST", "/chat", *_json(audio=_b64(_tone_wav(1)), image=_b64(b"x")), 400, "cannot see"),
+    ("bad max_tokens", "POST", "/chat", *_json(audio=_b64(_tone_wav(1)), max_tokens=10), 400, "max_tokens"),
+    ("bad stride", "POST", "/chat", *_json(audio=_b64(_tone_wav(1)), stream_stride=0), 400, "stream_stride"),
+    ("unknown format", "POST", "/chat?format=mp5", *_json(audio=_b64(b"x")), 400, "unknown format"),
+    ("bad query number", "POST", "/chat?max_tokens=lots", b"RIFF", {"Content-Type": "audio/wav"}, 400, "integer"),
+    ("form without audio", "POST", "/chat", b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
+     {"Content-Type": "multipart/form-data; boundary=b"}, 400, "audio"),
+    ("content type", "POST", "/chat", b"hello", {"Content-Type": "text/plain"}, 415, "Content-Type"),
+    ("too large", "POST", "/chat", b"\0" * (16 * 1024 * 1024 + 1), {"Content-Type": "audio/wav"}, 413, "Too Large"),
+    ("wrong method", "GET", "/chat", None, {}, 405, "Method Not Allowed"),
+    ("wrong route", "POST", "/talk", b"", {}, 404, "Not Found"),
+    ("unknown request id", "GET", "/requests/nope", None, {}, 404, "nope"),
+]
+
+
+@pytest.mark.parametrize("name, method, path, body, headers, status, message", BAD_REQUESTS,
+                         ids=[r[0] for r in BAD_REQUESTS])
+def test_bad_input_gets_a_json_4xx(server, name, method, path, body, headers, status, message):
+    got, resp_headers, data = server.request(method, path, body, headers)
+    assert got == status and resp_headers["Content-Type"] == "application/json"
+    assert message in json.loads(data)["error"]
+
+
+def test_still_serving_with_no_temporary_files_left(server, sample_bytes, expected):
+    assert server.chat(sample_bytes, max_tokens=MAX)[2] == expected.pcm
+    left = [p.name for p in server.tmpdir.iterdir() if not p.name.startswith("torchinductor")]  # torch's own cache
+    assert left == []
+
+
+def test_four_concurrent_clients(server, engine):
+    samples = sorted((ROOT / "data" / "samples").glob("*.wav"))[:4]
+    wanted = {s.name: engine.run(s, max_tokens=MAX).pcm for s in samples}
+    got = {}
+
+    def ask(sample):
+        got[sample.name] = server.chat(sample.read_bytes(), max_tokens=MAX)
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in samples]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert {name: status for name, (status, _, _) in got.items()} == {s.name: 200 for s in samples}
+    assert {name: body for name, (_, _, body) in got.items()} == wanted
+
+
+def test_metrics(server):
+    status, headers, body = server.get("/metrics")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    for line in ('omni_requests_total{outcome="completed"}', 'omni_requests_total{outcome="bad_request"}',
+                 "omni_time_to_first_chunk_seconds_bucket", "omni_real_time_factor_count", "omni_queue_depth",
+                 "omni_in_flight", "process_resident_memory_bytes"):
+        assert line in text
+
+
+def test_full_queue_answers_503(tiny_ckpt, tmp_path, sample_bytes):
+    (tmp_path / "tmp").mkdir()
+    srv = Server(tiny_ckpt, tmp_path / "tmp", "--max-queue", "1")
+    try:
+        running = srv.open_chat(sample_bytes, max_tokens=LONG)
+        assert running[1].status == 200 and len(running[1].read(16384)) == 16384
+        waiting = srv.connect()
+        waiting.request("POST", "/chat", json.dumps({"audio": base64.b64encode(sample_bytes).decode()}),
+                        {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 30
+        while srv.get_json("/health")["queue_depth"] != 1:  # admitted, waiting for its turn
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        status, headers, body = srv.chat(sample_bytes, max_tokens=MAX)
+        assert status == 503 and headers["Retry-After"] == "2" and "busy" in json.loads(body)["error"]
+        running[1].close()
+        running[0].close()
+        waiting.close()
+        deadline = time.monotonic() + 30
+        while srv.get_json("/health")["busy"] or srv.get_json("/health")["queue_depth"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert srv.chat(sample_bytes, max_tokens=MAX)[0] == 200
+    finally:
+        srv.stop()
