@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stream-stride", type=int, default=DEFAULT_STREAM_STRIDE, help="SNAC frames per streamed chunk")
     p.add_argument("--dump-tokens", help='write {"streams": [s0..s7]} (the sampled tokens per stream) to this JSON file')
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"],
+                   help="exact: the official tokens (default); fast: int8 + trimmed encoder on CPU")
     args = p.parse_args(argv)
     task = Task(args.task)
     if args.input and args.text:
@@ -109,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    engine = OmniEngine(args.ckpt_dir, device=args.device)
-    print(f"loaded {engine.family} from {args.ckpt_dir} on {engine.device} ({engine.dtype})")
+    engine = OmniEngine(args.ckpt_dir, device=args.device, mode=args.mode)
+    print(f"loaded {engine.family} from {args.ckpt_dir} on {engine.device} ({engine.dtype}, {engine.mode} mode)")
     if args.input or args.text:
         answer(engine, args, args.input, Path(args.out) if args.out else None)
         return

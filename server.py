@@ -19,6 +19,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     p.add_argument("--port", type=int, default=60808)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"],
+                   help="exact: the official tokens (default); fast: int8 + trimmed encoder on CPU")
     p.add_argument("--max-queue", type=int, default=4, help="requests that may wait behind the running one")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
     return p.parse_args(argv)
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from omni_engine import OmniEngine
 
-    service = EngineService(lambda: OmniEngine(args.ckpt_dir, device=args.device), args.max_queue)
+    service = EngineService(lambda: OmniEngine(args.ckpt_dir, device=args.device, mode=args.mode), args.max_queue)
     service.start()
     app = create_app(service, args.max_bytes)
     logging.getLogger("omni.server").info("listening on http://%s:%d", args.host, args.port)

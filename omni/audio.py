@@ -23,6 +23,7 @@ CHUNK_SECONDS = 30  # the encoder always sees 30 s: longer input is cut, shorter
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480,000 samples -> 3,000 mel frames -> 1,500 encoder frames
 N_ENCODER_FRAMES = 1500
 FEATURE_MS = 20  # one encoder frame per 20 ms of input
+SAMPLES_PER_FEATURE = SAMPLE_RATE * FEATURE_MS // 1000  # 320: two mel hops
 LOG_FLOOR = 1e-10  # clamp before log10
 DYNAMIC_RANGE = 8.0  # log10 units kept below the loudest bin (80 dB)
 SILENCE_PEAK = 1e-3  # -60 dBFS: a peak below this is treated as no speech at all
@@ -100,12 +101,18 @@ def feature_frames(n_samples: int) -> int:
     return min(int(duration_ms / FEATURE_MS) + 1, N_ENCODER_FRAMES)
 
 
-def pad_or_trim(samples: np.ndarray) -> np.ndarray:
+def pad_or_trim(samples: np.ndarray, length: int = N_SAMPLES) -> np.ndarray:
+    """Cut to 30 s (with a warning), then zero-pad to `length` samples (30 s unless trimming)."""
     if samples.size > N_SAMPLES:
         warnings.warn(f"input is {samples.size / SAMPLE_RATE:.1f} s; the model hears only the first {CHUNK_SECONDS} s",
                       stacklevel=3)
         return samples[:N_SAMPLES]
-    return np.pad(samples, (0, N_SAMPLES - samples.size))
+    return np.pad(samples, (0, length - samples.size))
+
+
+def trimmed_length(n_samples: int) -> int:
+    """Samples that give exactly the `feature_frames` encoder frames the model reads (20 ms each)."""
+    return feature_frames(n_samples) * SAMPLES_PER_FEATURE
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:

@@ -12,11 +12,14 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from .audio import SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel, pad_or_trim
+from .audio import (
+    N_SAMPLES, SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel, pad_or_trim, trimmed_length,
+)
 from .checkpoint import TOKENIZER_FILE, ensure_checkpoint, load_lm, snac_dir, whisper_path
 from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, FrameScheduler, SnacCodec
 from .config import ModelConfig
 from .generate import SpeechDecoder, Step, TextDecoder, check_length, generate, to_streams
+from .runtime import quantize_lm, quantize_whisper, resolve_mode
 from .sampling import GenerationConfig
 from .tokens import EOT, PROMPT_EXTRA, Task, build_prompt
 from .whisper import load_whisper_encoder
@@ -106,17 +109,26 @@ class OmniEngine:
     """
 
     def __init__(self, ckpt_dir: str | Path = "checkpoint", device: str | torch.device = "auto",
-                 dtype: str | torch.dtype | None = None, family: str = "mini-omni") -> None:
+                 dtype: str | torch.dtype | None = None, family: str = "mini-omni", mode: str = "exact",
+                 trim_encoder: bool = False) -> None:
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
+        self.runtime = resolve_mode(mode, self._device)
+        # Whisper on the question's own length instead of 30 s: much cheaper, but other features.
+        self.trim_encoder = trim_encoder
         self.ckpt_dir = ensure_checkpoint(ckpt_dir, family)
         self.config = ModelConfig.from_checkpoint(self.ckpt_dir)
         self.model = load_lm(self.ckpt_dir, self.config, self._device, self._dtype)
+        self.model.full_span = self.runtime.full_span
+        if self.runtime.int8:  # before the other models load, so the fp32 pages are gone first
+            quantize_lm(self.model)
         self.tokenizer = Tokenizer.from_file(str(self.ckpt_dir / TOKENIZER_FILE))
         self.whisper = load_whisper_encoder(whisper_path(self.ckpt_dir), self._device)
         if self.whisper.n_state != self.config.whisper_adapter_dim:
             raise ValueError(f"Whisper width {self.whisper.n_state} != whisper_adapter_dim {self.config.whisper_adapter_dim}")
         self.codec = SnacCodec.from_dir(snac_dir(self.ckpt_dir), self._device)
+        if self.runtime.int8:
+            quantize_whisper(self.whisper)
         self._lock = threading.Lock()
 
     @property
@@ -126,6 +138,10 @@ class OmniEngine:
     @property
     def dtype(self) -> torch.dtype:
         return self._dtype
+
+    @property
+    def mode(self) -> str:
+        return self.runtime.name
 
     @property
     def family(self) -> str:
@@ -193,13 +209,14 @@ class OmniEngine:
             raise ValueError(f"task {task.value} answers a text question: pass text= and no audio")
         return task
 
-    def _prepare(self, task: Task, samples: np.ndarray | None,
+    def prepare(self, task: Task, samples: np.ndarray | None,
                  text_ids: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None, SpeechDecoder | TextDecoder]:
-        """Prompt `(B, 8, T)`, Whisper features `(B, L, 768)` and the decoding policy of `task`."""
+        """Prompt `(B, 8, T)`, Whisper features `(B, L, 768)` and the decoding policy of a request."""
         features = None
         if samples is not None:
             n_frames = feature_frames(samples.size)
-            mel = log_mel(pad_or_trim(samples), self._device)
+            length = trimmed_length(samples.size) if self.trim_encoder else N_SAMPLES
+            mel = log_mel(pad_or_trim(samples, length), self._device)
             with torch.inference_mode():
                 features = self.whisper(mel.unsqueeze(0))[:, :n_frames]  # (1, L, 768)
             rows = (Task.A1A2, Task.A1T2) if task == Task.A1A2 else (task,)
@@ -207,7 +224,8 @@ class OmniEngine:
             features = features.expand(len(rows), -1, -1)
         else:
             prompt = build_prompt(task, text_ids=text_ids).unsqueeze(0)
-        decoder = SpeechDecoder(batch=prompt.size(0) == 2) if task.speaks else TextDecoder()
+        full_head = self.runtime.full_head
+        decoder = SpeechDecoder(prompt.size(0) == 2, full_head) if task.speaks else TextDecoder(full_head)
         return prompt.to(self._device), features, decoder
 
     def _answer(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None,
@@ -215,7 +233,7 @@ class OmniEngine:
         with self._lock:
             if cfg.seed is not None:
                 torch.manual_seed(cfg.seed)
-            prompt, features, decoder = self._prepare(task, samples, text_ids)
+            prompt, features, decoder = self.prepare(task, samples, text_ids)
             frames = FrameScheduler(cfg.stream_stride) if task.speaks else None
             text = TextStream(self.tokenizer)
             pending: list[Step] = []

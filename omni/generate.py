@@ -38,15 +38,19 @@ def to_streams(steps: list[Step]) -> list[list[int]]:
 class SpeechDecoder:
     """Audio + text out; stops when the last audio layer emits EOA; text is forced to pad after EOT."""
 
-    def __init__(self, batch: bool) -> None:
+    def __init__(self, batch: bool, full_head: bool = False) -> None:
         self.batch_size = 2 if batch else 1
-        self.text_row = self.batch_size - 1
+        # Which head part each row is read for; the official code computes "all" on every row.
+        self.parts = ("all",) * self.batch_size if full_head or not batch else ("audio", "text")
         self.text_ended = False
 
-    def advance(self, logits: torch.Tensor, cfg: GenerationConfig, first: bool) -> Step | None:
-        """`logits (B, V)` of the last position -> the next step, or None to stop."""
-        audio_logits = logits[0, PADDED_TEXT_VOCAB:].view(N_AUDIO_LAYERS, PADDED_AUDIO_VOCAB)
-        text_logits = logits[self.text_row:self.text_row + 1, :PADDED_TEXT_VOCAB]
+    def advance(self, logits: list[torch.Tensor], cfg: GenerationConfig, first: bool) -> Step | None:
+        """Per-row logits of the last position (parts as in `self.parts`) -> the next step, or None to stop."""
+        audio_row, text_row = logits[0], logits[-1]
+        if self.parts[0] == "all":
+            audio_row = audio_row[PADDED_TEXT_VOCAB:]
+        audio_logits = audio_row.view(N_AUDIO_LAYERS, PADDED_AUDIO_VOCAB)
+        text_logits = text_row[:PADDED_TEXT_VOCAB].unsqueeze(0)
         audio = tuple(sample(audio_logits, cfg).tolist())
         text = int(sample(text_logits, cfg)[0])
         if first:  # the official loop applies no rule to the prefill token
@@ -72,8 +76,11 @@ class TextDecoder:
 
     batch_size = 1
 
-    def advance(self, logits: torch.Tensor, cfg: GenerationConfig, first: bool) -> Step | None:
-        text = int(sample(logits[:1, :PADDED_TEXT_VOCAB], cfg)[0])
+    def __init__(self, full_head: bool = False) -> None:
+        self.parts = ("all",) if full_head else ("text",)
+
+    def advance(self, logits: list[torch.Tensor], cfg: GenerationConfig, first: bool) -> Step | None:
+        text = int(sample(logits[0][:PADDED_TEXT_VOCAB].unsqueeze(0), cfg)[0])
         if not first and text == EOT:
             return None
         return Step(None, text)
@@ -109,17 +116,43 @@ def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextD
     assert B == decoder.batch_size, f"prompt batch {B} != decoder batch {decoder.batch_size}"
     check_length(T, cfg, model.config.block_size)
     device = prompt.device
-    model.setup_cache(B, cfg.max_tokens - 1)
-    logits = model(prompt, torch.arange(T, device=device), audio_features, last_only=True)
-    step = decoder.advance(logits[:, -1], cfg, first=True)
+    model.setup_cache(B, model.config.block_size if model.full_span else cfg.max_tokens - 1)
+    logits = model(prompt, torch.arange(T, device=device), audio_features, decoder.parts)
+    step = decoder.advance(logits, cfg, first=True)
     yield step
     input_pos = torch.tensor([T], device=device)
     for _ in range(cfg.max_tokens - T - 1):
         if cancel():
             return
-        logits = model(decoder.feedback(step, device), input_pos, last_only=True)
-        step = decoder.advance(logits[:, -1], cfg, first=False)
+        logits = model(decoder.feedback(step, device), input_pos, parts=decoder.parts)
+        step = decoder.advance(logits, cfg, first=False)
         if step is None:
             return
         yield step
         input_pos += 1
+
+
+@torch.inference_mode()
+def teacher_forced_agreement(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder,
+                             steps: list[Step], audio_features: torch.Tensor | None = None) -> list[float]:
+    """Feed a reference answer's tokens and report, per stream, how often this model's greedy pick
+    matches the reference's next token (8 fractions; text counted up to the reference's EOT)."""
+    B, _, T = prompt.shape
+    model.setup_cache(B, T + len(steps))
+    cfg = GenerationConfig(top_k=1)
+    hits, counts = [0] * (N_AUDIO_LAYERS + 1), [0] * (N_AUDIO_LAYERS + 1)
+    logits = model(prompt, torch.arange(T, device=prompt.device), audio_features, decoder.parts)
+    text_open = True
+    for i, ref in enumerate(steps):
+        if i:
+            feed = decoder.feedback(steps[i - 1], prompt.device)
+            logits = model(feed, torch.tensor([T + i - 1], device=prompt.device), parts=decoder.parts)
+        picked = decoder.advance(logits, cfg, first=True)  # first=True: the raw greedy pick, no stop rules
+        for layer in range(N_AUDIO_LAYERS):
+            hits[layer] += picked.audio[layer] == ref.audio[layer]
+            counts[layer] += 1
+        if text_open:
+            hits[-1] += picked.text == ref.text
+            counts[-1] += 1
+            text_open = ref.text != EOT
+    return [h / max(c, 1) for h, c in zip(hits, counts)]

@@ -59,7 +59,7 @@ class EncoderBlock(nn.Module):
 
 
 class WhisperEncoder(nn.Module):
-    """Log-mel `(B, n_mels, 3000)` -> features `(B, 1500, n_state)`."""
+    """Log-mel `(B, n_mels, 2n)` -> features `(B, n, n_state)`; Whisper (and the exact mode) uses n = 1500."""
 
     def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int) -> None:
         super().__init__()
@@ -75,9 +75,9 @@ class WhisperEncoder(nn.Module):
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x)).permute(0, 2, 1)  # (B, n_ctx, n_state)
-        assert x.shape[1:] == self.positional_embedding.shape, f"mel gives {tuple(x.shape)}, expected 30 s"
-        x = x + self.positional_embedding
+        x = F.gelu(self.conv2(x)).permute(0, 2, 1)  # (B, n_ctx, n_state); n_ctx = 1500 for 30 s
+        assert x.size(1) <= self.positional_embedding.size(0), f"mel gives {tuple(x.shape)}, more than 30 s"
+        x = x + self.positional_embedding[: x.size(1)]
         for block in self.blocks:
             x = block(x)
         return self.ln_post(x)

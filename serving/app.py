@@ -61,7 +61,8 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES) -> Fl
         body = {"status": service.status, "queue_depth": service.queue.depth, "max_queue": service.queue.max_waiting,
                 "busy": service.queue.busy}
         if engine is not None:
-            body.update(family=engine.family, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+            body.update(family=engine.family, mode=engine.mode, device=str(engine.device),
+                        dtype=str(engine.dtype).removeprefix("torch."),
                         sample_rate=engine.sample_rate, can_see=engine.family == "mini-omni2")
         if service.current is not None:
             body["current"] = {"id": service.current.id, "steps": service.current.steps}

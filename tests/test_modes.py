@@ -1,0 +1,78 @@
+"""The engine's modes: exact (default), fast (int8 + trimmed encoder) and the official baseline."""
+import pytest
+import torch
+
+from omni.audio import feature_frames, load_audio, log_mel, pad_or_trim, trimmed_length
+from omni.generate import Step, teacher_forced_agreement
+from omni.runtime import MODES, resolve_mode
+from omni.tokens import Task
+from omni_engine import OmniEngine
+
+MAX = 140
+
+
+@pytest.fixture(scope="module")
+def fast_engine(tiny_ckpt):
+    return OmniEngine(tiny_ckpt, device="cpu", mode="fast")
+
+
+def test_baseline_costs_more_but_gives_the_exact_tokens(tiny_ckpt, engine, sample_wav):
+    baseline = OmniEngine(tiny_ckpt, device="cpu", mode="baseline")
+    assert baseline.model.full_span
+    assert baseline.run(sample_wav, max_tokens=MAX).streams == engine.run(sample_wav, max_tokens=MAX).streams
+    text = dict(text="What is your name?", task="T1T2", max_tokens=60)
+    assert baseline.run(**text).streams == engine.run(**text).streams
+
+
+def test_fast_mode_streams_on_the_same_schedule(fast_engine, engine, sample_wav):
+    fast = list(fast_engine.stream(sample_wav, max_tokens=MAX))
+    exact = list(engine.stream(sample_wav, max_tokens=MAX))
+    assert [len(c.steps) for c in fast] == [len(c.steps) for c in exact]
+    assert [len(c.pcm) for c in fast] == [len(c.pcm) for c in exact]
+    assert fast_engine.mode == "fast" and fast_engine.model.quantized_head is not None
+
+
+def test_fast_mode_cache_matches_a_full_forward(fast_engine):
+    """Dynamic int8 quantizes activations with a scale per call, so a cached step and a full forward
+    differ slightly; their logits must still point the same way."""
+    model = fast_engine.model
+    torch.manual_seed(0)
+    idx = torch.randint(0, model.config.padded_vocab_size, (2, 8, 10))
+    with torch.inference_mode():
+        full = model(idx)
+        model.setup_cache(2, 16)
+        steps = [model(idx[..., :4], torch.arange(4))] + [model(idx[..., t:t + 1], torch.tensor([t])) for t in range(4, 10)]
+    cached = torch.cat(steps, 1)
+    cosine = torch.nn.functional.cosine_similarity(cached, full, dim=-1)
+    assert cosine.min() > 0.97, cosine.min()
+    assert (cached.argmax(-1) == full.argmax(-1)).float().mean() > 0.8
+
+
+def test_trimmed_encoder_reads_exactly_the_frames_the_prompt_needs(tiny_ckpt, engine, sample_wav):
+    samples = load_audio(sample_wav)
+    mel = log_mel(pad_or_trim(samples, trimmed_length(samples.size)))
+    with torch.inference_mode():
+        feats = engine.whisper(mel.unsqueeze(0))
+    assert feats.shape == (1, feature_frames(samples.size), engine.config.whisper_adapter_dim)
+    trimmed = OmniEngine(tiny_ckpt, device="cpu", trim_encoder=True)
+    chunks = list(trimmed.stream(sample_wav, max_tokens=MAX))
+    assert sum(len(c.steps) for c in chunks) == MAX - feature_frames(samples.size) - 3
+
+
+def test_int8_language_model_agrees_with_exact_under_teacher_forcing(tiny_ckpt, engine, sample_wav):
+    """The int8 LM, given the exact mode's features and fed its tokens: its greedy picks mostly agree."""
+    reference = engine.run(sample_wav, max_tokens=MAX).streams
+    steps = [Step(tuple(s[i] for s in reference[:7]), reference[7][i]) for i in range(len(reference[7]))]
+    prompt, features, decoder = engine.prepare(Task.A1A2, load_audio(sample_wav), None)
+    assert teacher_forced_agreement(engine.model, prompt, decoder, steps, features) == [1.0] * 8
+    int8 = OmniEngine(tiny_ckpt, device="cpu", mode="fast")
+    agreement = teacher_forced_agreement(int8.model, prompt, decoder, steps, features)
+    assert min(agreement) >= 0.5, agreement
+
+
+def test_mode_resolution():
+    with pytest.raises(ValueError, match="unknown mode"):
+        resolve_mode("turbo", torch.device("cpu"))
+    assert resolve_mode("fast", torch.device("cpu")).int8
+    assert not resolve_mode("fast", torch.device("cuda")).int8  # int8 kernels are CPU-only
+    assert set(MODES) == {"exact", "fast", "baseline"}
