@@ -14,11 +14,13 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import wave
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -66,11 +68,22 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def one_request(engine, audio: Path, max_tokens: int, timers: Timers) -> dict:
+def question(path: Path) -> dict:
+    """The question as `engine.stream` arguments: the file itself, or (without ffmpeg) its samples."""
+    if shutil.which("ffmpeg"):
+        return {"audio": str(path)}
+    import numpy as np
+
+    with wave.open(str(path)) as w:
+        assert w.getnchannels() == 1 and w.getsampwidth() == 2, "without ffmpeg the question must be a mono 16-bit WAV"
+        return {"audio": np.frombuffer(w.readframes(w.getnframes()), "<i2"), "sample_rate": w.getframerate()}
+
+
+def one_request(engine, audio: dict, max_tokens: int, timers: Timers) -> dict:
     timers.clear()
     start = time.perf_counter()
     first, steps, pcm = None, 0, 0
-    for chunk in engine.stream(str(audio), max_tokens=max_tokens):
+    for chunk in engine.stream(**audio, max_tokens=max_tokens):
         if first is None and chunk.pcm:
             first = time.perf_counter() - start
         steps += len(chunk.steps)
@@ -104,9 +117,10 @@ def child(args: argparse.Namespace) -> dict:
     engine.codec.decode = timers.wrap("snac", engine.codec.decode)
     from omni.audio import feature_frames, load_audio
 
-    prompt_len = feature_frames(load_audio(str(args.input)).size) + 3
-    max_tokens = prompt_len + 1 + args.steps
-    runs = [one_request(engine, args.input, max_tokens, timers) for _ in range(args.runs + 1)]
+    audio = question(args.input)
+    samples = load_audio(audio["audio"], audio.get("sample_rate"))
+    max_tokens = feature_frames(samples.size) + 3 + 1 + args.steps
+    runs = [one_request(engine, audio, max_tokens, timers) for _ in range(args.runs + 1)]
     cold, warm = runs[0], runs[1:]
     steps = [s for r in warm for s in r["decode_steps_s"]]
     step_p50 = p(steps, 0.5)
@@ -127,10 +141,10 @@ def child(args: argparse.Namespace) -> dict:
 
         ref = json.loads(Path(args.reference).read_text())
         steps_ref = [Step(tuple(s[i] for s in ref[:7]), ref[7][i]) for i in range(len(ref[7]))]
-        prompt, features, decoder = engine.prepare(Task.A1A2, load_audio(str(args.input)), None)
+        prompt, features, decoder = engine.prepare(Task.A1A2, samples, None)
         result["teacher_forced_top1"] = teacher_forced_agreement(engine.model, prompt, decoder, steps_ref, features)
     if args.dump_streams:
-        Path(args.dump_streams).write_text(json.dumps(engine.run(str(args.input), max_tokens=max_tokens).streams))
+        Path(args.dump_streams).write_text(json.dumps(engine.run(**audio, max_tokens=max_tokens).streams))
     return result
 
 

@@ -72,7 +72,7 @@ def load_lm(ckpt_dir: Path, config: ModelConfig, device: torch.device, dtype: to
     """Strictly load `lit_model.pth` (official litgpt key names) into an `OmniLM` on `device`."""
     path = ckpt_dir / WEIGHTS_FILE
     try:
-        state = torch.load(path, map_location="cpu", mmap=False, weights_only=True)
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
     with torch.device("meta"):
