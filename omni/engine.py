@@ -17,7 +17,8 @@ from .audio import (
 )
 from .checkpoint import TOKENIZER_FILE, ensure_checkpoint, load_lm, snac_dir, whisper_path
 from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, FrameScheduler, SnacCodec
-from .config import ModelConfig
+from .config import CONFIG_FILE, ModelConfig
+from .errors import CheckpointError
 from .generate import SpeechDecoder, Step, TextDecoder, check_length, generate, to_streams
 from .runtime import quantize_lm, quantize_whisper, resolve_mode
 from .sampling import GenerationConfig
@@ -114,6 +115,8 @@ class OmniEngine:
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self.runtime = resolve_mode(mode, self._device)
+        if self.runtime.int8 and self._dtype != torch.float32:
+            raise ValueError(f"mode='fast' quantizes the fp32 weights to int8; leave dtype unset (got {self._dtype})")
         # Whisper on the question's own length instead of 30 s: much cheaper, but other features.
         self.trim_encoder = trim_encoder
         self.ckpt_dir = ensure_checkpoint(ckpt_dir, family)
@@ -125,10 +128,11 @@ class OmniEngine:
         self.tokenizer = Tokenizer.from_file(str(self.ckpt_dir / TOKENIZER_FILE))
         self.whisper = load_whisper_encoder(whisper_path(self.ckpt_dir), self._device)
         if self.whisper.n_state != self.config.whisper_adapter_dim:
-            raise ValueError(f"Whisper width {self.whisper.n_state} != whisper_adapter_dim {self.config.whisper_adapter_dim}")
-        self.codec = SnacCodec.from_dir(snac_dir(self.ckpt_dir), self._device)
+            raise CheckpointError(f"Whisper width {self.whisper.n_state} != whisper_adapter_dim "
+                                  f"{self.config.whisper_adapter_dim} in {CONFIG_FILE}")
         if self.runtime.int8:
             quantize_whisper(self.whisper)
+        self.codec = SnacCodec.from_dir(snac_dir(self.ckpt_dir), self._device)
         self._lock = threading.Lock()
 
     @property

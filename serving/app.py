@@ -7,10 +7,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from omni.audio import CHUNK_SECONDS, SAMPLE_RATE, load_audio
-from omni.generate import check_length
-from omni.sampling import GenerationConfig
-from omni.tokens import Task
-from omni.engine import prompt_length
 from omni_engine import AudioInputError
 from .formats import MIMETYPES, PCM_HEADERS, encode
 from .parse import ApiError, parse_chat
@@ -22,14 +18,6 @@ RETRY_AFTER_S = 2
 
 def _never() -> bool:
     return False
-
-
-def _validate_options(service: EngineService, samples, options: dict) -> None:
-    try:
-        cfg = GenerationConfig(**options)
-        check_length(prompt_length(Task.A1A2, samples, None), cfg, service.engine.config.block_size)
-    except ValueError as e:
-        raise ApiError(400, str(e)) from e
 
 
 def _decode(audio: bytes):
@@ -95,7 +83,11 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES) -> Fl
             if req.image is not None and service.engine.family != "mini-omni2":
                 raise ApiError(400, "this model cannot see: an image needs a Mini-Omni2 checkpoint")
             samples = _decode(req.audio)
-            _validate_options(service, samples, req.options)
+            disconnected = request.environ.get("waitress.client_disconnected", _never)
+            try:  # checks the options now; generation starts when the response body is read
+                chunks = service.engine.stream(samples, sample_rate=SAMPLE_RATE, cancel=disconnected, **req.options)
+            except ValueError as e:
+                raise ApiError(400, str(e)) from e
         except ApiError:
             service.reject("bad_request")
             raise
@@ -105,10 +97,9 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES) -> Fl
             raise ApiError(503, f"the server is busy ({service.queue.max_waiting} requests already waiting)",
                            {"Retry-After": str(RETRY_AFTER_S)})
         ticket, record = admitted
-        disconnected = request.environ.get("waitress.client_disconnected", _never)
         if not service.wait_turn(ticket, record, disconnected):
             return jsonify(error="the client left while waiting"), 499
-        events = service.answer(ticket, record, samples, req.options, disconnected)
+        events = service.answer(ticket, record, chunks, disconnected)
         headers = {"X-Request-Id": record.id, "Cache-Control": "no-store", **PCM_HEADERS}
         response = Response(encode(req.format, events), mimetype=MIMETYPES[req.format], headers=headers)
         response.call_on_close(lambda: service.finish(ticket, record))

@@ -10,13 +10,12 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-from omni.audio import SAMPLE_RATE
 from omni_engine import OmniChunk, OmniEngine
 from .formats import Event, Summary
 
@@ -116,11 +115,13 @@ class EngineService:
         self.records: OrderedDict[str, Record] = OrderedDict()
         self.current: Record | None = None
         self._records_lock = threading.Lock()
+        # Every engine call runs on this one thread, whichever server thread serves the request:
+        # torch then keeps one thread pool and the allocator one arena, instead of one per server thread.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._load_and_warm, name="engine-loader", daemon=True)
-        thread.start()
-        return thread
+    def start(self) -> Future:
+        """Load and warm the engine in the background, on the engine's own thread."""
+        return self._worker.submit(self._load_and_warm)
 
     def _load_and_warm(self) -> None:
         try:
@@ -163,11 +164,11 @@ class EngineService:
         self.metrics.queue_depth.set(self.queue.depth)
         return True
 
-    def answer(self, ticket: object, record: Record, samples: np.ndarray, options: dict,
+    def answer(self, ticket: object, record: Record, chunks: Iterator[OmniChunk],
                disconnected: Callable[[], bool]) -> Iterator[Event]:
-        """The events of one answer, once its turn has come: chunks, then a `Summary`."""
+        """The events of one answer (the engine's `chunks`, started once the turn has come), then a `Summary`."""
         try:
-            yield from self._generate(record, samples, options, disconnected, record.started)
+            yield from self._generate(record, chunks, disconnected, record.started)
         finally:
             self.finish(ticket, record)
 
@@ -194,11 +195,11 @@ class EngineService:
                  record.id, record.input_seconds, ttfc, record.chunks, record.steps, record.audio_seconds,
                  record.outcome)
 
-    def _generate(self, record: Record, samples: np.ndarray, options: dict,
-                  disconnected: Callable[[], bool], start: float) -> Iterator[Event]:
+    def _generate(self, record: Record, chunks: Iterator[OmniChunk], disconnected: Callable[[], bool],
+                  start: float) -> Iterator[Event]:
         gen_start = time.perf_counter()
         try:
-            for chunk in self.engine.stream(samples, sample_rate=SAMPLE_RATE, cancel=disconnected, **options):
+            while (chunk := self._worker.submit(next, chunks, None).result()) is not None:
                 self._count(record, chunk, start)
                 yield chunk
         except Exception as e:  # the response has started: report in-band and in the record
@@ -206,6 +207,8 @@ class EngineService:
             log.exception("request %s failed", record.id)
             yield Summary("error", record.text, record.steps, record.audio_seconds, record.error)
             return
+        finally:
+            self._worker.submit(chunks.close).result()  # frees the engine at once, also when the client left
         if disconnected():
             record.outcome = "cancelled"
             return

@@ -251,3 +251,27 @@ def test_full_queue_answers_503(tiny_ckpt, tmp_path, sample_bytes):
         assert srv.chat(sample_bytes, max_tokens=MAX)[0] == 200
     finally:
         srv.stop()
+
+
+def test_health_while_loading_and_after_a_failed_load(engine, sample_bytes):
+    from serving.app import create_app
+    from serving.service import EngineService
+
+    release = threading.Event()
+    service = EngineService(lambda: release.wait(60) and engine, max_queue=1)
+    client = create_app(service).test_client()
+    loading = service.start()
+    assert client.get("/health").status_code == 503 and client.get("/health").json["status"] == "loading"
+    busy = client.post("/chat", json={"audio": base64.b64encode(sample_bytes).decode()})
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "2" and "loading" in busy.json["error"]
+    release.set()
+    loading.result(timeout=120)
+    assert client.get("/health").json["status"] == "ready"
+
+    def broken():
+        raise FileNotFoundError("no checkpoint here")
+
+    failed = EngineService(broken, max_queue=1)
+    failed.start().result(timeout=30)
+    health = create_app(failed).test_client().get("/health")
+    assert health.status_code == 503 and health.json["status"] == "failed" and "no checkpoint" in health.json["error"]
