@@ -152,6 +152,11 @@ class OmniEngine:
         return self.config.family
 
     @property
+    def can_see(self) -> bool:
+        """Whether image questions are answered: not yet (the Mini-Omni2 image path is a separate issue)."""
+        return False
+
+    @property
     def sample_rate(self) -> int:
         return OUTPUT_SAMPLE_RATE
 

@@ -1,7 +1,6 @@
 """The Flask application: routes only. Parsing, encoding and queueing live beside it."""
 from __future__ import annotations
 
-
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
@@ -51,7 +50,7 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES) -> Fl
         if engine is not None:
             body.update(family=engine.family, mode=engine.mode, device=str(engine.device),
                         dtype=str(engine.dtype).removeprefix("torch."),
-                        sample_rate=engine.sample_rate, can_see=engine.family == "mini-omni2")
+                        sample_rate=engine.sample_rate, can_see=engine.can_see)
         if service.current is not None:
             body["current"] = {"id": service.current.id, "steps": service.current.steps}
         if service.load_error:
@@ -69,29 +68,30 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES) -> Fl
             raise ApiError(404, f"no recent request {request_id!r}")
         return jsonify(record)
 
+    def accept(disconnected):
+        """Parse and check a /chat request: the request and the engine's (not yet started) chunks."""
+        req = parse_chat(request)
+        if req.image is not None and not service.engine.can_see:
+            raise ApiError(400, "this engine cannot see: image questions need the Mini-Omni2 image path")
+        samples = _decode(req.audio)
+        try:  # checks the options now; generation starts when the response body is read
+            chunks = service.engine.stream(samples, sample_rate=SAMPLE_RATE, cancel=disconnected, **req.options)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from e
+        return req, samples.size / SAMPLE_RATE, chunks
+
     @app.post("/chat")
     def chat():
         if service.engine is None:
             service.reject("not_ready")
             raise ApiError(503, f"the model is {service.status}", {"Retry-After": str(RETRY_AFTER_S)})
+        disconnected = request.environ.get("waitress.client_disconnected", _never)
         try:
-            req = parse_chat(request)
+            req, seconds, chunks = accept(disconnected)
         except ApiError:
             service.reject("bad_request")
             raise
-        try:
-            if req.image is not None and service.engine.family != "mini-omni2":
-                raise ApiError(400, "this model cannot see: an image needs a Mini-Omni2 checkpoint")
-            samples = _decode(req.audio)
-            disconnected = request.environ.get("waitress.client_disconnected", _never)
-            try:  # checks the options now; generation starts when the response body is read
-                chunks = service.engine.stream(samples, sample_rate=SAMPLE_RATE, cancel=disconnected, **req.options)
-            except ValueError as e:
-                raise ApiError(400, str(e)) from e
-        except ApiError:
-            service.reject("bad_request")
-            raise
-        admitted = service.admit(samples.size / SAMPLE_RATE)
+        admitted = service.admit(seconds)
         if admitted is None:
             service.reject("busy")
             raise ApiError(503, f"the server is busy ({service.queue.max_waiting} requests already waiting)",

@@ -6,6 +6,7 @@ import threading
 import time
 import wave
 
+import numpy as np
 import pytest
 
 from omni.audio import SAMPLE_RATE
@@ -129,26 +130,23 @@ def test_multipart_upload_and_raw_body(server, sample_bytes, expected):
     assert status == 200 and body == expected.pcm
 
 
-def _silence_wav(seconds: float) -> bytes:
+def _wav(samples) -> bytes:
     out = io.BytesIO()
     with wave.open(out, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(SAMPLE_RATE)
-        w.writeframes(b"\0\0" * int(seconds * SAMPLE_RATE))
+        w.writeframes(np.asarray(samples, dtype="<i2").tobytes())
     return out.getvalue()
+
+
+def _silence_wav(seconds: float) -> bytes:
+    return _wav(np.zeros(int(seconds * SAMPLE_RATE)))
 
 
 def _tone_wav(seconds: float) -> bytes:
-    import numpy as np
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes((np.sin(2 * np.pi * 300 * t) * 8000).astype("<i2").tobytes())
-    return out.getvalue()
+    return _wav(np.sin(2 * np.pi * 300 * t) * 8000)
 
 
 def _json(**body):
