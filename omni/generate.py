@@ -101,6 +101,25 @@ def check_length(prompt_len: int, cfg: GenerationConfig, block_size: int) -> Non
         raise ValueError(f"max_tokens {cfg.max_tokens} exceeds the model's limit of {block_size + 1}")
 
 
+def prefill(model: OmniLM, prompt: torch.Tensor, audio_features: torch.Tensor | None,
+            parts: tuple[str, ...]) -> list[torch.Tensor]:
+    """Run the prompt through the model; the last position's logits per row.
+
+    The two rows of the batch-of-two prompt differ only in their last position, so (unless the
+    official cost is wanted) the shared part runs once on row 0 and its cache is copied to row 1.
+    """
+    B, _, T = prompt.shape
+    positions = torch.arange(T, device=prompt.device)
+    shared = B == 2 and not model.full_span and torch.equal(prompt[0, :, :-1], prompt[1, :, :-1]) and (
+        audio_features is None or torch.equal(audio_features[0], audio_features[1]))
+    if not shared:
+        return model(prompt, positions, audio_features, parts)
+    row0_features = audio_features[:1] if audio_features is not None else None
+    model(prompt[:1, :, :-1], positions[:-1], row0_features, parts=())
+    model.copy_cache_row(0, 1, T - 1)
+    return model(prompt[:, :, -1:], positions[-1:], parts=parts)
+
+
 @torch.inference_mode()
 def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextDecoder,
              cfg: GenerationConfig, audio_features: torch.Tensor | None = None,
@@ -117,7 +136,7 @@ def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextD
     check_length(T, cfg, model.config.block_size)
     device = prompt.device
     model.setup_cache(B, model.config.block_size if model.full_span else cfg.max_tokens - 1)
-    logits = model(prompt, torch.arange(T, device=device), audio_features, decoder.parts)
+    logits = prefill(model, prompt, audio_features, decoder.parts)
     step = decoder.advance(logits, cfg, first=True)
     yield step
     input_pos = torch.tensor([T], device=device)

@@ -88,10 +88,15 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k, v` at `input_pos`; return the cache up to position `end` (exclusive)."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k[:, :, :end], self.v[:, :, :end]
+        """Write `k, v` of the first `B` rows at `input_pos`; return those rows up to position `end`."""
+        B = k.size(0)
+        self.k[:B].index_copy_(2, input_pos, k)
+        self.v[:B].index_copy_(2, input_pos, v)
+        return self.k[:B, :, :end], self.v[:B, :, :end]
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
 
 
 def build_rope(seq_len: int, n_elem: int, base: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +205,11 @@ class OmniLM(nn.Module):
             block.attn.kv_cache = KVCache(batch_size, self.config.n_query_groups, max_len,
                                           self.config.head_size, ref.device, ref.dtype)
 
+    def copy_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Give batch row `dst` the first `length` cached positions of row `src`."""
+        for block in self.transformer.h:
+            block.attn.kv_cache.copy_row(src, dst, length)
+
     def clear_cache(self) -> None:
         for block in self.transformer.h:
             block.attn.kv_cache = None
@@ -245,7 +255,8 @@ class OmniLM(nn.Module):
             idx: `(B, 8, T)` global token ids.
             input_pos: `(T,)` positions to write into the KV cache; None runs without a cache.
             audio_features: `(B, L, whisper_dim)` Whisper encoder output injected at positions 1..L.
-            parts: per batch row, the vocabulary part it is read for ("text", "audio" or "all").
+            parts: per batch row, the vocabulary part it is read for ("text", "audio" or "all");
+                `()` computes no logits (to fill the cache only).
         Returns:
             without `parts`, logits `(B, T, padded_vocab_size)` for every position; with them, one
             `(width,)` tensor per row: that row's part of the last position's logits.

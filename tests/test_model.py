@@ -129,3 +129,24 @@ def test_setup_cache_reuses_a_big_enough_cache(model):
     assert model.transformer.h[0].attn.kv_cache is cache
     model.clear_cache()
     assert model.transformer.h[0].attn.kv_cache is None
+
+
+def test_shared_prefill_equals_the_batched_one(model):
+    from omni.generate import prefill
+
+    torch.manual_seed(2)
+    row = torch.randint(0, TINY.padded_vocab_size, (1, 8, 9))
+    prompt = row.repeat(2, 1, 1)
+    prompt[1, :7, -1] = 152000 + 4097  # the rows differ only in their last audio tokens, as in A1A2
+    feats = torch.randn(1, 4, TINY.whisper_adapter_dim).expand(2, -1, -1)
+    with torch.no_grad():
+        model.setup_cache(2, 16)
+        shared = prefill(model, prompt, feats, ("all", "all"))
+        shared_k = model.transformer.h[1].attn.kv_cache.k[:, :, :9].clone()
+        model.full_span = True  # the official way: both rows through every position
+        batched = prefill(model, prompt, feats, ("all", "all"))
+        batched_k = model.transformer.h[1].attn.kv_cache.k[:, :, :9]
+        model.full_span = False
+    for a, b in zip(shared, batched):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared_k, batched_k, rtol=1e-5, atol=1e-5)
