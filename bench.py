@@ -89,11 +89,12 @@ def one_request(engine, audio: dict, max_tokens: int, timers: Timers) -> dict:
         steps += len(chunk.steps)
         pcm += len(chunk.pcm)
     total = time.perf_counter() - start
-    forward = timers.samples.get("forward", [])
+    prefill_calls = timers.samples.get("forward_in_prefill", [0])[0]  # forward calls the prefill made
     return {"first_chunk_s": first, "total_s": total, "steps": steps, "audio_s": pcm / 2 / 24000,
             "audio_decode_s": sum(timers.samples.get("audio_decode", [])), "mel_s": sum(timers.samples.get("mel", [])),
-            "encoder_s": sum(timers.samples.get("encoder", [])), "prefill_s": forward[0] if forward else None,
-            "decode_steps_s": forward[1:], "snac_chunk_s": timers.samples.get("snac", [])}
+            "encoder_s": sum(timers.samples.get("encoder", [])), "prefill_s": timers.samples["prefill"][0],
+            "decode_steps_s": timers.samples["forward"][int(prefill_calls):],
+            "snac_chunk_s": timers.samples.get("snac", [])}
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -114,6 +115,16 @@ def child(args: argparse.Namespace) -> dict:
     engine_module.log_mel = timers.wrap("mel", engine_module.log_mel)
     engine.whisper.forward = timers.wrap("encoder", engine.whisper.forward)
     engine.model.forward = timers.wrap("forward", engine.model.forward)
+    import omni.generate as generate_module
+
+    def counted_prefill(*a, **k):
+        before = len(timers.samples.get("forward", []))
+        out = generate_module_prefill(*a, **k)
+        timers.samples["forward_in_prefill"] = [len(timers.samples["forward"]) - before]
+        return out
+
+    generate_module_prefill = generate_module.prefill
+    generate_module.prefill = timers.wrap("prefill", counted_prefill)
     engine.codec.decode = timers.wrap("snac", engine.codec.decode)
     from omni.audio import feature_frames, load_audio
 
