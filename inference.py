@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="where to write the spoken answer (.wav, 24 kHz)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="prompt + answer positions (official max_returned_tokens)")
     p.add_argument("--stream-stride", type=int, default=DEFAULT_STREAM_STRIDE, help="SNAC frames per streamed chunk")
+    p.add_argument("--first-stride", type=int, help="frames in the first chunk (smaller: audio starts sooner)")
     p.add_argument("--dump-tokens", help='write {"streams": [s0..s7]} (the sampled tokens per stream) to this JSON file')
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"],
@@ -83,7 +84,7 @@ def answer(engine: OmniEngine, args: argparse.Namespace, audio: str | None, out:
     start = time.perf_counter()
     first, pcm, text, steps = None, [], [], []
     for chunk in engine.stream(audio, text=args.text, task=args.task, max_tokens=args.max_tokens,
-                               stream_stride=args.stream_stride):
+                               stream_stride=args.stream_stride, first_stride=args.first_stride):
         if first is None and (chunk.pcm or chunk.text):
             first = time.perf_counter() - start
         pcm.append(chunk.pcm)

@@ -22,7 +22,6 @@ LEVEL_OF_SLOT = (0, 1, 2, 2, 1, 2, 2)  # which SNAC level each of a frame's 7 to
 N_LEVELS = 3
 # Decode steps before frame 0 is complete: layer 6 lags the prefill token by 7 positions.
 FRAME_LAG = N_AUDIO_LAYERS
-FIRST_CHUNK_STEPS = 10  # the official first chunk comes after prefill + 10 decode steps (stride 4)
 INT16_MAX, INT16_MIN = 32767, -32768
 PCM_SCALE = 32768.0
 SNAC_HUB_REPO = "hubertsiuzdak/snac_24khz"
@@ -73,19 +72,22 @@ def frames_to_streams(frames: list[Frame], fill: int) -> list[list[int]]:
 class FrameScheduler:
     """Collects per-step audio tokens and hands out frames on the official streaming schedule.
 
-    The first chunk is due once `stride` frames are complete (10 decode steps at stride 4), then
-    every `stride` steps; `flush()` returns the tail the official code drops.
+    The first chunk is due once `first_stride` frames are complete (official: `stride`, i.e. 10
+    decode steps at stride 4), then one every `stride` steps; `flush()` returns the tail the
+    official code drops.
     """
 
-    def __init__(self, stride: int) -> None:
+    def __init__(self, stride: int, first_stride: int | None = None) -> None:
         self.stride = stride
+        self.first_stride = first_stride or stride
         self.streams: list[list[int]] = [[] for _ in range(N_AUDIO_LAYERS)]
         self.emitted = 0
 
     def push(self, audio: Frame) -> list[Frame]:
         for layer, token in enumerate(audio):
             self.streams[layer].append(token)
-        if len(self.streams[0]) - FRAME_LAG - self.emitted < self.stride:
+        due = self.first_stride if self.emitted == 0 else self.stride
+        if len(self.streams[0]) - FRAME_LAG - self.emitted < due:
             return []
         return self.flush()
 

@@ -170,8 +170,8 @@ class OmniEngine:
             text: the question for the text-input tasks T1A2 and T1T2.
             task: A1A2 (default), A1T2, ASR, T1A2 or T1T2.
             cancel: an Event or callable, checked before every decode step; set, it ends the stream.
-            config / options: a `GenerationConfig`, or its fields as keywords (stream_stride, max_tokens,
-                temperature, top_k, top_p, seed).
+            config / options: a `GenerationConfig`, or its fields as keywords (stream_stride, first_stride,
+                max_tokens, temperature, top_k, top_p, seed).
         Returns:
             an iterator of `OmniChunk`: the first audio chunk after the official number of decode
             steps (10 at stride 4), then one every `stream_stride` steps, then the remaining frames.
@@ -243,7 +243,7 @@ class OmniEngine:
             if cfg.seed is not None:
                 torch.manual_seed(cfg.seed)
             prompt, features, decoder = self.prepare(task, samples, text_ids)
-            frames = FrameScheduler(cfg.stream_stride) if task.speaks else None
+            frames = FrameScheduler(cfg.stream_stride, cfg.first_stride) if task.speaks else None
             text = TextStream(self.tokenizer)
             pending: list[Step] = []
             for step in generate(self.model, prompt, decoder, cfg, features, cancel):

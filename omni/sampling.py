@@ -24,6 +24,7 @@ class GenerationConfig:
     top_p: float = DEFAULT_TOP_P  # nucleus sampling mass; 1.0 disables it
     max_tokens: int = DEFAULT_MAX_TOKENS  # prompt + generated positions (official max_returned_tokens)
     stream_stride: int = DEFAULT_STREAM_STRIDE  # SNAC frames per streamed chunk
+    first_stride: int | None = None  # frames in the first chunk; smaller starts audio sooner (None = stream_stride, as official)
     seed: int | None = 0  # seeds torch per request so answers repeat; None leaves the RNG alone
 
     def __post_init__(self) -> None:
@@ -37,6 +38,8 @@ class GenerationConfig:
             raise ValueError(f"max_tokens must be an int >= 2, got {self.max_tokens!r}")
         if not isinstance(self.stream_stride, int) or self.stream_stride < 1:
             raise ValueError(f"stream_stride must be an int >= 1, got {self.stream_stride!r}")
+        if self.first_stride is not None and (not isinstance(self.first_stride, int) or self.first_stride < 1):
+            raise ValueError(f"first_stride must be an int >= 1 or None, got {self.first_stride!r}")
 
     @property
     def greedy(self) -> bool:

@@ -13,8 +13,8 @@ ACCEPT_FORMATS = {  # media types a client may ask for instead of ?format=
     "audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "multipart/x-mixed-replace": "multipart",
     "text/event-stream": "sse", "application/x-ndjson": "ndjson",
 }
-JSON_FIELDS = {"audio": str, "image": str, "stream_stride": int, "max_tokens": int}
-NUMBER_FIELDS = ("stream_stride", "max_tokens")
+JSON_FIELDS = {"audio": str, "image": str, "stream_stride": int, "first_stride": int, "max_tokens": int}
+NUMBER_FIELDS = ("stream_stride", "first_stride", "max_tokens")
 
 
 class ApiError(Exception):

@@ -45,6 +45,15 @@ def test_schedule_first_chunk_after_ten_decode_steps_then_every_stride():
     assert len(sched.flush()) == 30 - 7 - 20  # the tail the official code drops
 
 
+def test_a_smaller_first_chunk_starts_sooner():
+    sched = FrameScheduler(stride=4, first_stride=1)
+    emitted_at = {}
+    for position, frame in enumerate(random_frames(20)):
+        if ready := sched.push(frame):
+            emitted_at[position] = len(ready)
+    assert emitted_at == {7: 1, 11: 4, 15: 4, 19: 4}  # the first frame right after the 7-step lag
+
+
 def test_pcm_clips_instead_of_wrapping():
     pcm = np.frombuffer(pcm_from_wave(np.array([1.0, -1.0, 0.5, 2.0])), "<i2")
     assert pcm.tolist() == [32767, -32768, 16384, 32767]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from omni.audio import SAMPLE_RATE, feature_frames, load_audio
+from omni.generate import to_streams
 from omni.tokens import EOA, EOT, PAD_T, STOP_LAYER
 from omni_engine import OmniEngine
 
@@ -36,6 +37,14 @@ def test_chunks_follow_the_official_schedule_plus_the_tail(engine, sample_wav, s
     total_steps = sum(steps)
     assert total_steps == 30  # prefill + (max_tokens - T - 1) decode steps
     assert len(b"".join(c.pcm for c in chunks)) == (total_steps - 7) * BYTES_PER_FRAME  # tail included
+
+
+def test_first_stride_shortens_the_wait_for_audio_only(engine, sample_wav):
+    T = prompt_len(sample_wav)
+    official = engine.run(sample_wav, max_tokens=T + 30)
+    early = list(engine.stream(sample_wav, max_tokens=T + 30, first_stride=1))
+    assert len(early[0].steps) == 1 + 6 + 1 and len(early[0].pcm) == BYTES_PER_FRAME
+    assert to_streams([s for c in early for s in c.steps]) == official.streams  # the same tokens
 
 
 def test_cancel_stops_within_one_step_and_leaves_no_state(engine, tiny_ckpt, sample_wav):

@@ -35,7 +35,7 @@ def test_sampling_is_deterministic_under_a_seed():
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", -1), ("top_k", 0), ("top_k", 1.5), ("top_p", 0.0), ("top_p", 1.5),
-    ("max_tokens", 1), ("stream_stride", 0), ("temperature", "hot"),
+    ("max_tokens", 1), ("stream_stride", 0), ("first_stride", 0), ("temperature", "hot"),
 ])
 def test_bad_options_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
