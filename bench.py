@@ -23,10 +23,12 @@ import time
 import wave
 from pathlib import Path
 
+from omni.codec import OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_INPUT = ROOT / "data" / "samples" / "output4.wav"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mini-omni" / "bench-full"
-FRAME_MS = 2048 / 24000 * 1000  # audio per decode step: real time needs a step under this
+FRAME_MS = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE * 1000  # audio per decode step: real time needs a step under this
 DEFAULT_STEPS = 40  # decode steps per request after the prompt
 
 
@@ -90,7 +92,7 @@ def one_request(engine, audio: dict, max_tokens: int, timers: Timers) -> dict:
         pcm += len(chunk.pcm)
     total = time.perf_counter() - start
     prefill_calls = timers.samples.get("forward_in_prefill", [0])[0]  # forward calls the prefill made
-    return {"first_chunk_s": first, "total_s": total, "steps": steps, "audio_s": pcm / 2 / 24000,
+    return {"first_chunk_s": first, "total_s": total, "steps": steps, "audio_s": pcm / 2 / OUTPUT_SAMPLE_RATE,
             "audio_decode_s": sum(timers.samples.get("audio_decode", [])), "mel_s": sum(timers.samples.get("mel", [])),
             "encoder_s": sum(timers.samples.get("encoder", [])), "prefill_s": timers.samples["prefill"][0],
             "decode_steps_s": timers.samples["forward"][int(prefill_calls):],

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .tokens import N_AUDIO_LAYERS, N_STREAMS, PADDED_TEXT_VOCAB, PADDED_VOCAB
+from .tokens import AUDIO_FEATURE_START, N_AUDIO_LAYERS, N_STREAMS, PADDED_TEXT_VOCAB, PADDED_VOCAB
 
 HEAD_PARTS = {"text": slice(0, PADDED_TEXT_VOCAB), "audio": slice(PADDED_TEXT_VOCAB, PADDED_VOCAB),
               "all": slice(0, PADDED_VOCAB)}
@@ -221,7 +221,7 @@ class OmniLM(nn.Module):
         return self._rope
 
     def embed(self, idx: torch.Tensor, audio_features: torch.Tensor | None = None,
-              audio_start: int = 1) -> torch.Tensor:
+              audio_start: int = AUDIO_FEATURE_START) -> torch.Tensor:
         """Mean of the 8 stream embeddings, `(B, 8, T)` ids -> `(B, T, C)`.
 
         `audio_features (B, L, whisper_dim)` pass through the adapter and replace the audio-stream

@@ -50,7 +50,7 @@ class Soak:
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
             first = None
-            while block := resp.read(READ_BLOCK):
+            while resp.read(READ_BLOCK):
                 first = first or time.perf_counter() - start
             with self.lock:
                 self.ttfc.append(first if first is not None else float("nan"))
