@@ -160,7 +160,7 @@ def teacher_forced_agreement(model: OmniLM, prompt: torch.Tensor, decoder: Speec
     model.setup_cache(B, T + len(steps))
     cfg = GenerationConfig(top_k=1)
     hits, counts = [0] * (N_AUDIO_LAYERS + 1), [0] * (N_AUDIO_LAYERS + 1)
-    logits = model(prompt, torch.arange(T, device=prompt.device), audio_features, decoder.parts)
+    logits = prefill(model, prompt, audio_features, decoder.parts)
     text_open = True
     for i, ref in enumerate(steps):
         if i:

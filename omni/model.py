@@ -17,8 +17,6 @@ from .tokens import AUDIO_FEATURE_START, N_AUDIO_LAYERS, N_STREAMS, PADDED_TEXT_
 
 HEAD_PARTS = {"text": slice(0, PADDED_TEXT_VOCAB), "audio": slice(PADDED_TEXT_VOCAB, PADDED_VOCAB),
               "all": slice(0, PADDED_VOCAB)}
-
-
 SKINNY_ROWS = 8  # up to this many rows, multiply as W @ x.T: MKL streams W ~4x faster than for x @ W.T
 
 

@@ -1,7 +1,8 @@
 """How the engine computes: the exact mode (the default), a fast mode, and the official baseline.
 
 - `exact`: fp32, token-identical to the official algorithm, with only exact rewrites (each batch
-  row computes only the head slice it is read for; attention spans only the filled cache).
+  row computes only the head slice it is read for; attention spans only the filled cache; the
+  prompt rows' shared part is prefilled once; decode-step products run as `W @ x.T`).
 - `fast` (opt-in): on CPU, dynamic int8 linear layers (language model, head, embedding, Whisper
   blocks). Tokens may differ from the exact mode (see the README).
 - `baseline`: the official implementation's cost structure (full head on every row, attention over
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import gc
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -43,7 +44,7 @@ def resolve_mode(mode: str, device: torch.device) -> Runtime:
     runtime = MODES[mode]
     if runtime.int8 and device.type != "cpu":
         # int8 dynamic quantization has CPU kernels only; on a GPU fast mode keeps fp weights.
-        runtime = Runtime(runtime.name, runtime.full_head, runtime.full_span, int8=False)
+        runtime = replace(runtime, int8=False)
     return runtime
 
 
