@@ -4,7 +4,10 @@ from __future__ import annotations
 import wave
 from pathlib import Path
 
+import numpy as np
+
 PCM_SAMPLE_WIDTH = 2  # bytes per int16 sample
+INT16_SCALE = 32768.0  # int16 full scale
 
 
 def write_wav(path: str | Path, pcm: bytes, sample_rate: int) -> Path:
@@ -17,3 +20,20 @@ def write_wav(path: str | Path, pcm: bytes, sample_rate: int) -> Path:
         out.setframerate(sample_rate)
         out.writeframes(pcm)
     return path
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """A 16-bit PCM WAV file -> (float32 mono samples in [-1, 1), sample rate)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such WAV file: {path}")
+    try:
+        with wave.open(str(path), "rb") as f:
+            if f.getsampwidth() != PCM_SAMPLE_WIDTH:
+                raise ValueError(f"{path}: expected 16-bit PCM, got {8 * f.getsampwidth()}-bit samples")
+            rate, channels = f.getframerate(), f.getnchannels()
+            raw = f.readframes(f.getnframes())
+    except wave.Error as e:
+        raise ValueError(f"{path} is not a PCM WAV file: {e}") from e
+    samples = np.frombuffer(raw, "<i2").astype(np.float32) / INT16_SCALE
+    return samples.reshape(-1, channels).mean(axis=1), rate
