@@ -189,6 +189,7 @@ class VoiceLoop:
             if not wait:
                 break
         if self.state is State.INTERRUPTED and self.answer_done:
+            self._report(self.answering)
             self._act(self.machine.handle(Event.STOPPED))
         if self.state in (State.THINKING, State.SPEAKING) and self.answer_done and self.sink.buffered() == 0:
             self._report(self.answering)

@@ -12,13 +12,17 @@ import numpy as np
 
 from .camera import CameraFeed
 from .loop import VoiceLoop
-from .signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, db_to_gain, pcm_to_float
+from omni.codec import OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME
+from omni_engine import OmniChunk
+
+from .signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, db_to_gain, float_to_pcm, pcm_to_float
 from .turns import State
 
 DEVICE_BUFFER_S = 0.02  # audio already handed to the simulated output device: a flush cannot recall it
 ECHO_DELAY_S = 0.05  # speaker -> microphone delay of the simulated echo path
 REFLECTION_DELAY_S = 0.0025  # one early reflection behind the direct echo
 REFLECTION_DB = -10.0  # its level relative to the direct echo
+ANSWER_CHUNK_S = 4 * SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE  # one engine chunk at stream_stride 4 (341 ms)
 DRAIN_S = 120.0  # virtual seconds the simulation keeps running after the script for the last answer
 
 
@@ -184,15 +188,20 @@ class FakeCamera:
 
 
 class RecordingEngine:
-    """The engine's interface around a real engine, recording what each `stream()` call was given."""
+    """The engine's interface around a real engine, recording what each `stream()` call was given.
 
-    def __init__(self, engine: Any) -> None:
+    With `pretend_sees`, it tells the loop it can see and keeps the image to itself when the engine
+    cannot: so the loop's camera hand-off is tested with a v1 checkpoint too.
+    """
+
+    def __init__(self, engine: Any, pretend_sees: bool = False) -> None:
         self.engine = engine
+        self.pretend_sees = pretend_sees
         self.calls: list[dict[str, Any]] = []
 
     @property
     def can_see(self) -> bool:
-        return self.engine.can_see
+        return self.pretend_sees or self.engine.can_see
 
     @property
     def sample_rate(self) -> int:
@@ -200,6 +209,8 @@ class RecordingEngine:
 
     def stream(self, audio: Any, **kwargs: Any) -> Any:
         self.calls.append({"audio": audio, **kwargs})
+        if not self.engine.can_see:
+            kwargs.pop("image", None)
         return self.engine.stream(audio, **kwargs)
 
 
@@ -214,3 +225,25 @@ def simulate(loop: VoiceLoop, mic: ScriptedMic, camera: CameraFeed | None = None
             camera.tick(clock.now())
         loop.step(mic.read())
     loop.close()
+
+
+class SpokenAnswerEngine:
+    """Stands in for a trained model's voice: streams a recorded spoken answer the way the engine does.
+
+    The tiny random checkpoint speaks noise, which Silero does not take for speech, so its echo cannot
+    show whether the guard works; a trained model speaks, and no trained weights can be had here. Same
+    interface as the engine: chunks of one chunk-period of 24 kHz PCM, `cancel` checked before each.
+    """
+
+    can_see = False
+
+    def __init__(self, speech: np.ndarray, sample_rate: int, chunk_s: float = ANSWER_CHUNK_S) -> None:
+        self.pcm = float_to_pcm(Resampler(sample_rate, OUTPUT_SAMPLE_RATE)(speech))
+        self.chunk_bytes = 2 * round(chunk_s * OUTPUT_SAMPLE_RATE)
+        self.sample_rate = OUTPUT_SAMPLE_RATE
+
+    def stream(self, audio: Any, *, cancel: Any, **options: Any) -> Any:
+        for start in range(0, len(self.pcm), self.chunk_bytes):
+            if cancel.is_set():
+                return
+            yield OmniChunk(self.pcm[start:start + self.chunk_bytes], "(spoken answer) " if start == 0 else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
+from math import ceil
 
 import numpy as np
 
@@ -36,19 +37,16 @@ class VadConfig:
 
     @property
     def start_frames(self) -> int:
-        return max(1, _frames(self.start_ms))
+        """Frames of speech that make at least start_ms."""
+        return max(1, ceil(self.start_ms / 1000 / FRAME_SECONDS))
 
     @property
     def end_frames(self) -> int:
-        return max(1, _frames(self.end_ms))
+        return max(1, ceil(self.end_ms / 1000 / FRAME_SECONDS))
 
     @property
     def preroll_frames(self) -> int:
-        return _frames(self.preroll_ms)
-
-
-def _frames(ms: int) -> int:
-    return round(ms / 1000 / FRAME_SECONDS)
+        return round(self.preroll_ms / 1000 / FRAME_SECONDS)
 
 
 class SileroVad:
