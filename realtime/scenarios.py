@@ -59,6 +59,7 @@ class Run:
     engine: RecordingEngine
     camera: CameraFeed | None
     log: str
+    settled: bool  # the loop was back to listening when the simulation ended
 
     @property
     def turns(self) -> list:
@@ -78,10 +79,10 @@ def converse(engine: Any, script: list[tuple[float, np.ndarray]], *, echo_db: fl
     out = io.StringIO()
     loop = VoiceLoop(recorder, sink, clock, config, camera=camera, out=out)
     try:
-        simulate(loop, mic, camera, **({} if drain_s is None else {"drain_s": drain_s}))
+        settled = simulate(loop, mic, camera, **({} if drain_s is None else {"drain_s": drain_s}))
     finally:
         loop.close()
-    return Run(loop, sink, mic, recorder, camera, out.getvalue())
+    return Run(loop, sink, mic, recorder, camera, out.getvalue(), settled)
 
 
 def barge_in(engine: Any, echo_db: float | None = ECHO_LEVELS_DB[0]) -> Run:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
+from importlib import resources
 from math import ceil
 
 import numpy as np
@@ -15,6 +16,7 @@ SILENCE_MARGIN = 0.15  # a speaking run ends below threshold - margin (Silero's 
 START_MS = 200  # speech must last this long before it starts a turn
 END_MS = 400  # this much silence ends a turn
 PREROLL_MS = 300  # audio kept from before the onset, so the first syllable is not lost
+SILERO_MODEL = "silero_vad.onnx"  # the 8/16 kHz model file inside the silero-vad package
 MAX_UTTERANCE_S = 30.0  # the engine reads at most 30 s: a longer turn is ended there
 
 
@@ -60,8 +62,8 @@ class SileroVad:
         import torch
         threads = torch.get_num_threads()
         try:
-            from silero_vad import load_silero_vad
-            model = load_silero_vad(onnx=True)
+            from silero_vad.utils_vad import OnnxWrapper
+            model = OnnxWrapper(str(resources.files("silero_vad.data") / SILERO_MODEL), force_onnx_cpu=True)
         except ImportError as e:
             raise RuntimeError("Silero VAD needs: pip install silero-vad==6.2.3 onnxruntime==1.31.1") from e
         finally:
@@ -107,7 +109,7 @@ class Segmenter:
         self.utterance: list[np.ndarray] | None = None  # frames of the confirmed turn
         self.run_start = 0.0
         self.silent_frames = 0
-        self.speech_frames_seen = 0  # frames judged speech, confirmed or not (for reports)
+        self.dropped_runs = 0  # speech runs shorter than start_ms (coughs, clicks), for reports
 
     @property
     def speaking(self) -> bool:
@@ -116,7 +118,6 @@ class Segmenter:
     def push(self, frame: np.ndarray, prob: float, now: float) -> Segment | None:
         """Feed one frame that started at clock time `now`."""
         is_speech = prob >= self.config.threshold
-        self.speech_frames_seen += is_speech
         if self.utterance is None:
             return self._listen(frame, is_speech, now)
         return self._follow(frame, prob, now)
@@ -148,5 +149,6 @@ class Segmenter:
         return Segment(SpeechEvent.END, now, self.run_start, audio)
 
     def _drop_run(self) -> None:
+        self.dropped_runs += bool(self.run)
         self.preroll.extend(self.run)
         self.run = []
