@@ -5,16 +5,20 @@ Used by the tests, by `test_interrupt.py` and by `realtime_vad_player.py --input
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 
-from .camera import CameraFeed
-from .loop import VoiceLoop
+from omni.audio import load_audio
 from omni.codec import OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME
 from omni_engine import OmniChunk
+from utils.audio_io import write_wav
 
+from .camera import CameraFeed
+from .loop import LoopConfig, VoiceLoop
 from .signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, db_to_gain, float_to_pcm, pcm_to_float
 from .turns import State
 
@@ -250,3 +254,29 @@ class SpokenAnswerEngine:
             if cancel.is_set():
                 return
             yield OmniChunk(self.pcm[start:start + self.chunk_bytes], "(spoken answer) " if start == 0 else "")
+
+
+def answer_file(engine: Any, path: str | Path, config: LoopConfig, out_dir: str | Path,
+                camera: CameraFeed | None = None, out: TextIO = sys.stdout) -> list[Path]:
+    """Feed a recording through the loop as if spoken into the microphone; write each answer as it was played.
+
+    Returns the WAV files written, `out_dir/turnN.wav` (24 kHz), one per answered turn.
+    """
+    samples = load_audio(path)
+    clock = VirtualClock()
+    sink = FakeSink(clock, engine.sample_rate)
+    loop = VoiceLoop(engine, sink, clock, replace(config, lockstep=True), camera=camera, out=out)
+    try:
+        settled = simulate(loop, ScriptedMic(clock, sink, [(0.0, samples)]), camera)
+    finally:
+        loop.close()
+    if not settled:
+        raise RuntimeError(f"the loop was still {loop.state.value} {DRAIN_S:.0f} s after {path} ended")
+    if not loop.turns:
+        out.write(f"no speech found in {path} (VAD threshold {config.vad.threshold})\n")
+    written = []
+    for turn in loop.turns:
+        audio = sink.audio_of(turn.index)
+        if audio.size:
+            written.append(write_wav(Path(out_dir) / f"turn{turn.index}.wav", float_to_pcm(audio), sink.sample_rate))
+    return written
