@@ -232,9 +232,12 @@ class VoiceLoop:
 
     def _report(self, turn: Turn) -> None:
         parts = [f"[turn {turn.index}]"]
-        if turn.first_audio_ms is not None:
+        if turn.first_audio_ms is not None and self.config.lockstep:
+            parts.append(f"end of speech -> first audio {turn.engine_first_chunk_ms:.0f} ms "
+                         f"(the engine's wall time: the virtual clock waits for it),")
+        elif turn.first_audio_ms is not None:
             parts.append(f"end of speech -> first audio {turn.first_audio_ms:.0f} ms "
-                         f"(engine's first chunk after {turn.engine_first_chunk_ms:.0f} ms wall),")
+                         f"(engine's first chunk after {turn.engine_first_chunk_ms:.0f} ms),")
         if turn.real_time_factor is not None:
             parts.append(f"real-time factor {turn.real_time_factor:.2f},")
         parts.append(f"{turn.audio_seconds:.2f} s of audio")

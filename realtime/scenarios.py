@@ -18,7 +18,9 @@ from .camera import CameraFeed
 from .echo import EchoConfig
 from .loop import LoopConfig, VoiceLoop
 from .signal import MIC_RATE, energy
-from .sim import EchoPath, FakeCamera, FakeSink, RecordingEngine, ScriptedMic, VirtualClock, simulate
+from .sim import (
+    EchoPath, FakeCamera, FakeSink, RecordingEngine, ScriptedMic, SpokenAnswerEngine, VirtualClock, simulate,
+)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 QUESTION_1, QUESTION_2 = "output1.wav", "output2.wav"
@@ -38,6 +40,7 @@ CAMERA_INTERVAL_S = 0.25  # shorter than a question, so the frame at onset diffe
 STOP_LIMIT_MS = 100.0  # barge-in must silence the answer this soon after the confirmed onset
 VOICED_LEVEL = 0.05  # the first sample above this amplitude is where a question's voice begins
 SYLLABLE_S = 0.1  # the part of a question checked for being intact
+GUARD_OFF_DRAIN_S = 8.0  # without the guard the loop answers its own echo for ever: stop looking after this
 
 
 def sample(name: str) -> np.ndarray:
@@ -137,3 +140,49 @@ def syllable_snr_db(run: Run, turn: int, question: np.ndarray, start_s: float) -
     truth = question[round((voiced - start_s) * MIC_RATE):][:n]
     snr = 10.0 * np.log10(energy(truth) / max(energy(sent - truth), 1e-12))
     return 1000.0 * (voiced - sent_start), float(snr)
+
+
+def spoken_answer_engine() -> SpokenAnswerEngine:
+    return SpokenAnswerEngine(np.concatenate([sample(name) for name in SPOKEN_ANSWER]), MIC_RATE)
+
+
+def report(engine: Any, guard_off_drain_s: float = GUARD_OFF_DRAIN_S) -> str:
+    """Run every scenario and describe what was measured, one line per figure."""
+    spoken = spoken_answer_engine()
+    lines = ["barge-in (second question over the first answer, its echo at -6 dB):"]
+    for name, answering in (("tiny engine", engine), ("spoken answer", spoken)):
+        run = barge_in(answering)
+        lines.append(f"  {name}: {_barge_in_line(run)}")
+    lines.append("false barge-ins from the answer's own echo (delay 50 ms plus a reflection):")
+    for name, answering in (("tiny engine", engine), ("spoken answer", spoken)):
+        for level in ECHO_LEVELS_DB:
+            run = echo_only(answering, level)
+            lines.append(f"  {name}, {level:+.0f} dB: {run.loop.barge_ins} in {run.turns[0].audio_seconds:.1f} s "
+                         f"of answer")
+        off = echo_only(answering, ECHO_LEVELS_DB[0], guard=False, drain_s=guard_off_drain_s)
+        lines.append(f"  {name}, {ECHO_LEVELS_DB[0]:+.0f} dB, guard off: {off.loop.barge_ins} "
+                     f"(within {guard_off_drain_s:.0f} s after the question)")
+    run = noises(engine)
+    lines.append(f"cough ({len(sample(COUGH)) / MIC_RATE * 1000:.0f} ms) and click ({CLICK_S * 1000:.0f} ms), "
+                 f"each once while silent and once over the answer: {run.loop.barge_ins} barge-ins, "
+                 f"{len(run.turns) - 1} extra turns, {run.loop.segmenter.dropped_runs} short speech runs dropped")
+    lines.append("per answered turn (tiny engine on this CPU; in lockstep the virtual clock waits for the engine, "
+                 "so end of speech -> first audio is the engine's wall time to its first chunk):")
+    for turn in run.turns + barge_in(engine).turns:
+        lines.append(f"  end of speech -> first audio {turn.engine_first_chunk_ms:.0f} ms, "
+                     f"real-time factor {turn.real_time_factor:.2f} ({turn.audio_seconds:.1f} s of audio)")
+    cam = camera_turns(engine)
+    frames = ", ".join(f"turn {t.index}: frame #{t.frame.index} grabbed at {t.frame.time:.2f} s for onset "
+                       f"{t.onset:.2f} s" for t in cam.turns)
+    lines.append(f"camera (every {CAMERA_INTERVAL_S} s): {frames}; images sent: {len(cam.engine.calls)}")
+    return "\n".join(lines)
+
+
+def _barge_in_line(run: Run) -> str:
+    first, second = run.turns[:2]
+    preroll_ms, snr_db = syllable_snr_db(run, 2, sample(QUESTION_2), BARGE_IN_S)
+    late = played_after(run, 1, second.onset + STOP_LIMIT_MS / 1000)
+    return (f"onset confirmed at {second.onset:.2f} s, playback silent {stop_latency_ms(run):.0f} ms later "
+            f"(sink reported {first.stop_latency_ms:.0f} ms), {late} samples of the first answer after "
+            f"{STOP_LIMIT_MS:.0f} ms; second question sent from {preroll_ms:.0f} ms before its voice, "
+            f"first {SYLLABLE_S * 1000:.0f} ms at {snr_db:.0f} dB SNR")

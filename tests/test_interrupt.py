@@ -10,12 +10,10 @@ from realtime.camera import fit_frame
 from realtime.sim import SpokenAnswerEngine
 from realtime.turns import State
 
-GUARD_OFF_DRAIN_S = 8.0  # without the guard the loop answers its own echo for ever: stop looking after this
-
 
 @pytest.fixture(scope="module")
 def spoken() -> SpokenAnswerEngine:
-    return SpokenAnswerEngine(np.concatenate([s.sample(n) for n in s.SPOKEN_ANSWER]), s.MIC_RATE)
+    return s.spoken_answer_engine()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +50,7 @@ def test_echo_of_the_answer_triggers_no_barge_in(engine, spoken, level_db):
 
 
 def test_without_the_guard_a_spoken_echo_interrupts_itself(spoken):
-    run = s.echo_only(spoken, s.ECHO_LEVELS_DB[0], guard=False, drain_s=GUARD_OFF_DRAIN_S)
+    run = s.echo_only(spoken, s.ECHO_LEVELS_DB[0], guard=False, drain_s=s.GUARD_OFF_DRAIN_S)
     assert run.loop.barge_ins > 0 and not run.settled
 
 
