@@ -5,11 +5,13 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
+
+from omni.image import crop_box, resized_size
 
 from .ports import Camera, Clock
 
 FRAME_INTERVAL_S = 1.0  # how often the latest camera frame is refreshed
-IMAGE_SIZE = 224  # pixels per side of the vision encoder's input (CLIP ViT-B/32)
 POLL_S = 0.05  # how often the background thread checks whether a frame is due
 
 
@@ -20,15 +22,19 @@ class Snapshot:
     index: int  # 0 for the first frame grabbed, then 1, 2, ...
 
 
-def fit_frame(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Centre-crop to a square and resize (nearest pixel) to (size, size, 3) uint8."""
+def fit_frame(image: np.ndarray) -> np.ndarray:
+    """The model's input square: (224, 224, 3) uint8, resized and cropped the way the official CLIP path does.
+
+    The engine applies the same transform to what it is given, which leaves this square unchanged: the
+    loop hands over 150 kB instead of a full camera frame, with the pixels the model would have seen.
+    """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"a camera frame must be an (H, W, 3) uint8 array, got {image.shape} {image.dtype}")
-    h, w = image.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    pick = (np.arange(size) * side) // size
-    return np.ascontiguousarray(image[top + pick][:, left + pick])
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    size = resized_size(*picture.size)
+    if picture.size != size:
+        picture = picture.resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(picture.crop(crop_box(*size)))
 
 
 class CameraFeed:

@@ -82,3 +82,12 @@ def test_blind_engine_gets_no_image_and_one_notice(engine):
     run = s.camera_turns(engine, sees=False)
     assert all("image" not in call for call in run.engine.calls)
     assert run.log.count("cannot see") == 1
+
+
+def test_camera_frame_reaches_a_seeing_engine(vision_engine):
+    run = s.camera_turns(vision_engine, sees=False)
+    assert vision_engine.can_see and len(run.engine.calls) == len(run.turns) == 2
+    for turn, call in zip(run.turns, run.engine.calls):
+        np.testing.assert_array_equal(call["image"], fit_frame(turn.frame.image))
+        assert turn.error is None and turn.audio_seconds > 0
+    assert "cannot see" not in run.log

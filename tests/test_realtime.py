@@ -117,7 +117,8 @@ def test_fit_frame_and_camera_feed():
     image = np.zeros((480, 640, 3), np.uint8)
     image[:, 80:560] = 200  # the centre square
     fitted = fit_frame(image)
-    assert fitted.shape == (224, 224, 3) and (fitted == 200).all()
+    assert fitted.shape == (224, 224, 3) and (fitted[:, 2:-2] == 200).all()
+    np.testing.assert_array_equal(fit_frame(fitted), fitted)  # already the model's input: unchanged
     with pytest.raises(ValueError, match="uint8"):
         fit_frame(np.zeros((4, 4), np.float32))
     feed_ = CameraFeed(FakeCamera(), interval_s=1.0)
