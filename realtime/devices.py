@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import ExitStack, closing
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 

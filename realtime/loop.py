@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import TextIO
 
 import numpy as np
 
 from .camera import CameraFeed, Snapshot, fit_frame
 from .echo import EchoConfig, EchoGuard
-from .ports import Clock, Sink, Source
+from .ports import Clock, Engine, Sink, Source
 from .responder import AnswerEvent, Responder
 from .signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, pcm_to_float
 from .turns import Action, Event, State, TurnMachine
@@ -80,7 +81,7 @@ class Turn:
 class VoiceLoop:
     """Listens, answers and yields the floor. `step()` takes one microphone frame that ended at `clock.now()`."""
 
-    def __init__(self, engine: Any, sink: Sink, clock: Clock, config: LoopConfig | None = None,
+    def __init__(self, engine: Engine, sink: Sink, clock: Clock, config: LoopConfig | None = None,
                  camera: CameraFeed | None = None, vad: Callable[[np.ndarray], float] | None = None,
                  out: TextIO = sys.stdout) -> None:
         self.config = config or LoopConfig()

@@ -1,10 +1,11 @@
-"""The small interfaces between the loop and the outside: a clock, an audio source and sink, a camera.
+"""The small interfaces between the loop and the outside: the engine, a clock, an audio source and sink, a camera.
 
 Real devices (`devices.py`) and the simulation (`sim.py`) implement the same ones, so the loop cannot tell them apart.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,3 +39,18 @@ class Sink(Protocol):
 class Camera(Protocol):
     def read(self) -> np.ndarray | None:
         """The current picture as an (H, W, 3) uint8 RGB array, or None if there is none."""
+
+
+class Engine(Protocol):
+    """What the loop uses of `OmniEngine` (and what the simulation's stand-ins provide)."""
+
+    @property
+    def sample_rate(self) -> int:
+        """Hz of the answer's PCM."""
+
+    @property
+    def can_see(self) -> bool:
+        """Whether `stream()` takes an `image=`."""
+
+    def stream(self, audio: Any, **options: Any) -> Iterator[Any]:
+        """Answer `audio` as a stream of `OmniChunk`s; `cancel=` ends it."""

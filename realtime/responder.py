@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from omni_engine import OmniChunk
+
+from .ports import Engine
 from .signal import MIC_RATE
 
 ENGINE_TIMEOUT_S = 300.0  # lockstep waits at most this long for the engine's next chunk
@@ -17,7 +20,7 @@ ENGINE_TIMEOUT_S = 300.0  # lockstep waits at most this long for the engine's ne
 @dataclass(frozen=True)
 class AnswerEvent:
     turn: int
-    chunk: Any | None  # an OmniChunk, or None when the answer has ended
+    chunk: OmniChunk | None  # None when the answer has ended
     wall: float  # time.perf_counter() when it happened (for latency and real-time factor)
     error: Exception | None = None
 
@@ -25,7 +28,7 @@ class AnswerEvent:
 class Responder:
     """One generation at a time on a worker thread; `cancel()` ends the running one within a decode step."""
 
-    def __init__(self, engine: Any, **options: Any) -> None:
+    def __init__(self, engine: Engine, **options: Any) -> None:
         self.engine = engine
         self.options = options  # GenerationConfig fields passed to every stream() call
         self.events: queue.Queue[AnswerEvent] = queue.Queue()

@@ -16,10 +16,17 @@ from utils.audio_io import read_wav
 
 from .camera import CameraFeed
 from .echo import EchoConfig
-from .loop import LoopConfig, VoiceLoop
+from .loop import LoopConfig, Turn, VoiceLoop
 from .signal import MIC_RATE, energy
 from .sim import (
-    EchoPath, FakeCamera, FakeSink, RecordingEngine, ScriptedMic, SpokenAnswerEngine, VirtualClock, simulate,
+    EchoPath,
+    FakeCamera,
+    FakeSink,
+    RecordingEngine,
+    ScriptedMic,
+    SpokenAnswerEngine,
+    VirtualClock,
+    simulate,
 )
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -65,7 +72,7 @@ class Run:
     settled: bool  # the loop was back to listening when the simulation ended
 
     @property
-    def turns(self) -> list:
+    def turns(self) -> list[Turn]:
         return self.loop.turns
 
 

@@ -112,7 +112,7 @@ class FakeSink:
 
 @dataclass(frozen=True)
 class EchoPath:
-    """How the speaker reaches the microphone: a delay, a level and one reflection (levels relative to the played signal)."""
+    """How the speaker reaches the microphone: a delay, a level and one reflection (levels: dB of the played signal)."""
 
     level_db: float
     delay_s: float = ECHO_DELAY_S

@@ -70,7 +70,7 @@ def test_cough_and_click_start_no_turn(engine):
 def test_camera_frame_reaches_the_engine_only_at_onset(engine):
     run = s.camera_turns(engine, sees=True)
     assert len(run.engine.calls) == len(run.turns) == 2
-    for turn, call in zip(run.turns, run.engine.calls):
+    for turn, call in zip(run.turns, run.engine.calls, strict=True):
         frame = turn.frame
         assert frame.time <= turn.onset < frame.time + s.CAMERA_INTERVAL_S, "the latest frame at onset"
         assert turn.end_of_speech - frame.time > s.CAMERA_INTERVAL_S, "not a frame from the end of speech"
@@ -87,7 +87,7 @@ def test_blind_engine_gets_no_image_and_one_notice(engine):
 def test_camera_frame_reaches_a_seeing_engine(vision_engine):
     run = s.camera_turns(vision_engine, sees=False)
     assert vision_engine.can_see and len(run.engine.calls) == len(run.turns) == 2
-    for turn, call in zip(run.turns, run.engine.calls):
+    for turn, call in zip(run.turns, run.engine.calls, strict=True):
         np.testing.assert_array_equal(call["image"], fit_frame(turn.frame.image))
         assert turn.error is None and turn.audio_seconds > 0
     assert "cannot see" not in run.log

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from realtime.signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, e
 from realtime.sim import FakeCamera, FakeSink, VirtualClock
 from realtime.turns import Action, Event, State, TurnMachine
 from realtime.vad import Segmenter, SileroVad, SpeechEvent, VadConfig
+from tests.conftest import ROOT
 
 
 def frames(n: int, value: float = 0.0) -> list[np.ndarray]:
@@ -53,7 +57,8 @@ def test_segmenter_needs_start_ms_and_keeps_the_preroll():
     assert onset.event is SpeechEvent.ONSET and onset.time == pytest.approx((20 + 6) * FRAME_SECONDS)
     assert onset.speech_start == pytest.approx(20 * FRAME_SECONDS)
     assert onset.audio[0] == 20 - config.preroll_frames, "the pre-roll's first frame"
-    assert end.event is SpeechEvent.END and len(end.audio) == (config.preroll_frames + 15 + config.end_frames) * FRAME_SAMPLES
+    assert end.event is SpeechEvent.END
+    assert len(end.audio) == (config.preroll_frames + 15 + config.end_frames) * FRAME_SAMPLES
 
 
 def test_segmenter_hysteresis_and_length_cap():
@@ -169,3 +174,38 @@ def test_devices_report_missing_hardware_clearly():
     assert "audio devices" in listing and "cameras" in listing
     with pytest.raises(devices.DeviceError, match="--no-camera"):
         devices.OpenCvCamera(99)
+
+
+NULL_ALSA = "pcm.!default { type null }\nctl.!default { type hw card 0 }\n"  # ALSA devices that discard / give silence
+DEVICE_SCRIPT = """
+import sys, time
+import numpy as np
+from realtime.devices import Microphone, Speaker
+from realtime.signal import FRAME_SAMPLES, float_to_pcm
+speaker, mic = Speaker(24000), Microphone()
+speaker.write(float_to_pcm(np.full(24000, 0.1, np.float32)), turn=1)
+frame = mic.read()
+for _ in range(500):  # the null device plays as fast as it is fed
+    if speaker.buffered() == 0:
+        break
+    time.sleep(0.01)
+played = speaker.take_played()
+speaker.write(float_to_pcm(np.zeros(24000, np.float32)), turn=2)
+stop_s = speaker.flush()
+print(frame.shape == (FRAME_SAMPLES,), frame.dtype, speaker.buffered(), played.size >= 24000, stop_s > 0)
+speaker.close()
+mic.close()
+"""
+
+
+def test_speaker_and_microphone_open_on_alsa_null_devices(tmp_path):
+    devices = pytest.importorskip("realtime.devices")
+    try:
+        devices._sounddevice()
+    except devices.DeviceError as e:
+        pytest.skip(f"sounddevice or PortAudio not installed here: {e}")
+    (tmp_path / ".asoundrc").write_text(NULL_ALSA)
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "float32", "0.0", "True", "True"]
