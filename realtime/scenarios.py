@@ -19,6 +19,7 @@ from .echo import EchoConfig
 from .loop import LoopConfig, Turn, VoiceLoop
 from .signal import MIC_RATE, energy
 from .sim import (
+    ECHO_DELAY_S,
     EchoPath,
     FakeCamera,
     FakeSink,
@@ -31,7 +32,7 @@ from .sim import (
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 QUESTION_1, QUESTION_2 = "output1.wav", "output2.wav"
-SPOKEN_ANSWER = ("output3.wav", "output4.wav", "output5.wav")  # what a trained model's answer sounds like
+SPOKEN_ANSWER = ("output3.wav", "output4.wav", "output5.wav") * 2  # 9.4 s of what a trained model sounds like
 COUGH = "cough.wav"  # a 110 ms breathy burst (espeak-ng "huh", cut and faded)
 FIRST_QUESTION_S = 0.5  # when the first question starts (s)
 BARGE_IN_S = 3.5  # when the second question starts: while the first answer plays (s)
@@ -42,6 +43,7 @@ CLICK_S = 0.004  # length of the click
 CLICK_LEVEL = 0.5  # its amplitude
 MAX_TOKENS = 150  # prompt plus answer positions: about 5 s of answer to a 1.6 s question
 ECHO_LEVELS_DB = (-6.0, -20.0)  # the answer heard back, relative to the played signal
+ECHO_DELAYS_S = (0.03, 0.05, 0.08)  # speaker -> microphone delays tried with the spoken answer
 MIC_NOISE_DB = -60.0  # the microphone's noise floor (dBFS RMS)
 CAMERA_INTERVAL_S = 0.25  # shorter than a question, so the frame at onset differs from the one at its end
 STOP_LIMIT_MS = 100.0  # barge-in must silence the answer this soon after the confirmed onset
@@ -77,13 +79,14 @@ class Run:
 
 
 def converse(engine: Any, script: list[tuple[float, np.ndarray]], *, echo_db: float | None = None,
+             echo_delay_s: float = ECHO_DELAY_S,
              guard: bool = True, camera_interval_s: float | None = None, sees: bool = False,
              drain_s: float | None = None) -> Run:
     """Run `script` ((start s, 16 kHz samples) pairs) through the loop in lockstep on a virtual clock."""
     clock = VirtualClock()
     recorder = RecordingEngine(engine, pretend_sees=sees)
     sink = FakeSink(clock, recorder.sample_rate)
-    mic = ScriptedMic(clock, sink, script, None if echo_db is None else EchoPath(echo_db), MIC_NOISE_DB)
+    mic = ScriptedMic(clock, sink, script, None if echo_db is None else EchoPath(echo_db, echo_delay_s), MIC_NOISE_DB)
     camera = None if camera_interval_s is None else CameraFeed(FakeCamera(), camera_interval_s)
     config = LoopConfig(echo=EchoConfig(enabled=guard), max_tokens=MAX_TOKENS, lockstep=True)
     out = io.StringIO()
@@ -101,10 +104,11 @@ def barge_in(engine: Any, echo_db: float | None = ECHO_LEVELS_DB[0]) -> Run:
                     echo_db=echo_db)
 
 
-def echo_only(engine: Any, echo_db: float, guard: bool = True, drain_s: float | None = None) -> Run:
+def echo_only(engine: Any, echo_db: float, guard: bool = True, drain_s: float | None = None,
+              delay_s: float = ECHO_DELAY_S) -> Run:
     """One question; the microphone hears nothing but the answer's echo while it plays."""
-    return converse(engine, [(FIRST_QUESTION_S, sample(QUESTION_1))], echo_db=echo_db, guard=guard,
-                    drain_s=drain_s)
+    return converse(engine, [(FIRST_QUESTION_S, sample(QUESTION_1))], echo_db=echo_db, echo_delay_s=delay_s,
+                    guard=guard, drain_s=drain_s)
 
 
 def noises(engine: Any) -> Run:
@@ -160,12 +164,13 @@ def report(engine: Any, guard_off_drain_s: float = GUARD_OFF_DRAIN_S) -> str:
     for name, answering in (("tiny engine", engine), ("spoken answer", spoken)):
         run = barge_in(answering)
         lines.append(f"  {name}: {_barge_in_line(run)}")
-    lines.append("false barge-ins from the answer's own echo (delay 50 ms plus a reflection):")
-    for name, answering in (("tiny engine", engine), ("spoken answer", spoken)):
+    lines.append("false barge-ins from the answer's own echo (plus a -10 dB reflection 2.5 ms later):")
+    for name, answering, delays in (("tiny engine", engine, (ECHO_DELAY_S,)), ("spoken answer", spoken, ECHO_DELAYS_S)):
         for level in ECHO_LEVELS_DB:
-            run = echo_only(answering, level)
-            lines.append(f"  {name}, {level:+.0f} dB: {run.loop.barge_ins} in {run.turns[0].audio_seconds:.1f} s "
-                         f"of answer")
+            for delay in delays:
+                run = echo_only(answering, level, delay_s=delay)
+                lines.append(f"  {name}, {level:+.0f} dB, {delay * 1000:.0f} ms: {run.loop.barge_ins} in "
+                             f"{run.turns[0].audio_seconds:.1f} s of answer")
         off = echo_only(answering, ECHO_LEVELS_DB[0], guard=False, drain_s=guard_off_drain_s)
         lines.append(f"  {name}, {ECHO_LEVELS_DB[0]:+.0f} dB, guard off: {off.loop.barge_ins} "
                      f"(within {guard_off_drain_s:.0f} s after the question)")
