@@ -78,7 +78,7 @@ class Microphone:
 
 
 class Speaker:
-    """Plays queued PCM from PortAudio's callback; `flush()` empties the queue so the next block is silence."""
+    """Plays queued PCM from PortAudio's callback; `flush()` silences it at once (queue and device buffers)."""
 
     def __init__(self, sample_rate: int, device: int | None = None) -> None:
         self.sample_rate = sample_rate
@@ -98,10 +98,13 @@ class Speaker:
             self._queued += len(samples)
 
     def flush(self) -> float:
+        """Drop our queue, then abort the stream: that discards what PortAudio and the host already hold."""
         with self._lock:
             self._queue.clear()
             self._queued = 0
-        return self.stream.latency + self.block / self.sample_rate
+        self.stream.abort()
+        self.stream.start()
+        return self.block / self.sample_rate  # at most the block the device was playing
 
     def buffered(self) -> float:
         with self._lock:

@@ -67,9 +67,7 @@ def click() -> np.ndarray:
 class Run:
     loop: VoiceLoop
     sink: FakeSink
-    mic: ScriptedMic
     engine: RecordingEngine
-    camera: CameraFeed | None
     log: str
     settled: bool  # the loop was back to listening when the simulation ended
 
@@ -95,7 +93,7 @@ def converse(engine: Any, script: list[tuple[float, np.ndarray]], *, echo_db: fl
         settled = simulate(loop, mic, camera, **({} if drain_s is None else {"drain_s": drain_s}))
     finally:
         loop.close()
-    return Run(loop, sink, mic, recorder, camera, out.getvalue(), settled)
+    return Run(loop, sink, recorder, out.getvalue(), settled)
 
 
 def barge_in(engine: Any, echo_db: float | None = ECHO_LEVELS_DB[0]) -> Run:

@@ -24,6 +24,7 @@ def barged(engine):
 def test_barge_in_stops_playback_within_100_ms(barged):
     first, second = barged.turns
     assert barged.loop.barge_ins == 1 and first.interrupted_at == second.onset
+    assert barged.sink.flushes == [second.onset], "the output is flushed in the frame that confirms the onset"
     assert first.first_audio < second.onset, "the second question must arrive while the first answer plays"
     assert s.stop_latency_ms(barged) <= s.STOP_LIMIT_MS
     assert first.stop_latency_ms <= s.STOP_LIMIT_MS
