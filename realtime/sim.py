@@ -26,7 +26,8 @@ DEVICE_BUFFER_S = 0.02  # audio already handed to the simulated output device: a
 ECHO_DELAY_S = 0.05  # speaker -> microphone delay of the simulated echo path
 REFLECTION_DELAY_S = 0.0025  # one early reflection behind the direct echo
 REFLECTION_DB = -10.0  # its level relative to the direct echo
-ANSWER_CHUNK_S = 4 * SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE  # one engine chunk at stream_stride 4 (341 ms)
+STEP_S = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE  # audio per decode step (85.3 ms)
+ANSWER_CHUNK_S = 4 * STEP_S  # one engine chunk at stream_stride 4 (341 ms)
 DRAIN_S = 120.0  # virtual seconds the simulation keeps running after the script for the last answer
 
 
@@ -266,12 +267,14 @@ def answer_file(engine: Any, path: str | Path, config: LoopConfig, out_dir: str 
     clock = VirtualClock()
     sink = FakeSink(clock, engine.sample_rate)
     loop = VoiceLoop(engine, sink, clock, replace(config, lockstep=True), camera=camera, out=out)
+    longest_answer_s = config.max_tokens * STEP_S  # nothing can interrupt the last answer: wait for all of it
     try:
-        settled = simulate(loop, ScriptedMic(clock, sink, [(0.0, samples)]), camera)
+        settled = simulate(loop, ScriptedMic(clock, sink, [(0.0, samples)]), camera, longest_answer_s + DRAIN_S)
     finally:
         loop.close()
     if not settled:
-        raise RuntimeError(f"the loop was still {loop.state.value} {DRAIN_S:.0f} s after {path} ended")
+        raise RuntimeError(f"the loop was still {loop.state.value} {longest_answer_s + DRAIN_S:.0f} s after "
+                           f"{path} ended")
     if not loop.turns:
         out.write(f"no speech found in {path} (VAD threshold {config.vad.threshold})\n")
     written = []
