@@ -304,3 +304,10 @@ def test_clip_is_downloaded_and_verified_when_absent(vision_ckpt, tmp_path, monk
     monkeypatch.setattr(ckpt_mod, "CLIP_VIT_B32_SHA256", hashlib.sha256(blob).hexdigest())
     assert OmniEngine(ckpt, device="cpu").can_see
     assert (tmp_path / "cache" / "clip" / "ViT-B-32.pt").read_bytes() == blob
+
+
+def test_fast_mode_quantizes_the_vision_adapter_too(vision_ckpt, sample_wav, sample_image):
+    """No fp32 matrix may keep the memory-mapped checkpoint alive in fast mode (the vision adapter included)."""
+    fast = OmniEngine(vision_ckpt, device="cpu", mode="fast")
+    assert [name for name, m in fast.model.named_modules() if type(m) is torch.nn.Linear] == []
+    assert sum(len(c.pcm) for c in fast.stream(sample_wav, image=sample_image, max_tokens=MAX)) > 0
