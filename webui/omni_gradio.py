@@ -78,11 +78,13 @@ def build_page(gr, client: OmniClient, options: dict[str, int]):
             return gr.update(visible=can_see), line
 
         def on_ask(audio_path, image_path):
-            yield from answer(client, options, audio_path, image_path)
+            for wav, text, line in answer(client, options, audio_path, image_path):
+                # A streaming player takes only chunks: no chunk is gr.skip(), not None, which would open a stream.
+                yield gr.skip() if wav is None else wav, text, line
 
         page.load(on_load, outputs=[image, server_line])
-        gr.on([question.upload, question.stop_recording, ask.click], on_ask, inputs=[question, image],
-              outputs=[spoken, transcript, status])
+        gr.on([question.upload, question.stop_recording, ask.click], lambda: None, outputs=[spoken]).then(
+            on_ask, inputs=[question, image], outputs=[spoken, transcript, status])
     return page
 
 

@@ -20,10 +20,11 @@ from webui.client import Answer, OmniClient, ServerError, add_server_arguments, 
 INSTALL_HINT = "the Streamlit page needs streamlit: pip install streamlit==1.67.0 (or pip install -r requirements.txt)"
 RUN_HINT = "start the page with: streamlit run webui/omni_streamlit.py [-- --server-url URL]"
 QUESTION_RATE = 16000  # Hz: what the model hears, so the browser records at that rate
-# The live state line: (text, icon). Material icons ship with Streamlit; emoji would need the viewer's fonts.
-LISTENING = ("Listening: press the microphone, ask your question, press stop.", ":material/mic:")
-THINKING = ("Thinking…", ":material/hourglass_top:")
-ANSWERING = ("Answering: the transcript streams in, the audio plays when it is complete.", ":material/record_voice_over:")
+STATES = {  # the live state line
+    "listening": "Listening: press the microphone, ask your question, press stop.",
+    "thinking": "Thinking…",
+    "answering": "Answering: the transcript streams in, the audio plays when it is complete.",
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Page:
         snapshot = st.camera_input("Camera snapshot (optional)", key="camera") if can_see else None
         question = st.audio_input("Your question", sample_rate=QUESTION_RATE, key=f"question-{st.session_state.asked}")
         if question is None:
-            state.info(*LISTENING)
+            state.info(STATES["listening"])
             return
         image = snapshot.getvalue() if snapshot is not None else None
         st.session_state.turns.append(self.ask(state, question.getvalue(), image))
@@ -87,13 +88,13 @@ class Page:
             st.audio(question, format="audio/wav")
         reply = Answer()
         with st.chat_message("assistant"):
-            state.info(*THINKING)
+            state.info(STATES["thinking"])
             live_text = st.empty()
             try:
                 for chunk in self.client.ask(question, image, **self.options):
                     reply.add(chunk)
-                    state.info(*ANSWERING)
-                    live_text.markdown(reply.text)
+                    state.info(STATES["answering"])
+                    live_text.text(reply.text)
             except ServerError as e:
                 return Turn(question, reply.wav() if reply.pcm else None, reply.text, str(e), failed=True)
         reply.finish()
@@ -110,7 +111,7 @@ class Page:
                     latest = i == len(turns) - 1 and st.session_state.autoplay
                     st.audio(turn.answer, format="audio/wav", autoplay=latest)
                 if turn.text:
-                    st.markdown(turn.text)
+                    st.text(turn.text)  # plain: a transcript is no markdown
                 (st.error if turn.failed else st.caption)(turn.note)
         st.session_state.autoplay = False
 
@@ -124,7 +125,7 @@ def main() -> None:
     if not runtime.exists():
         raise SystemExit(RUN_HINT)
     args = parse_args(sys.argv[1:])
-    st.set_page_config(page_title="Mini-Omni", page_icon=":material/mic:")
+    st.set_page_config(page_title="Mini-Omni")
     Page(st, OmniClient(args.server_url), server_options(args)).render()
 
 

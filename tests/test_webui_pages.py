@@ -1,0 +1,222 @@
+"""Both web pages in a real headless Chromium: the real server with the tiny checkpoint, the real page processes,
+a real upload and a real (fake-device) microphone. Times are measured and printed, never asserted."""
+import io
+import subprocess
+import time
+import wave
+
+import numpy as np
+import pytest
+
+from tests.http_client import Server
+from tests.web_pages import CHROMIUM, chromium_args, gradio_page, streamlit_page
+from webui.client import OmniClient
+
+playwright = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright")
+
+MAX = 120  # max_tokens for the uploaded sample: a short answer on the tiny checkpoint
+RECORD_MAX = 150  # max_tokens for a recorded question, whose prompt is longer than the sample's
+RECORD_S = 1.5  # how long the test speaks into the fake microphone
+ANSWER_TIMEOUT_MS = 120_000
+AAC_SLACK_S = 3 * 1024 / 24000  # Gradio streams AAC: encoder priming and padding, up to three 1024-sample frames
+SPEECH_RMS = 100  # int16 RMS above which a recording holds sound, not silence
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("pages-server-tmp"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server_url(server):
+    return f"http://127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory, sample_wav):
+    """Chromium with a fresh profile; its fake microphone speaks the sample question over and over."""
+    with playwright.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            tmp_path_factory.mktemp("chromium-profile"), executable_path=CHROMIUM, args=chromium_args(sample_wav),
+            permissions=["microphone"], viewport={"width": 1280, "height": 900})
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def tab(browser):
+    """A new tab; the pages must load nothing from beyond this machine (fonts, icons, telemetry)."""
+    page = browser.new_page()
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if r.url.startswith(("http:", "https:"))
+            and not r.url.startswith("http://127.0.0.1:") else None)
+    yield page
+    page.close()
+    assert outside == []
+
+
+def _expected_answer(server_url: str, question: bytes, max_tokens: int) -> tuple[bytes, str]:
+    """What the server answers to this question when asked directly (answers are seeded: the same bytes)."""
+    pcm, text = b"", ""
+    for chunk in OmniClient(server_url).ask(question, max_tokens=max_tokens):
+        pcm, text = pcm + chunk.pcm, text + chunk.text
+    return pcm, text
+
+
+def _decode(data: bytes, rate: int) -> np.ndarray:
+    """Any audio file ffmpeg reads, as int16 mono samples at `rate`."""
+    out = subprocess.run(["ffmpeg", "-v", "error", "-i", "pipe:0", "-f", "s16le", "-ac", "1", "-ar", str(rate),
+                          "pipe:1"], input=data, capture_output=True, check=True).stdout
+    return np.frombuffer(out, dtype="<i2")
+
+
+def _wav(data: bytes) -> tuple[int, np.ndarray]:
+    with wave.open(io.BytesIO(data)) as w:
+        return w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+
+
+def _rms(samples: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)))
+
+
+# ---- Gradio ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gradio(server_url, tmp_path_factory):
+    page = gradio_page(server_url, tmp_path_factory.mktemp("gradio-logs"), "--max-tokens", str(MAX))
+    yield page
+    page.stop()
+
+
+def _open_gradio(tab, url: str) -> None:
+    tab.goto(url)
+    tab.wait_for_function("/Server http|⚠️/.test(document.querySelector('#server')?.innerText)")  # the health check
+
+
+def test_gradio_upload_streams_a_playable_answer(tab, gradio, server_url, sample_wav, tmp_path):
+    pcm, text = _expected_answer(server_url, sample_wav.read_bytes(), MAX)
+    expected_s = len(pcm) / 2 / 24000
+    _open_gradio(tab, gradio.url)
+    assert "ready" in tab.inner_text("#server")
+    assert not tab.locator("#image").is_visible()  # the tiny v1 model cannot see: no image input
+    tab.evaluate("""() => { window.firstAudio = null; window.uploaded = performance.now();
+        document.addEventListener('playing', () => { window.firstAudio ??= performance.now(); }, true); }""")
+    tab.locator("#question input[type=file]").set_input_files(sample_wav)
+    tab.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')", timeout=ANSWER_TIMEOUT_MS)
+    done_ms = tab.evaluate("performance.now() - window.uploaded")
+    tab.wait_for_function("window.firstAudio !== null")
+    first_audio_ms = tab.evaluate("window.firstAudio - window.uploaded")
+    player = tab.locator("#answer audio")
+    # The player's duration grows as it fetches the streamed segments: wait until it holds the whole answer.
+    tab.wait_for_function("([el, least]) => isFinite(el.duration) && el.duration >= least",
+                          arg=[player.element_handle(), expected_s - AAC_SLACK_S], timeout=ANSWER_TIMEOUT_MS)
+    duration = player.evaluate("el => el.duration")
+    assert abs(duration - expected_s) <= AAC_SLACK_S
+    assert tab.locator("#transcript textarea").input_value() == text
+    download = tab.locator("#answer a[download]").get_attribute("href")  # the whole streamed answer, as one file
+    samples = _decode(tab.request.get(download).body(), 24000)
+    assert abs(samples.size - len(pcm) // 2) <= AAC_SLACK_S * 24000 and _rms(samples) > SPEECH_RMS
+    tab.screenshot(path=tmp_path / "gradio-answer.png", full_page=True)
+    print(f"\ngradio page: upload to first audio playing {first_audio_ms / 1000:.2f} s, to the end of the answer "
+          f"{done_ms / 1000:.2f} s, {expected_s:.2f} s of speech; the page says: {tab.inner_text('#status')}; "
+          f"screenshot {tmp_path / 'gradio-answer.png'}")
+
+
+# ---- Streamlit ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def streamlit(server_url, tmp_path_factory):
+    page = streamlit_page(server_url, tmp_path_factory.mktemp("streamlit-logs"), "--max-tokens", str(RECORD_MAX))
+    yield page
+    page.stop()
+
+
+def _open_streamlit(tab, url: str) -> None:
+    tab.goto(url)
+    tab.wait_for_selector("[data-testid=stAudioInput]", timeout=ANSWER_TIMEOUT_MS)
+
+
+def _speak(tab) -> None:
+    """Record RECORD_S of what the fake microphone plays, the way a person presses record and stop."""
+    tab.locator("[data-testid=stAudioInputActionButton][aria-label='Record']").click()
+    time.sleep(RECORD_S)
+    tab.locator("[data-testid=stAudioInputActionButton][aria-label='Stop recording']").click()
+
+
+def _turn_ended(tab) -> None:
+    tab.wait_for_function("document.body.innerText.includes('first audio after') || document.querySelector("
+                          "'[data-testid=stChatMessage] [data-testid=stAlert], [data-testid=stException]')",
+                          timeout=ANSWER_TIMEOUT_MS)
+    assert tab.locator("[data-testid=stException]").count() == 0, tab.inner_text("body")
+
+
+def test_streamlit_microphone_turn_is_answered(tab, streamlit, server_url, tmp_path):
+    _open_streamlit(tab, streamlit.url)
+    assert tab.locator("[data-testid=stCameraInput]").count() == 0  # the tiny v1 model cannot see: no camera
+    started = time.monotonic()
+    _speak(tab)
+    _turn_ended(tab)
+    turn_s = time.monotonic() - started - RECORD_S
+    messages = tab.locator("[data-testid=stChatMessage]")
+    assert messages.count() == 2
+    question_src, answer_src = (messages.nth(i).locator("audio").get_attribute("src") for i in range(2))
+    question = tab.request.get(question_src).body()
+    rate, heard = _wav(question)
+    assert rate == 16000 and heard.size > 0.5 * RECORD_S * rate and _rms(heard) > SPEECH_RMS  # it heard speech
+    pcm, text = _expected_answer(server_url, question, RECORD_MAX)
+    rate, answer = _wav(tab.request.get(answer_src).body())
+    assert rate == 24000 and answer.tobytes() == pcm  # the page played the server's answer to what it recorded
+    assert " ".join(text.split()) in " ".join(messages.nth(1).inner_text().split())
+    tab.screenshot(path=tmp_path / "streamlit-turn.png", full_page=True)
+    print(f"\nstreamlit page: {heard.size / 16000:.2f} s question recorded, answered in {turn_s:.2f} s "
+          f"({len(pcm) / 2 / 24000:.2f} s of speech); screenshot {tmp_path / 'streamlit-turn.png'}")
+
+
+# ---- The server goes away ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def doomed(tiny_ckpt, tmp_path):
+    """A server of its own, which the test stops while its page is open."""
+    server_tmp = tmp_path / "server-tmp"
+    server_tmp.mkdir()
+    srv = Server(tiny_ckpt, server_tmp)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def doomed_gradio(doomed, tmp_path):
+    page = gradio_page(f"http://127.0.0.1:{doomed.port}", tmp_path, "--max-tokens", str(MAX))
+    yield page
+    page.stop()
+
+
+@pytest.fixture
+def doomed_streamlit(doomed, tmp_path):
+    page = streamlit_page(f"http://127.0.0.1:{doomed.port}", tmp_path, "--max-tokens", str(RECORD_MAX))
+    yield page
+    page.stop()
+
+
+def test_gradio_says_the_server_stopped(tab, doomed, doomed_gradio, sample_wav, tmp_path):
+    _open_gradio(tab, doomed_gradio.url)
+    assert "ready" in tab.inner_text("#server")
+    doomed.stop()
+    tab.locator("#question input[type=file]").set_input_files(sample_wav)
+    tab.wait_for_function("document.querySelector('#status').innerText.includes('Cannot reach the server')",
+                          timeout=ANSWER_TIMEOUT_MS)
+    assert "Traceback" not in tab.inner_text("body")
+    tab.screenshot(path=tmp_path / "gradio-server-stopped.png", full_page=True)
+
+
+def test_streamlit_says_the_server_stopped(tab, doomed, doomed_streamlit, tmp_path):
+    _open_streamlit(tab, doomed_streamlit.url)
+    assert "ready" in tab.inner_text("[data-testid=stCaptionContainer]")
+    doomed.stop()
+    _speak(tab)
+    _turn_ended(tab)
+    error = tab.locator("[data-testid=stChatMessage] [data-testid=stAlert]")
+    assert "Cannot reach the server" in error.inner_text() and "Traceback" not in tab.inner_text("body")
+    tab.screenshot(path=tmp_path / "streamlit-server-stopped.png", full_page=True)
