@@ -4,6 +4,7 @@ import io
 import subprocess
 import time
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,10 @@ from tests.http_client import Server
 from tests.web_pages import CHROMIUM, chromium_args, gradio_page, streamlit_page
 from webui.client import OmniClient
 
-playwright = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright")
+playwright = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (requirements.txt)")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"the browser tests need Debian's chromium at {CHROMIUM}: apt-get install chromium",
+                allow_module_level=True)
 
 MAX = 120  # max_tokens for the uploaded sample: a short answer on the tiny checkpoint
 RECORD_MAX = 150  # max_tokens for a recorded question, whose prompt is longer than the sample's
