@@ -154,8 +154,9 @@ def child(args: argparse.Namespace) -> dict:
 
         ref = json.loads(Path(args.reference).read_text())
         steps_ref = [Step(tuple(s[i] for s in ref[:7]), ref[7][i]) for i in range(len(ref[7]))]
-        prompt, features, decoder = engine.prepare(Task.A1A2, samples, None)
-        result["teacher_forced_top1"] = teacher_forced_agreement(engine.model, prompt, decoder, steps_ref, features)
+        inputs = engine.prepare(Task.A1A2, samples, None)
+        result["teacher_forced_top1"] = teacher_forced_agreement(engine.model, inputs.prompt, inputs.decoder, steps_ref,
+                                                                 inputs.audio_features)
     if args.dump_streams:
         Path(args.dump_streams).write_text(json.dumps(engine.run(**audio, max_tokens=max_tokens).streams))
     return result

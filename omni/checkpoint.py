@@ -26,6 +26,10 @@ HUB_REPOS = {"mini-omni": "gpt-omni/mini-omni", "mini-omni2": "gpt-omni/mini-omn
 # openai-whisper's own download of "small" (its _MODELS table), checked against this sha256.
 WHISPER_SMALL_SHA256 = "9ecf779972d90ba49c06d968637d720dd632c55bbf19d441fb42bf17a411e794"
 WHISPER_SMALL_URL = f"https://openaipublic.azureedge.net/main/whisper/models/{WHISPER_SMALL_SHA256}/small.pt"
+CLIP_FILE = "ViT-B-32.pt"  # Mini-Omni2's image tower, OpenAI's released TorchScript archive
+# The clip package's own download of "ViT-B/32", checked against this sha256.
+CLIP_VIT_B32_SHA256 = "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
+CLIP_VIT_B32_URL = f"https://openaipublic.azureedge.net/clip/models/{CLIP_VIT_B32_SHA256}/{CLIP_FILE}"
 DOWNLOAD_BLOCK = 1 << 20
 
 
@@ -96,34 +100,41 @@ def load_lm(ckpt_dir: Path, config: ModelConfig, device: torch.device, dtype: to
 
 def whisper_path(ckpt_dir: Path) -> Path:
     """`ckpt_dir/small.pt` if present, else openai-whisper's cached "small" (downloaded if needed)."""
-    local = ckpt_dir / WHISPER_FILE
+    return _local_or_cached(ckpt_dir / WHISPER_FILE, "whisper", WHISPER_SMALL_URL, WHISPER_SMALL_SHA256)
+
+
+def clip_path(ckpt_dir: Path) -> Path:
+    """`ckpt_dir/ViT-B-32.pt` if present, else the clip package's cached ViT-B/32 (downloaded if needed)."""
+    return _local_or_cached(ckpt_dir / CLIP_FILE, "clip", CLIP_VIT_B32_URL, CLIP_VIT_B32_SHA256)
+
+
+def _local_or_cached(local: Path, cache_name: str, url: str, sha256: str) -> Path:
     if local.is_file():
         return local
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "whisper" / WHISPER_FILE
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / cache_name / local.name
     if not cache.is_file():
-        download_whisper(cache)
+        download_verified(url, sha256, cache, local.parent)
     return cache
 
 
-def download_whisper(target: Path) -> None:
-    """Download Whisper small to `target`, checking its sha256 before moving it into place."""
+def download_verified(url: str, sha256: str, target: Path, ckpt_dir: Path) -> None:
+    """Download `url` to `target`, checking its sha256 before moving it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".part")
-    print(f"{WHISPER_FILE} not in the checkpoint: downloading Whisper small to {target}")
+    print(f"{target.name} not in the checkpoint: downloading it to {target}")
     try:
         digest = hashlib.sha256()
-        with urllib.request.urlopen(WHISPER_SMALL_URL) as response, open(partial, "wb") as out:
+        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
             while block := response.read(DOWNLOAD_BLOCK):
                 digest.update(block)
                 out.write(block)
-        if digest.hexdigest() != WHISPER_SMALL_SHA256:
-            raise CheckpointDownloadError(f"downloaded {WHISPER_FILE} has sha256 {digest.hexdigest()}, "
-                                          f"expected {WHISPER_SMALL_SHA256}")
+        if digest.hexdigest() != sha256:
+            raise CheckpointDownloadError(f"downloaded {target.name} has sha256 {digest.hexdigest()}, expected {sha256}")
         shutil.move(partial, target)
     except OSError as e:
         raise CheckpointDownloadError(
-            f"could not download Whisper small ({e}). Put openai-whisper's small.pt into the checkpoint "
-            f"directory or {target}; on a connected machine: curl -L -o small.pt {WHISPER_SMALL_URL}"
+            f"could not download {target.name} ({e}). Put it into the checkpoint directory {ckpt_dir} or "
+            f"{target}; on a connected machine: curl -L -o {target.name} {url}"
         ) from e
     finally:
         partial.unlink(missing_ok=True)

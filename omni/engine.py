@@ -15,14 +15,16 @@ from tokenizers import Tokenizer
 from .audio import (
     N_SAMPLES, SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel, pad_or_trim, trimmed_length,
 )
-from .checkpoint import TOKENIZER_FILE, ensure_checkpoint, load_lm, snac_dir, whisper_path
+from .checkpoint import TOKENIZER_FILE, clip_path, ensure_checkpoint, load_lm, snac_dir, whisper_path
+from .clip import VisionTower, load_vision_tower
 from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, FrameScheduler, SnacCodec
 from .config import CONFIG_FILE, ModelConfig
 from .errors import CheckpointError
 from .generate import SpeechDecoder, Step, TextDecoder, check_length, generate, to_streams
 from .runtime import quantize_lm, quantize_whisper, resolve_mode
 from .sampling import GenerationConfig
-from .tokens import EOT, PROMPT_EXTRA, Task, build_prompt
+from .image import ImageSource, load_image
+from .tokens import EOT, IMAGE_PROMPT_EXTRA, PROMPT_EXTRA, Task, build_image_prompt, build_prompt
 from .whisper import load_whisper_encoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,6 +35,16 @@ WARMUP_STEPS = 12  # enough decode steps for one audio chunk
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level BPE decode shows for a cut UTF-8 sequence
 
 Cancel = threading.Event | Callable[[], bool] | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request turned into model inputs, and the policy that decodes its answer."""
+
+    prompt: torch.Tensor  # (B, 8, T) global ids
+    decoder: SpeechDecoder | TextDecoder
+    audio_features: torch.Tensor | None = None  # (B, L, whisper_dim)
+    image_features: torch.Tensor | None = None  # (B, 50, vision_dim)
 
 
 @dataclass(frozen=True)
@@ -133,7 +145,15 @@ class OmniEngine:
         if self.runtime.int8:
             quantize_whisper(self.whisper)
         self.codec = SnacCodec.from_dir(snac_dir(self.ckpt_dir), self._device)
+        self.vision = self._load_vision() if self.config.vision_adapter_dim else None
         self._lock = threading.Lock()
+
+    def _load_vision(self) -> VisionTower:
+        tower = load_vision_tower(clip_path(self.ckpt_dir), self._device)
+        if tower.output_dim != self.config.vision_adapter_dim:
+            raise CheckpointError(f"CLIP output width {tower.output_dim} != vision_adapter_dim "
+                                  f"{self.config.vision_adapter_dim} in {CONFIG_FILE}")
+        return tower
 
     @property
     def device(self) -> torch.device:
@@ -153,15 +173,15 @@ class OmniEngine:
 
     @property
     def can_see(self) -> bool:
-        """Whether image questions are answered: not yet (the Mini-Omni2 image path is a separate issue)."""
-        return False
+        """Whether image questions are answered: Mini-Omni2 checkpoints only."""
+        return self.vision is not None
 
     @property
     def sample_rate(self) -> int:
         return OUTPUT_SAMPLE_RATE
 
     def stream(self, audio: AudioSource | None = None, *, text: str | None = None, task: str | Task = Task.A1A2,
-               sample_rate: int | None = None, cancel: Cancel = None,
+               image: ImageSource | None = None, sample_rate: int | None = None, cancel: Cancel = None,
                config: GenerationConfig | None = None, **options: Any) -> Iterator[OmniChunk]:
         """Answer one question as it is generated.
 
@@ -169,6 +189,8 @@ class OmniEngine:
             audio: a file path, the bytes of an audio file, or a numpy array (then `sample_rate`).
             text: the question for the text-input tasks T1A2 and T1T2.
             task: A1A2 (default), A1T2, ASR, T1A2 or T1T2.
+            image: for a Mini-Omni2 checkpoint and task A1A2, a picture the spoken question is about:
+                a path, the bytes of an image file, a PIL image or an `(H, W, 3)` uint8 array.
             cancel: an Event or callable, checked before every decode step; set, it ends the stream.
             config / options: a `GenerationConfig`, or its fields as keywords (stream_stride, first_stride,
                 max_tokens, temperature, top_k, top_p, seed).
@@ -180,12 +202,13 @@ class OmniEngine:
             raise TypeError(f"pass a GenerationConfig or its fields as keywords, not both ({sorted(options)})")
         cfg = config if config is not None else GenerationConfig(**options)
         task = self._check_task(task, audio, text)
+        pixels = self._check_image(image, task)
         samples = load_audio(audio, sample_rate) if task.audio_in else None
         text_ids = self.tokenizer.encode(text).ids if not task.audio_in else None
         if text_ids is not None and not text_ids:
             raise ValueError("the text question is empty")
-        check_length(prompt_length(task, samples, text_ids), cfg, self.config.block_size)
-        return self._answer(task, samples, text_ids, cfg, _as_callable(cancel))
+        check_length(prompt_length(task, samples, text_ids, pixels is not None), cfg, self.config.block_size)
+        return self._answer(task, samples, text_ids, pixels, cfg, _as_callable(cancel))
 
     def run(self, audio: AudioSource | None = None, **kwargs: Any) -> OmniResult:
         """The whole answer: `stream()` collected."""
@@ -218,35 +241,52 @@ class OmniEngine:
             raise ValueError(f"task {task.value} answers a text question: pass text= and no audio")
         return task
 
-    def prepare(self, task: Task, samples: np.ndarray | None,
-                 text_ids: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None, SpeechDecoder | TextDecoder]:
-        """Prompt `(B, 8, T)`, Whisper features `(B, L, 768)` and the decoding policy of a request."""
-        features = None
-        if samples is not None:
-            n_frames = feature_frames(samples.size)
-            length = trimmed_length(samples.size) if self.trim_encoder else N_SAMPLES
-            mel = log_mel(pad_or_trim(samples, length), self._device)
-            with torch.inference_mode():
-                features = self.whisper(mel.unsqueeze(0))[:, :n_frames]  # (1, L, 768)
-            rows = (Task.A1A2, Task.A1T2) if task == Task.A1A2 else (task,)
-            prompt = torch.stack([build_prompt(row, n_frames) for row in rows])
-            features = features.expand(len(rows), -1, -1)
-        else:
-            prompt = build_prompt(task, text_ids=text_ids).unsqueeze(0)
-        full_head = self.runtime.full_head
-        decoder = SpeechDecoder(prompt.size(0) == 2, full_head) if task.speaks else TextDecoder(full_head)
-        return prompt.to(self._device), features, decoder
+    def _check_image(self, image: ImageSource | None, task: Task) -> torch.Tensor | None:
+        """The image's `(3, 224, 224)` CLIP input, or a clear error where an image cannot be used."""
+        if image is None:
+            return None
+        if not self.can_see:
+            raise ValueError(f"this {self.family} checkpoint cannot see: image questions need a Mini-Omni2 "
+                             f"checkpoint (gpt-omni/mini-omni2, with its CLIP tower)")
+        if task != Task.A1A2:
+            raise ValueError(f"an image goes with task A1A2 (the official image path: spoken question, spoken "
+                             f"answer); task {task.value} takes none")
+        return load_image(image)
 
-    def _answer(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None,
+    def prepare(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None,
+                pixels: torch.Tensor | None = None) -> Prepared:
+        """The prompt, injected features and decoding policy of a request (`pixels`: a preprocessed image)."""
+        if samples is None:
+            prompt = build_prompt(task, text_ids=text_ids).unsqueeze(0).to(self._device)
+            return Prepared(prompt, self._decoder(task, 1))
+        n_frames = feature_frames(samples.size)
+        length = trimmed_length(samples.size) if self.trim_encoder else N_SAMPLES
+        mel = log_mel(pad_or_trim(samples, length), self._device)
+        rows = (Task.A1A2, Task.A1T2) if task == Task.A1A2 else (task,)
+        image_features = None
+        with torch.inference_mode():
+            features = self.whisper(mel.unsqueeze(0))[:, :n_frames]  # (1, L, 768)
+            if pixels is not None:
+                image_features = self.vision(pixels.unsqueeze(0).to(self._device)).expand(len(rows), -1, -1)
+        build = build_image_prompt if pixels is not None else build_prompt
+        prompt = torch.stack([build(row, n_frames) for row in rows]).to(self._device)
+        return Prepared(prompt, self._decoder(task, len(rows)), features.expand(len(rows), -1, -1), image_features)
+
+    def _decoder(self, task: Task, rows: int) -> SpeechDecoder | TextDecoder:
+        full_head = self.runtime.full_head
+        return SpeechDecoder(rows == 2, full_head) if task.speaks else TextDecoder(full_head)
+
+    def _answer(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None, pixels: torch.Tensor | None,
                 cfg: GenerationConfig, cancel: Callable[[], bool]) -> Iterator[OmniChunk]:
         with self._lock:
             if cfg.seed is not None:
                 torch.manual_seed(cfg.seed)
-            prompt, features, decoder = self.prepare(task, samples, text_ids)
+            inputs = self.prepare(task, samples, text_ids, pixels)
             frames = FrameScheduler(cfg.stream_stride, cfg.first_stride) if task.speaks else None
             text = TextStream(self.tokenizer)
             pending: list[Step] = []
-            for step in generate(self.model, prompt, decoder, cfg, features, cancel):
+            for step in generate(self.model, inputs.prompt, inputs.decoder, cfg, inputs.audio_features, cancel,
+                                 inputs.image_features):
                 pending.append(step)
                 text.push(step.text)
                 ready = frames.push(step.audio) if frames is not None else None
@@ -261,10 +301,10 @@ class OmniEngine:
                 yield OmniChunk(tail, last_text, tuple(pending))
 
 
-def prompt_length(task: Task, samples: np.ndarray | None, text_ids: list[int] | None) -> int:
-    """Positions the prompt of `task` takes: L + 3 for audio input, N + 3 for text input."""
+def prompt_length(task: Task, samples: np.ndarray | None, text_ids: list[int] | None, image: bool = False) -> int:
+    """Positions the prompt of `task` takes: L + 3 for audio input (L + 55 with an image), N + 3 for text."""
     body = feature_frames(samples.size) if samples is not None else len(text_ids or ())
-    return body + PROMPT_EXTRA
+    return body + (IMAGE_PROMPT_EXTRA if image else PROMPT_EXTRA)
 
 
 def _as_callable(cancel: Cancel) -> Callable[[], bool]:

@@ -102,7 +102,7 @@ def check_length(prompt_len: int, cfg: GenerationConfig, block_size: int) -> Non
 
 
 def prefill(model: OmniLM, prompt: torch.Tensor, audio_features: torch.Tensor | None,
-            parts: tuple[str, ...]) -> list[torch.Tensor]:
+            parts: tuple[str, ...], image_features: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Run the prompt through the model; the last position's logits per row.
 
     The two rows of the batch-of-two prompt differ only in their last position, so (unless the
@@ -110,12 +110,12 @@ def prefill(model: OmniLM, prompt: torch.Tensor, audio_features: torch.Tensor | 
     """
     B, _, T = prompt.shape
     positions = torch.arange(T, device=prompt.device)
-    shared = B == 2 and not model.full_span and torch.equal(prompt[0, :, :-1], prompt[1, :, :-1]) and (
-        audio_features is None or torch.equal(audio_features[0], audio_features[1]))
+    shared = B == 2 and not model.full_span and torch.equal(prompt[0, :, :-1], prompt[1, :, :-1]) and all(
+        f is None or torch.equal(f[0], f[1]) for f in (audio_features, image_features))
     if not shared:
-        return model(prompt, positions, audio_features, parts)
-    row0_features = audio_features[:1] if audio_features is not None else None
-    model(prompt[:1, :, :-1], positions[:-1], row0_features, parts=())
+        return model(prompt, positions, audio_features, parts, image_features)
+    row0 = [f[:1] if f is not None else None for f in (audio_features, image_features)]
+    model(prompt[:1, :, :-1], positions[:-1], row0[0], parts=(), image_features=row0[1])
     model.copy_cache_row(0, 1, T - 1)
     return model(prompt[:, :, -1:], positions[-1:], parts=parts)
 
@@ -123,20 +123,22 @@ def prefill(model: OmniLM, prompt: torch.Tensor, audio_features: torch.Tensor | 
 @torch.inference_mode()
 def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextDecoder,
              cfg: GenerationConfig, audio_features: torch.Tensor | None = None,
-             cancel: Callable[[], bool] = lambda: False) -> Iterator[Step]:
+             cancel: Callable[[], bool] = lambda: False,
+             image_features: torch.Tensor | None = None) -> Iterator[Step]:
     """Yield one `Step` for the prefill and one per decode step until a stop rule fires.
 
     Args:
         prompt: `(B, 8, T)` global ids, B = `decoder.batch_size`.
         audio_features: `(B, L, whisper_dim)` injected at positions 1..L during the prefill.
         cancel: polled before every decode step; True ends the iteration at once.
+        image_features: `(B, 50, vision_dim)` CLIP tokens of an image question (prefill only).
     """
     B, _, T = prompt.shape
     assert B == decoder.batch_size, f"prompt batch {B} != decoder batch {decoder.batch_size}"
     check_length(T, cfg, model.config.block_size)
     device = prompt.device
     model.setup_cache(B, model.config.block_size if model.full_span else cfg.max_tokens - 1)
-    logits = prefill(model, prompt, audio_features, decoder.parts)
+    logits = prefill(model, prompt, audio_features, decoder.parts, image_features)
     step = decoder.advance(logits, cfg, first=True)
     yield step
     input_pos = torch.tensor([T], device=device)

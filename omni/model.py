@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .tokens import AUDIO_FEATURE_START, N_AUDIO_LAYERS, N_STREAMS, PADDED_TEXT_VOCAB, PADDED_VOCAB
+from .tokens import (AUDIO_FEATURE_START, IMAGE_AUDIO_FEATURE_START, IMAGE_FEATURE_START, N_AUDIO_LAYERS, N_STREAMS,
+                     PADDED_TEXT_VOCAB, PADDED_VOCAB)
 
 HEAD_PARTS = {"text": slice(0, PADDED_TEXT_VOCAB), "audio": slice(PADDED_TEXT_VOCAB, PADDED_VOCAB),
               "all": slice(0, PADDED_VOCAB)}
@@ -219,13 +220,19 @@ class OmniLM(nn.Module):
         return self._rope
 
     def embed(self, idx: torch.Tensor, audio_features: torch.Tensor | None = None,
-              audio_start: int = AUDIO_FEATURE_START) -> torch.Tensor:
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of the 8 stream embeddings, `(B, 8, T)` ids -> `(B, T, C)`.
 
-        `audio_features (B, L, whisper_dim)` pass through the adapter and replace the audio-stream
-        embeddings at positions `audio_start .. audio_start + L - 1`; the text stream keeps its own.
+        Injected features replace the audio-stream embeddings; the text stream keeps its own.
+        `audio_features (B, L, whisper_dim)` go to positions 1..L, or, next to `image_features
+        (B, 50, vision_dim)` at 1..50, to 52..51+L (the official layout, spec §3.3).
         """
         emb = self.transformer.wte(idx)  # (B, 8, T, C)
+        audio_start = AUDIO_FEATURE_START
+        if image_features is not None:
+            feats = self.vision_adapter(image_features.to(emb.dtype))  # (B, 50, C)
+            emb[:, :N_AUDIO_LAYERS, IMAGE_FEATURE_START:IMAGE_FEATURE_START + feats.size(1)] = feats[:, None]
+            audio_start = IMAGE_AUDIO_FEATURE_START
         if audio_features is not None:
             feats = self.whisper_adapter(audio_features.to(emb.dtype))  # (B, L, C)
             emb[:, :N_AUDIO_LAYERS, audio_start:audio_start + feats.size(1)] = feats[:, None]
@@ -247,14 +254,16 @@ class OmniLM(nn.Module):
         return linear(x, self.lm_head.weight[HEAD_PARTS[part]])
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                audio_features: torch.Tensor | None = None,
-                parts: Sequence[str] | None = None) -> torch.Tensor | list[torch.Tensor]:
+                audio_features: torch.Tensor | None = None, parts: Sequence[str] | None = None,
+                image_features: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Args:
             idx: `(B, 8, T)` global token ids.
             input_pos: `(T,)` positions to write into the KV cache; None runs without a cache.
             audio_features: `(B, L, whisper_dim)` Whisper encoder output injected at positions 1..L.
             parts: per batch row, the vocabulary part it is read for ("text", "audio" or "all");
                 `()` computes no logits (to fill the cache only).
+            image_features: `(B, 50, vision_dim)` CLIP tokens of a Mini-Omni2 image question; they
+                take positions 1..50 and move the audio features to 52..51+L.
         Returns:
             without `parts`, logits `(B, T, padded_vocab_size)` for every position; with them, one
             `(width,)` tensor per row: that row's part of the last position's logits.
@@ -267,7 +276,7 @@ class OmniLM(nn.Module):
             cos, sin = cos.index_select(0, input_pos), sin.index_select(0, input_pos)
             # the official code attends over the whole preallocated cache; only the filled part matters
             end = self.transformer.h[0].attn.kv_cache.k.size(2) if self.full_span else int(input_pos[-1]) + 1
-        x = self.embed(idx, audio_features)
+        x = self.embed(idx, audio_features, image_features)
         for block in self.transformer.h:
             x = block(x, cos, sin, input_pos, end)
         if parts is None:

@@ -29,6 +29,8 @@ EOA = AUDIO_CODES  # end of audio
 PAD_A = AUDIO_CODES + 1
 INPUT_A = AUDIO_CODES + 2
 ANSWER_A = AUDIO_CODES + 3
+IMAGE = AUDIO_CODES + 5  # Mini-Omni2: opens the image span of the audio rows
+EOIMAGE = AUDIO_CODES + 6  # Mini-Omni2: closes it
 
 N_AUDIO_LAYERS = 7
 N_STREAMS = N_AUDIO_LAYERS + 1
@@ -40,6 +42,15 @@ STOP_LAYER = N_AUDIO_LAYERS - 1
 PROMPT_EXTRA = 3
 # Whisper features replace the audio-stream embeddings from this position on (after INPUT_A).
 AUDIO_FEATURE_START = 1
+# Mini-Omni2 image questions: CLIP's 50 tokens (class + 7 x 7 patches) fill positions 1..50,
+# between IMAGE and EOIMAGE.
+IMAGE_TOKENS = 50
+IMAGE_FEATURE_START = 1
+# ...and the Whisper features start at 52, not 53: the official code overwrites INPUT_A (at 52) and
+# leaves the last audio PAD_A a plain embedding (spec §3.3). Reproduced, since the weights learned it.
+IMAGE_AUDIO_FEATURE_START = IMAGE_FEATURE_START + IMAGE_TOKENS + 1
+# An image prompt is its audio frames plus these many tokens (IMAGE, 50 pads, EOIMAGE, INPUT_A, EOA, last).
+IMAGE_PROMPT_EXTRA = IMAGE_TOKENS + 5
 
 
 def audio_id(local: int, layer: int) -> int:
@@ -105,5 +116,23 @@ def build_prompt(task: Task, n_audio_frames: int = 0, text_ids: list[int] | None
             raise ValueError(f"task {task.value} needs a non-empty text prompt")
         audio = [PAD_A] * (len(text_ids) + 2) + [spec.audio_last]
         text = [INPUT_T] + list(text_ids) + [EOT, spec.text_last]
+    rows = [[audio_id(a, layer) for a in audio] for layer in range(N_AUDIO_LAYERS)]
+    return torch.tensor(rows + [text], dtype=torch.long)
+
+
+def build_image_prompt(task: Task, n_audio_frames: int) -> torch.Tensor:
+    """One Mini-Omni2 image + audio prompt as `[8, L + 55]` global ids (spec §4.4).
+
+    Audio rows `IMAGE, PAD_A x 50, EOIMAGE, INPUT_A, PAD_A x L, EOA, last`; the text row is
+    `PAD_T x (L + 54), ANSWER_T` (no INPUT_T / EOT). Rows exist for A1A2 (last ANSWER_A) and
+    A1T2 (last PAD_A), the two rows of the official batch.
+    """
+    if task not in (Task.A1A2, Task.A1T2):
+        raise ValueError(f"image prompts exist for A1A2 and A1T2 only, not {task.value}")
+    if n_audio_frames <= 0:
+        raise ValueError(f"an image question needs audio features, got {n_audio_frames} frames")
+    audio = ([IMAGE] + [PAD_A] * IMAGE_TOKENS + [EOIMAGE, INPUT_A] + [PAD_A] * n_audio_frames
+             + [EOA, PROMPTS[task].audio_last])
+    text = [PAD_T] * (len(audio) - 1) + [ANSWER_T]
     rows = [[audio_id(a, layer) for a in audio] for layer in range(N_AUDIO_LAYERS)]
     return torch.tensor(rows + [text], dtype=torch.long)

@@ -14,6 +14,7 @@ from omni_engine import OmniEngine  # noqa: E402
 from utils.make_checkpoint import make_checkpoint  # noqa: E402
 
 SAMPLE = ROOT / "data" / "samples" / "output1.wav"
+IMAGE = ROOT / "data" / "samples" / "image1.jpg"
 # Seed of the --likely-stop checkpoint whose answer to SAMPLE ends by EOA after emitting EOT.
 STOP_SEED = 1
 
@@ -50,3 +51,24 @@ def stop_engine(stop_ckpt) -> OmniEngine:
 @pytest.fixture(scope="session")
 def sample_wav() -> Path:
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def vision_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "vision", "tiny", seed=0, family="mini-omni2")
+
+
+@pytest.fixture(scope="session")
+def vision_stop_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "vision-stop", "tiny", seed=STOP_SEED, likely_stop=True,
+                           family="mini-omni2")
+
+
+@pytest.fixture(scope="session")
+def vision_engine(vision_ckpt) -> OmniEngine:
+    return OmniEngine(vision_ckpt, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sample_image() -> Path:
+    return IMAGE

@@ -63,10 +63,11 @@ def test_int8_language_model_agrees_with_exact_under_teacher_forcing(tiny_ckpt, 
     """The int8 LM, given the exact mode's features and fed its tokens: its greedy picks mostly agree."""
     reference = engine.run(sample_wav, max_tokens=MAX).streams
     steps = [Step(tuple(s[i] for s in reference[:7]), reference[7][i]) for i in range(len(reference[7]))]
-    prompt, features, decoder = engine.prepare(Task.A1A2, load_audio(sample_wav), None)
-    assert teacher_forced_agreement(engine.model, prompt, decoder, steps, features) == [1.0] * 8
+    inputs = engine.prepare(Task.A1A2, load_audio(sample_wav), None)
+    args = inputs.prompt, inputs.decoder, steps, inputs.audio_features
+    assert teacher_forced_agreement(engine.model, *args) == [1.0] * 8
     int8 = OmniEngine(tiny_ckpt, device="cpu", mode="fast")
-    agreement = teacher_forced_agreement(int8.model, prompt, decoder, steps, features)
+    agreement = teacher_forced_agreement(int8.model, *args)
     assert min(agreement) >= 0.5, agreement
 
 

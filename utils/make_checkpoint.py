@@ -1,10 +1,12 @@
 """Write a complete official-format checkpoint directory with seeded random weights.
 
-    python -m utils.make_checkpoint OUT_DIR --preset tiny|full [--seed N] [--likely-stop]
+    python -m utils.make_checkpoint OUT_DIR --preset tiny|full [--family mini-omni2] [--seed N] [--likely-stop]
 
 Files: model_config.yaml, lit_model.pth (litgpt keys, lm_head stored beside wte as in the
 release), tokenizer.json (+ tokenizer_config.json), Whisper small.pt (openai-whisper's format,
 fp16) and snac/ (config.json + pytorch_model.bin with legacy weight-norm keys, as on the hub).
+Mini-Omni2 adds `vision_adapter_dim` and `vision_adapter.*` and a CLIP ViT-B-32.pt (a TorchScript
+archive with CLIP's full image and text parameter layout, fp16 where OpenAI's file is).
 A random model speaks noise; these files exist to test structure, tokens and timing.
 """
 from __future__ import annotations
@@ -16,16 +18,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from omni.checkpoint import SNAC_DIR, TOKENIZER_FILE, WEIGHTS_FILE, WHISPER_FILE
+from omni.checkpoint import CLIP_FILE, HUB_REPOS, SNAC_DIR, TOKENIZER_FILE, WEIGHTS_FILE, WHISPER_FILE
+from omni.clip import ResidualBlock, VisionTower, fp16_valued
 from omni.codec import LEGACY_NORM_KEYS, PARAM_NORM_KEYS, SNAC_CONFIG, SNAC_WEIGHTS, snac_class
 from omni.config import CONFIG_FILE, ModelConfig
 from omni.model import OmniLM
 from omni.tokens import (
     AUDIO_CODES, EOA, EOT, N_AUDIO_LAYERS, PADDED_AUDIO_VOCAB, PADDED_TEXT_VOCAB, STOP_LAYER, TEXT_VOCAB, audio_id,
 )
+from omni.image import IMAGE_SIZE
 from omni.whisper import WhisperEncoder, sinusoids
 
 # The released model_config.yaml (spec §2.3); presets override the dimensions only.
@@ -60,11 +65,26 @@ class WhisperDims:
 
 
 @dataclass(frozen=True)
+class ClipDims:
+    """CLIP ViT-B/32's sizes (image tower and the text tower its file also holds)."""
+
+    vision_width: int = 768
+    vision_layers: int = 12
+    patch_size: int = 32
+    embed_dim: int = 512  # the projected width: Mini-Omni2's vision_adapter_dim
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+
+
+@dataclass(frozen=True)
 class Preset:
     lm: dict
     whisper: WhisperDims
     snac: dict
     tokenizer_vocab: int
+    clip: ClipDims
 
 
 SNAC_24KHZ = {  # hubertsiuzdak/snac_24khz config.json
@@ -73,13 +93,14 @@ SNAC_24KHZ = {  # hubertsiuzdak/snac_24khz config.json
     "vq_strides": [4, 2, 1], "noise": True, "depthwise": True,
 }
 PRESETS = {
-    "full": Preset({}, WhisperDims(), SNAC_24KHZ, tokenizer_vocab=4000),
+    "full": Preset({}, WhisperDims(), SNAC_24KHZ, tokenizer_vocab=4000, clip=ClipDims()),
     "tiny": Preset(
         dict(n_embd=64, n_layer=2, n_head=4, n_query_groups=2, head_size=16, intermediate_size=128,
              whisper_adapter_dim=64),
         WhisperDims(n_audio_state=64, n_audio_head=2, n_audio_layer=2, n_text_state=64, n_text_head=2, n_text_layer=1),
         {**SNAC_24KHZ, "encoder_dim": 8, "decoder_dim": 64},
         tokenizer_vocab=1000,
+        clip=ClipDims(vision_width=64, vision_layers=2, vocab_size=1000, text_width=64, text_layers=1),
     ),
 }
 
@@ -103,8 +124,9 @@ CORPUS = [
 ]
 
 
-def build_config(preset: Preset) -> dict:
-    return {**OFFICIAL_YAML, **preset.lm}
+def build_config(preset: Preset, family: str) -> dict:
+    vision = {"vision_adapter_dim": preset.clip.embed_dim} if family == "mini-omni2" else {}
+    return {**OFFICIAL_YAML, **preset.lm, **vision}
 
 
 def train_tokenizer(vocab_size: int) -> Tokenizer:
@@ -177,15 +199,59 @@ def random_snac(config: dict) -> dict[str, torch.Tensor]:
     return legacy
 
 
-def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, likely_stop: bool = False) -> Path:
+class RandomClip(nn.Module):
+    """CLIP's parameter layout (image tower, text tower, logit scale) with random values."""
+
+    def __init__(self, dims: ClipDims) -> None:
+        super().__init__()
+        grid = IMAGE_SIZE // dims.patch_size
+        self.visual = VisionTower(dims.vision_width, dims.vision_layers, dims.patch_size, grid, dims.embed_dim)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.Sequential(*(ResidualBlock(dims.text_width) for _ in range(dims.text_layers)))
+        self.token_embedding = nn.Embedding(dims.vocab_size, dims.text_width)
+        self.positional_embedding = nn.Parameter(torch.randn(dims.context_length, dims.text_width) * 0.01)
+        self.ln_final = nn.LayerNorm(dims.text_width)
+        self.text_projection = nn.Parameter(torch.randn(dims.text_width, dims.embed_dim) / math.sqrt(dims.text_width))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith(("ln_pre.weight", "ln_post.weight", "ln_1.weight", "ln_2.weight", "ln_final.weight")):
+                    p.normal_(1.0, 0.1)
+                elif p.dim() == 1 and name != "logit_scale":
+                    p.normal_(0.0, 0.1)  # biases, LayerNorm shifts, the class embedding
+                elif p.dim() > 1 and name != "positional_embedding" and name != "text_projection":
+                    p.normal_(0.0, 1 / math.sqrt(p[0].numel()))
+            self.visual.positional_embedding.normal_(0.0, dims.vision_width ** -0.5)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)
+
+
+def save_random_clip(dims: ClipDims, path: Path) -> None:
+    """A TorchScript archive like OpenAI's ViT-B-32.pt: layers and projections stored in fp16, the
+    LayerNorms and embeddings in fp32."""
+    model = RandomClip(dims).eval()
+    with torch.no_grad():
+        archive = torch.jit.trace(model, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    rounded = fp16_valued(model)
+    for name, p in archive.named_parameters():
+        if name in rounded:
+            p.data = p.data.half()
+    torch.jit.save(archive, str(path))
+
+
+def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, likely_stop: bool = False,
+                    family: str = "mini-omni") -> Path:
     """Write every file of a checkpoint directory; returns its path."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if family not in HUB_REPOS:
+        raise ValueError(f"unknown family {family!r}; choose one of {sorted(HUB_REPOS)}")
     spec = PRESETS[preset]
     out = Path(out_dir)
     (out / SNAC_DIR).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    raw_config = build_config(spec)
+    raw_config = build_config(spec, family)
     (out / CONFIG_FILE).write_text(yaml.safe_dump(raw_config, sort_keys=False))
     tokenizer = train_tokenizer(spec.tokenizer_vocab)
     tokenizer.save(str(out / TOKENIZER_FILE))
@@ -195,6 +261,8 @@ def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, li
     torch.save(random_whisper(spec.whisper), out / WHISPER_FILE)
     (out / SNAC_DIR / SNAC_CONFIG).write_text(json.dumps(spec.snac, indent=2))
     torch.save(random_snac(spec.snac), out / SNAC_DIR / SNAC_WEIGHTS)
+    if family == "mini-omni2":
+        save_random_clip(spec.clip, out / CLIP_FILE)
     return out
 
 
@@ -202,11 +270,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="directory to create (or overwrite files in)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="tiny for tests, full for real sizes")
+    parser.add_argument("--family", choices=sorted(HUB_REPOS), default="mini-omni",
+                        help="mini-omni2 adds the vision adapter and a CLIP image tower")
     parser.add_argument("--seed", type=int, default=0, help="random seed for every weight")
     parser.add_argument("--likely-stop", action="store_true", help="make text EOT and audio EOA likely, so answers end early")
     args = parser.parse_args(argv)
-    out = make_checkpoint(args.out_dir, args.preset, args.seed, args.likely_stop)
-    print(f"wrote a {args.preset} checkpoint to {out}")
+    out = make_checkpoint(args.out_dir, args.preset, args.seed, args.likely_stop, args.family)
+    print(f"wrote a {args.preset} {args.family} checkpoint to {out}")
 
 
 if __name__ == "__main__":
