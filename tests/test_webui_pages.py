@@ -61,10 +61,10 @@ def tab(browser):
     assert outside == []
 
 
-def _expected_answer(server_url: str, question: bytes, max_tokens: int) -> tuple[bytes, str]:
+def _expected_answer(server_url: str, question: bytes, max_tokens: int, image: bytes | None = None) -> tuple[bytes, str]:
     """What the server answers to this question when asked directly (answers are seeded: the same bytes)."""
     pcm, text = b"", ""
-    for chunk in OmniClient(server_url).ask(question, max_tokens=max_tokens):
+    for chunk in OmniClient(server_url).ask(question, image, max_tokens=max_tokens):
         pcm, text = pcm + chunk.pcm, text + chunk.text
     return pcm, text
 
@@ -99,15 +99,13 @@ def _open_gradio(tab, url: str) -> None:
     tab.wait_for_function("/Server http|⚠️/.test(document.querySelector('#server')?.innerText)")  # the health check
 
 
-def test_gradio_upload_streams_a_playable_answer(tab, gradio, server_url, sample_wav, tmp_path):
-    pcm, text = _expected_answer(server_url, sample_wav.read_bytes(), MAX)
+def _gradio_answer(tab, question, pcm: bytes, text: str, screenshot) -> str:
+    """Upload `question` to the open page, check the streamed answer against the server's `pcm` and `text`,
+    save a screenshot and return the measured times."""
     expected_s = len(pcm) / 2 / 24000
-    _open_gradio(tab, gradio.url)
-    assert "ready" in tab.inner_text("#server")
-    assert not tab.locator("#image").is_visible()  # the tiny v1 model cannot see: no image input
     tab.evaluate("""() => { window.firstAudio = null; window.uploaded = performance.now();
         document.addEventListener('playing', () => { window.firstAudio ??= performance.now(); }, true); }""")
-    tab.locator("#question input[type=file]").set_input_files(sample_wav)
+    tab.locator("#question input[type=file]").set_input_files(question)
     tab.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')", timeout=ANSWER_TIMEOUT_MS)
     done_ms = tab.evaluate("performance.now() - window.uploaded")
     tab.wait_for_function("window.firstAudio !== null")
@@ -116,16 +114,49 @@ def test_gradio_upload_streams_a_playable_answer(tab, gradio, server_url, sample
     # The player's duration grows as it fetches the streamed segments: wait until it holds the whole answer.
     tab.wait_for_function("([el, least]) => isFinite(el.duration) && el.duration >= least",
                           arg=[player.element_handle(), expected_s - AAC_SLACK_S], timeout=ANSWER_TIMEOUT_MS)
-    duration = player.evaluate("el => el.duration")
-    assert abs(duration - expected_s) <= AAC_SLACK_S
+    assert abs(player.evaluate("el => el.duration") - expected_s) <= AAC_SLACK_S
     assert tab.locator("#transcript textarea").input_value() == text
     download = tab.locator("#answer a[download]").get_attribute("href")  # the whole streamed answer, as one file
     samples = _decode(tab.request.get(download).body(), 24000)
     assert abs(samples.size - len(pcm) // 2) <= AAC_SLACK_S * 24000 and _rms(samples) > SPEECH_RMS
-    tab.screenshot(path=tmp_path / "gradio-answer.png", full_page=True)
-    print(f"\ngradio page: upload to first audio playing {first_audio_ms / 1000:.2f} s, to the end of the answer "
-          f"{done_ms / 1000:.2f} s, {expected_s:.2f} s of speech; the page says: {tab.inner_text('#status')}; "
-          f"screenshot {tmp_path / 'gradio-answer.png'}")
+    tab.screenshot(path=screenshot, full_page=True)
+    return (f"upload to first audio playing {first_audio_ms / 1000:.2f} s, to the end of the answer "
+            f"{done_ms / 1000:.2f} s, {expected_s:.2f} s of speech; the page says: {tab.inner_text('#status')}; "
+            f"screenshot {screenshot}")
+
+
+def test_gradio_upload_streams_a_playable_answer(tab, gradio, server_url, sample_wav, tmp_path):
+    pcm, text = _expected_answer(server_url, sample_wav.read_bytes(), MAX)
+    _open_gradio(tab, gradio.url)
+    assert "ready" in tab.inner_text("#server")
+    assert not tab.locator("#image").is_visible()  # the tiny v1 model cannot see: no image input
+    print("\ngradio page:", _gradio_answer(tab, sample_wav, pcm, text, tmp_path / "gradio-answer.png"))
+
+
+@pytest.fixture(scope="module")
+def v2_server(vision_ckpt, tmp_path_factory):
+    srv = Server(vision_ckpt, tmp_path_factory.mktemp("v2-server-tmp"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def v2_gradio(v2_server, tmp_path_factory):
+    page = gradio_page(f"http://127.0.0.1:{v2_server.port}", tmp_path_factory.mktemp("v2-gradio-logs"),
+                       "--max-tokens", str(MAX))
+    yield page
+    page.stop()
+
+
+def test_gradio_sends_the_image_to_a_model_that_sees(tab, v2_server, v2_gradio, sample_wav, sample_image, tmp_path):
+    pcm, text = _expected_answer(f"http://127.0.0.1:{v2_server.port}", sample_wav.read_bytes(), MAX,
+                                 sample_image.read_bytes())
+    _open_gradio(tab, v2_gradio.url)
+    assert "It can see" in tab.inner_text("#server")
+    tab.locator("#image input[type=file]").set_input_files(sample_image)
+    tab.wait_for_selector("#image img")
+    print("\ngradio page, Mini-Omni2 with an image:",
+          _gradio_answer(tab, sample_wav, pcm, text, tmp_path / "gradio-image-answer.png"))
 
 
 # ---- Streamlit ---------------------------------------------------------------------------------------------
