@@ -1,5 +1,6 @@
 """Both web pages in a real headless Chromium: the real server with the tiny checkpoint, the real page processes,
 a real upload and a real (fake-device) microphone. Times are measured and printed, never asserted."""
+import base64
 import io
 import subprocess
 import time
@@ -40,11 +41,12 @@ def server_url(server):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory, sample_wav):
-    """Chromium with a fresh profile; its fake microphone speaks the sample question over and over."""
+    """Chromium with a fresh profile; its fake microphone speaks the sample question over and over, its fake
+    camera shows a test pattern."""
     with playwright.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             tmp_path_factory.mktemp("chromium-profile"), executable_path=CHROMIUM, args=chromium_args(sample_wav),
-            permissions=["microphone"], viewport={"width": 1280, "height": 900})
+            permissions=["microphone", "camera"], viewport={"width": 1280, "height": 900})
         yield context
         context.close()
 
@@ -187,9 +189,9 @@ def _turn_ended(tab) -> None:
     assert tab.locator("[data-testid=stException]").count() == 0, tab.inner_text("body")
 
 
-def test_streamlit_microphone_turn_is_answered(tab, streamlit, server_url, tmp_path):
-    _open_streamlit(tab, streamlit.url)
-    assert tab.locator("[data-testid=stCameraInput]").count() == 0  # the tiny v1 model cannot see: no camera
+def _streamlit_turn(tab, server_url: str, screenshot, image: bytes | None = None) -> str:
+    """Speak a question into the open page, check that it was heard and that the page shows and plays the
+    server's answer to exactly that recording (and `image`); save a screenshot and return the measured times."""
     started = time.monotonic()
     _speak(tab)
     _turn_ended(tab)
@@ -200,13 +202,37 @@ def test_streamlit_microphone_turn_is_answered(tab, streamlit, server_url, tmp_p
     question = tab.request.get(question_src).body()
     rate, heard = _wav(question)
     assert rate == 16000 and heard.size > 0.5 * RECORD_S * rate and _rms(heard) > SPEECH_RMS  # it heard speech
-    pcm, text = _expected_answer(server_url, question, RECORD_MAX)
+    pcm, text = _expected_answer(server_url, question, RECORD_MAX, image)
     rate, answer = _wav(tab.request.get(answer_src).body())
-    assert rate == 24000 and answer.tobytes() == pcm  # the page played the server's answer to what it recorded
+    assert rate == 24000 and answer.tobytes() == pcm  # the page played the server's answer to what it sent
     assert " ".join(text.split()) in " ".join(messages.nth(1).inner_text().split())
-    tab.screenshot(path=tmp_path / "streamlit-turn.png", full_page=True)
-    print(f"\nstreamlit page: {heard.size / 16000:.2f} s question recorded, answered in {turn_s:.2f} s "
-          f"({len(pcm) / 2 / 24000:.2f} s of speech); screenshot {tmp_path / 'streamlit-turn.png'}")
+    tab.screenshot(path=screenshot, full_page=True)
+    return (f"{heard.size / 16000:.2f} s question recorded, answered in {turn_s:.2f} s "
+            f"({len(pcm) / 2 / 24000:.2f} s of speech); screenshot {screenshot}")
+
+
+def test_streamlit_microphone_turn_is_answered(tab, streamlit, server_url, tmp_path):
+    _open_streamlit(tab, streamlit.url)
+    assert tab.locator("[data-testid=stCameraInput]").count() == 0  # the tiny v1 model cannot see: no camera
+    print("\nstreamlit page:", _streamlit_turn(tab, server_url, tmp_path / "streamlit-turn.png"))
+
+
+@pytest.fixture(scope="module")
+def v2_streamlit(v2_server, tmp_path_factory):
+    page = streamlit_page(f"http://127.0.0.1:{v2_server.port}", tmp_path_factory.mktemp("v2-streamlit-logs"),
+                          "--max-tokens", str(RECORD_MAX))
+    yield page
+    page.stop()
+
+
+def test_streamlit_sends_a_camera_snapshot_to_a_model_that_sees(tab, v2_server, v2_streamlit, tmp_path):
+    _open_streamlit(tab, v2_streamlit.url)
+    assert "it can see" in tab.inner_text("[data-testid=stCaptionContainer]")
+    tab.locator("[data-testid=stCameraInputButton]").click()  # the fake camera's test pattern
+    snapshot_url = tab.locator("[data-testid=stCameraInput] img").get_attribute("src")
+    snapshot = base64.b64decode(snapshot_url.removeprefix("data:image/jpeg;base64,"))
+    print("\nstreamlit page, Mini-Omni2 with a camera snapshot:",
+          _streamlit_turn(tab, f"http://127.0.0.1:{v2_server.port}", tmp_path / "streamlit-camera.png", snapshot))
 
 
 # ---- The server goes away ----------------------------------------------------------------------------------

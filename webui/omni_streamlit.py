@@ -20,6 +20,7 @@ from webui.client import Answer, OmniClient, ServerError, add_server_arguments, 
 INSTALL_HINT = "the Streamlit page needs streamlit: pip install streamlit==1.67.0 (or pip install -r requirements.txt)"
 RUN_HINT = "start the page with: streamlit run webui/omni_streamlit.py [-- --server-url URL]"
 QUESTION_RATE = 16000  # Hz: what the model hears, so the browser records at that rate
+SNAPSHOT_WIDTH = 160  # px: a camera snapshot as the history shows it
 STATES = {  # the live state line
     "listening": "Listening: press the microphone, ask your question, press stop.",
     "thinking": "Thinking…",
@@ -32,6 +33,7 @@ class Turn:
     """One question and its answer, as the history shows them."""
 
     question: bytes  # the recording, a WAV file
+    image: bytes | None  # the camera snapshot sent with it
     answer: bytes | None  # the answer as a WAV file; None when nothing came back
     text: str
     note: str  # timings, or why the answer failed
@@ -84,8 +86,7 @@ class Page:
 
     def ask(self, state, question: bytes, image: bytes | None) -> Turn:
         st = self.st
-        with st.chat_message("user"):
-            st.audio(question, format="audio/wav")
+        self.user_message(question, image)
         reply = Answer()
         with st.chat_message("assistant"):
             state.info(STATES["thinking"])
@@ -96,16 +97,21 @@ class Page:
                     state.info(STATES["answering"])
                     live_text.text(reply.text)
             except ServerError as e:
-                return Turn(question, reply.wav() if reply.pcm else None, reply.text, str(e), failed=True)
+                return Turn(question, image, reply.wav() if reply.pcm else None, reply.text, str(e), failed=True)
         reply.finish()
-        return Turn(question, reply.wav(), reply.text, reply.timing(), failed=False)
+        return Turn(question, image, reply.wav(), reply.text, reply.timing(), failed=False)
+
+    def user_message(self, question: bytes, image: bytes | None) -> None:
+        with self.st.chat_message("user"):
+            self.st.audio(question, format="audio/wav")
+            if image is not None:
+                self.st.image(image, width=SNAPSHOT_WIDTH)
 
     def history(self) -> None:
         st = self.st
         turns = st.session_state.turns
         for i, turn in enumerate(turns):
-            with st.chat_message("user"):
-                st.audio(turn.question, format="audio/wav")
+            self.user_message(turn.question, turn.image)
             with st.chat_message("assistant"):
                 if turn.answer is not None:  # only the newest answer plays by itself, once
                     latest = i == len(turns) - 1 and st.session_state.autoplay
