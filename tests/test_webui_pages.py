@@ -63,7 +63,8 @@ def tab(browser):
     assert outside == []
 
 
-def _expected_answer(server_url: str, question: bytes, max_tokens: int, image: bytes | None = None) -> tuple[bytes, str]:
+def _expected_answer(server_url: str, question: bytes, max_tokens: int,
+                     image: bytes | None = None) -> tuple[bytes, str]:
     """What the server answers to this question when asked directly (answers are seeded: the same bytes)."""
     pcm, text = b"", ""
     for chunk in OmniClient(server_url).ask(question, image, max_tokens=max_tokens):

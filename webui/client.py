@@ -33,7 +33,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def server_options(args: argparse.Namespace) -> dict[str, int]:
     """The `ask()` options set on the command line."""
-    return {k: v for k, v in {"max_tokens": args.max_tokens, "first_stride": args.first_stride}.items() if v is not None}
+    given = {"max_tokens": args.max_tokens, "first_stride": args.first_stride}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 class ServerError(Exception):
