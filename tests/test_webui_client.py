@@ -28,16 +28,17 @@ def test_health(client):
     assert health.status == "ready" and health.can_see is False
 
 
-def test_answer_is_the_engines(client, engine, sample_wav):
-    expected = engine.run(sample_wav, max_tokens=MAX)
+def test_answer_is_the_servers_official_stream(server, client, sample_wav):
+    status, headers, pcm = server.chat(sample_wav.read_bytes(), max_tokens=MAX)  # raw PCM, the official v1 body
+    text = server.get_json(f"/requests/{headers['X-Request-Id']}")["text"]
     reply = Answer()
     for chunk in client.ask(sample_wav.read_bytes(), max_tokens=MAX):
         reply.add(chunk)
     reply.finish()
-    assert bytes(reply.pcm) == expected.pcm and reply.text == expected.text
+    assert status == 200 and bytes(reply.pcm) == pcm and reply.text == text
     assert 0 < reply.first_audio_s <= reply.total_s
     with wave.open(io.BytesIO(reply.wav())) as w:
-        assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (24000, 1, len(expected.pcm) // 2)
+        assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (24000, 1, len(pcm) // 2)
     assert "first audio after" in reply.timing() and "total" in reply.timing()
 
 
