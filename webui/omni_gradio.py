@@ -83,6 +83,7 @@ def build_page(gr, client: OmniClient, options: dict[str, int]):
                 yield gr.skip() if wav is None else wav, text, line
 
         page.load(on_load, outputs=[image, server_line])
+        # A new question first clears the last answer's player, then streams the new one into it.
         gr.on([question.upload, question.stop_recording, ask.click], lambda: None, outputs=[spoken]).then(
             on_ask, inputs=[question, image], outputs=[spoken, transcript, status])
     return page
