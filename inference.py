@@ -3,6 +3,7 @@
     python inference.py                                   # answer data/samples/*.wav with ./checkpoint
     python inference.py --ckpt-dir DIR --input q.wav --out answer.wav
     python inference.py --task T1T2 --text "What is your name?" --dump-tokens tokens.json
+    python inference.py --ckpt-dir DIR --input q.wav --image photo.jpg --out answer.wav   # Mini-Omni2
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from pathlib import Path
 from omni_engine import OmniEngine, OmniError, Task
 from omni.generate import to_streams
 from omni.sampling import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
-from omni.tokens import EOA, EOT
+from omni.tokens import EOA, EOT, PAD_T
 from utils.audio_io import write_wav
 
 SAMPLES_DIR = Path(__file__).parent / "data" / "samples"
+SAMPLE_QUESTION = str(SAMPLES_DIR / "output1.wav")
+SAMPLE_IMAGE = str(SAMPLES_DIR / "image1.jpg")
 DEFAULT_OUT_DIR = Path("output")
 
 
@@ -32,7 +35,7 @@ class OmniInference:
     def __init__(self, ckpt_dir: str = "./checkpoint", device: str = "auto") -> None:
         self.engine = OmniEngine(ckpt_dir, device=device)
 
-    def warm_up(self, sample: str = str(SAMPLES_DIR / "output1.wav")) -> None:
+    def warm_up(self, sample: str = SAMPLE_QUESTION) -> None:
         for _ in self.run_AT_batch_stream(sample):
             pass
 
@@ -49,6 +52,57 @@ class OmniInference:
                 yield chunk.pcm
 
 
+class OmniVisionInference(OmniInference):
+    """The official Mini-Omni2 `OmniVisionInference` interface: spoken questions about an image.
+
+    As in the official v2 code, the streams yield `(pcm_bytes, text_delta)` and can save the answer.
+    """
+
+    def __init__(self, ckpt_dir: str = "./checkpoint", device: str = "auto") -> None:
+        self.engine = OmniEngine(ckpt_dir, device=device, family="mini-omni2")
+
+    def warm_up(self, audio_sample: str = SAMPLE_QUESTION, image_sample: str = SAMPLE_IMAGE) -> None:
+        for _ in self.run_vision_AA_batch_stream(audio_sample, image_sample, warm_up=True):
+            pass
+
+    def run_AT_batch_stream(self, audio_path: str, stream_stride: int = DEFAULT_STREAM_STRIDE,
+                            max_returned_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
+                            top_k: int = DEFAULT_TOP_K, top_p: float = DEFAULT_TOP_P, eos_id_a: int = EOA,
+                            eos_id_t: int = EOT, save_path: str | None = None) -> Iterator[tuple[bytes, str]]:
+        """The spoken answer to `audio_path` as `(pcm, text_delta)` chunks; the whole answer to `save_path`."""
+        yield from self._stream(audio_path, None, stream_stride, max_returned_tokens, temperature, top_k, top_p,
+                                (eos_id_a, eos_id_t), save_path, False)
+
+    def run_vision_AA_batch_stream(self, audio_path: str, image_path: str, stream_stride: int = DEFAULT_STREAM_STRIDE,
+                                   max_returned_tokens: int = DEFAULT_MAX_TOKENS,
+                                   temperature: float = DEFAULT_TEMPERATURE, top_k: int = DEFAULT_TOP_K,
+                                   top_p: float = DEFAULT_TOP_P, eos_id_a: int = EOA, eos_id_t: int = EOT,
+                                   pad_id: int = PAD_T, save_path: str | None = None,
+                                   warm_up: bool = False) -> Iterator[tuple[bytes, str]]:
+        """The spoken answer to a question about `image_path`, as `(pcm, text_delta)` chunks.
+
+        `warm_up` stops after the first chunk, as the official warm-up does."""
+        if pad_id != PAD_T:
+            raise ValueError(f"only the model's own text pad id is supported (pad_id={PAD_T})")
+        yield from self._stream(audio_path, image_path, stream_stride, max_returned_tokens, temperature, top_k, top_p,
+                                (eos_id_a, eos_id_t), save_path, warm_up)
+
+    def _stream(self, audio_path: str, image_path: str | None, stream_stride: int, max_tokens: int,
+                temperature: float, top_k: int, top_p: float, stop_ids: tuple[int, int], save_path: str | None,
+                first_only: bool) -> Iterator[tuple[bytes, str]]:
+        if stop_ids != (EOA, EOT):
+            raise ValueError(f"only the model's own stop ids are supported (eos_id_a={EOA}, eos_id_t={EOT})")
+        pcm = []
+        for chunk in self.engine.stream(audio_path, image=image_path, stream_stride=stream_stride,
+                                        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p):
+            pcm.append(chunk.pcm)
+            yield chunk.pcm, chunk.text
+            if first_only and chunk.pcm:
+                break
+        if save_path is not None:
+            write_wav(Path(save_path), b"".join(pcm), self.engine.sample_rate)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Mini-Omni: answer a question with speech and text.")
     p.add_argument("--ckpt-dir", default="checkpoint", help="checkpoint directory (downloaded if it does not exist)")
@@ -56,6 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="A1A2 speech->speech (default), A1T2 speech->text, ASR, T1A2 text->speech, T1T2 text->text")
     p.add_argument("--input", help="question audio file (any format ffmpeg reads)")
     p.add_argument("--text", help="question text for T1A2 / T1T2")
+    p.add_argument("--image", help="a picture the spoken question is about (Mini-Omni2 checkpoints, task A1A2)")
+    p.add_argument("--family", choices=["mini-omni", "mini-omni2"],
+                   help="which model to download when --ckpt-dir does not exist (default: mini-omni2 with --image)")
     p.add_argument("--out", help="where to write the spoken answer (.wav, 24 kHz)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="prompt + answer positions (official max_returned_tokens)")
     p.add_argument("--stream-stride", type=int, default=DEFAULT_STREAM_STRIDE, help="SNAC frames per streamed chunk")
@@ -76,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"task {task.value} needs --text")
     if args.out and not task.speaks:
         p.error(f"task {task.value} answers in text only; drop --out")
+    if args.image and (task != Task.A1A2 or not args.input):
+        p.error("--image goes with a spoken question: --input q.wav and task A1A2")
+    args.family = args.family or ("mini-omni2" if args.image else "mini-omni")
     return args
 
 
@@ -83,7 +143,7 @@ def answer(engine: OmniEngine, args: argparse.Namespace, audio: str | None, out:
     """Stream one answer, reporting the first chunk's latency, and write the requested files."""
     start = time.perf_counter()
     first, pcm, text, steps = None, [], [], []
-    for chunk in engine.stream(audio, text=args.text, task=args.task, max_tokens=args.max_tokens,
+    for chunk in engine.stream(audio, text=args.text, task=args.task, image=args.image, max_tokens=args.max_tokens,
                                stream_stride=args.stream_stride, first_stride=args.first_stride):
         if first is None and (chunk.pcm or chunk.text):
             first = time.perf_counter() - start
@@ -112,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    engine = OmniEngine(args.ckpt_dir, device=args.device, mode=args.mode)
+    engine = OmniEngine(args.ckpt_dir, device=args.device, mode=args.mode, family=args.family)
     print(f"loaded {engine.family} from {args.ckpt_dir} on {engine.device} ({engine.dtype}, {engine.mode} mode)")
     if args.input or args.text:
         answer(engine, args, args.input, Path(args.out) if args.out else None)

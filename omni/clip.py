@@ -7,7 +7,9 @@ TorchScript archive) loads strictly; no CLIP package is needed (they import torc
 """
 from __future__ import annotations
 
+import pickle
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -76,11 +78,13 @@ class VisionTower(nn.Module):
 def read_visual_state(path: Path) -> dict[str, torch.Tensor]:
     """The `visual.*` tensors of a CLIP file: OpenAI's TorchScript archive or a plain state dict."""
     try:
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format OpenAI released
+            warnings.simplefilter("ignore", DeprecationWarning)
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
     except RuntimeError:  # not TorchScript: the clip package then tries a plain torch.load too
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, pickle.UnpicklingError) as e:
             raise CheckpointError(f"cannot read {path} as a CLIP model ({e})") from e
     visual = {k.removeprefix(VISUAL_PREFIX): v for k, v in state.items() if k.startswith(VISUAL_PREFIX)}
     if "proj" not in visual or "conv1.weight" not in visual:

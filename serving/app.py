@@ -71,11 +71,10 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES) -> Fl
     def accept(disconnected):
         """Parse and check a /chat request: the request and the engine's (not yet started) chunks."""
         req = parse_chat(request)
-        if req.image is not None and not service.engine.can_see:
-            raise ApiError(400, "this engine cannot see: image questions need the Mini-Omni2 image path")
         samples = _decode(req.audio)
-        try:  # checks the options now; generation starts when the response body is read
-            chunks = service.engine.stream(samples, sample_rate=SAMPLE_RATE, cancel=disconnected, **req.options)
+        try:  # checks the options and decodes the image now; generation starts when the body is read
+            chunks = service.engine.stream(samples, sample_rate=SAMPLE_RATE, image=req.image, cancel=disconnected,
+                                           **req.options)
         except ValueError as e:
             raise ApiError(400, str(e)) from e
         return req, samples.size / SAMPLE_RATE, chunks

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -231,13 +232,15 @@ def save_random_clip(dims: ClipDims, path: Path) -> None:
     """A TorchScript archive like OpenAI's ViT-B-32.pt: layers and projections stored in fp16, the
     LayerNorms and embeddings in fp32."""
     model = RandomClip(dims).eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():  # TorchScript is deprecated; OpenAI's file is one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         archive = torch.jit.trace(model, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
-    rounded = fp16_valued(model)
-    for name, p in archive.named_parameters():
-        if name in rounded:
-            p.data = p.data.half()
-    torch.jit.save(archive, str(path))
+        rounded = fp16_valued(model)
+        for name, p in archive.named_parameters():
+            if name in rounded:
+                p.data = p.data.half()
+        torch.jit.save(archive, str(path))
 
 
 def make_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, likely_stop: bool = False,
