@@ -21,6 +21,7 @@ if not Path(CHROMIUM).exists():
 
 MAX = 120  # max_tokens for the uploaded sample: a short answer on the tiny checkpoint
 RECORD_MAX = 150  # max_tokens for a recorded question, whose prompt is longer than the sample's
+IMAGE_EXTRA = 80  # max_tokens beyond those for the same question without an image (its 50 features, then steps)
 RECORD_S = 1.5  # how long the test speaks into the fake microphone
 ANSWER_TIMEOUT_MS = 120_000
 AAC_SLACK_S = 3 * 1024 / 24000  # Gradio streams AAC: encoder priming and padding, up to three 1024-sample frames
@@ -105,6 +106,7 @@ def _open_gradio(tab, url: str) -> None:
 def _gradio_answer(tab, question, pcm: bytes, text: str, screenshot) -> str:
     """Upload `question` to the open page, check the streamed answer against the server's `pcm` and `text`,
     save a screenshot and return the measured times."""
+    assert pcm  # an answer to hear
     expected_s = len(pcm) / 2 / 24000
     tab.evaluate("""() => { window.firstAudio = null; window.uploaded = performance.now();
         document.addEventListener('playing', () => { window.firstAudio ??= performance.now(); }, true); }""")
@@ -146,13 +148,13 @@ def v2_server(vision_ckpt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def v2_gradio(v2_server, tmp_path_factory):
     page = gradio_page(f"http://127.0.0.1:{v2_server.port}", tmp_path_factory.mktemp("v2-gradio-logs"),
-                       "--max-tokens", str(MAX))
+                       "--max-tokens", str(MAX + IMAGE_EXTRA))
     yield page
     page.stop()
 
 
 def test_gradio_sends_the_image_to_a_model_that_sees(tab, v2_server, v2_gradio, sample_wav, sample_image, tmp_path):
-    pcm, text = _expected_answer(f"http://127.0.0.1:{v2_server.port}", sample_wav.read_bytes(), MAX,
+    pcm, text = _expected_answer(f"http://127.0.0.1:{v2_server.port}", sample_wav.read_bytes(), MAX + IMAGE_EXTRA,
                                  sample_image.read_bytes())
     _open_gradio(tab, v2_gradio.url)
     assert "It can see" in tab.inner_text("#server")
@@ -190,7 +192,7 @@ def _turn_ended(tab) -> None:
     assert tab.locator("[data-testid=stException]").count() == 0, tab.inner_text("body")
 
 
-def _streamlit_turn(tab, server_url: str, screenshot, image: bytes | None = None) -> str:
+def _streamlit_turn(tab, server_url: str, screenshot, max_tokens: int, image: bytes | None = None) -> str:
     """Speak a question into the open page, check that it was heard and that the page shows and plays the
     server's answer to exactly that recording (and `image`); save a screenshot and return the measured times."""
     started = time.monotonic()
@@ -203,7 +205,8 @@ def _streamlit_turn(tab, server_url: str, screenshot, image: bytes | None = None
     question = tab.request.get(question_src).body()
     rate, heard = _wav(question)
     assert rate == 16000 and heard.size > 0.5 * RECORD_S * rate and _rms(heard) > SPEECH_RMS  # it heard speech
-    pcm, text = _expected_answer(server_url, question, RECORD_MAX, image)
+    pcm, text = _expected_answer(server_url, question, max_tokens, image)
+    assert pcm  # an answer to hear
     rate, answer = _wav(tab.request.get(answer_src).body())
     assert rate == 24000 and answer.tobytes() == pcm  # the page played the server's answer to what it sent
     assert " ".join(text.split()) in " ".join(messages.nth(1).inner_text().split())
@@ -215,13 +218,13 @@ def _streamlit_turn(tab, server_url: str, screenshot, image: bytes | None = None
 def test_streamlit_microphone_turn_is_answered(tab, streamlit, server_url, tmp_path):
     _open_streamlit(tab, streamlit.url)
     assert tab.locator("[data-testid=stCameraInput]").count() == 0  # the tiny v1 model cannot see: no camera
-    print("\nstreamlit page:", _streamlit_turn(tab, server_url, tmp_path / "streamlit-turn.png"))
+    print("\nstreamlit page:", _streamlit_turn(tab, server_url, tmp_path / "streamlit-turn.png", RECORD_MAX))
 
 
 @pytest.fixture(scope="module")
 def v2_streamlit(v2_server, tmp_path_factory):
     page = streamlit_page(f"http://127.0.0.1:{v2_server.port}", tmp_path_factory.mktemp("v2-streamlit-logs"),
-                          "--max-tokens", str(RECORD_MAX))
+                          "--max-tokens", str(RECORD_MAX + IMAGE_EXTRA))
     yield page
     page.stop()
 
@@ -233,7 +236,8 @@ def test_streamlit_sends_a_camera_snapshot_to_a_model_that_sees(tab, v2_server, 
     snapshot_url = tab.locator("[data-testid=stCameraInput] img").get_attribute("src")
     snapshot = base64.b64decode(snapshot_url.removeprefix("data:image/jpeg;base64,"))
     print("\nstreamlit page, Mini-Omni2 with a camera snapshot:",
-          _streamlit_turn(tab, f"http://127.0.0.1:{v2_server.port}", tmp_path / "streamlit-camera.png", snapshot))
+          _streamlit_turn(tab, f"http://127.0.0.1:{v2_server.port}", tmp_path / "streamlit-camera.png",
+                          RECORD_MAX + IMAGE_EXTRA, snapshot))
 
 
 # ---- The server goes away ----------------------------------------------------------------------------------
