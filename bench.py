@@ -1,11 +1,14 @@
 """Benchmark the engine's modes side by side on one machine and one question.
 
     python bench.py [--ckpt-dir DIR] [--device cpu|cuda] [--modes baseline,exact,fast] [--runs N] [--json out.json]
+    python bench.py --image data/samples/image1.jpg --modes exact    # Mini-Omni2: the image's extra cost
 
 Each mode runs in its own process (so peak memory is its own). `baseline` reproduces the official
 implementation's cost structure in our code (fp32, full head on both rows, attention over the
 whole 2048-long cache, 30 s encoder), so every speed-up is a ratio measured in the same run.
-Without --ckpt-dir a full-size random checkpoint is made once and cached.
+Without --ckpt-dir a full-size random checkpoint is made once and cached (Mini-Omni2 with --image).
+With --image every mode also answers the same question without the image, in the same process, and
+reports the difference.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from omni.codec import OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME
 ROOT = Path(__file__).resolve().parent
 DEFAULT_INPUT = ROOT / "data" / "samples" / "output4.wav"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mini-omni" / "bench-full"
+CACHE_DIR_V2 = CACHE_DIR.with_name("bench-full-v2")
 FRAME_MS = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE * 1000  # audio per decode step: real time needs a step under this
 DEFAULT_STEPS = 40  # decode steps per request after the prompt
 
@@ -85,7 +89,7 @@ def one_request(engine, audio: dict, max_tokens: int, timers: Timers) -> dict:
     timers.clear()
     start = time.perf_counter()
     first, steps, pcm = None, 0, 0
-    for chunk in engine.stream(**audio, max_tokens=max_tokens):
+    for chunk in engine.stream(**audio, max_tokens=max_tokens):  # audio: the question's stream() arguments
         if first is None and chunk.pcm:
             first = time.perf_counter() - start
         steps += len(chunk.steps)
@@ -95,6 +99,7 @@ def one_request(engine, audio: dict, max_tokens: int, timers: Timers) -> dict:
     return {"first_chunk_s": first, "total_s": total, "steps": steps, "audio_s": pcm / 2 / OUTPUT_SAMPLE_RATE,
             "audio_decode_s": sum(timers.samples.get("audio_decode", [])), "mel_s": sum(timers.samples.get("mel", [])),
             "encoder_s": sum(timers.samples.get("encoder", [])), "prefill_s": timers.samples["prefill"][0],
+            "image_load_s": sum(timers.samples.get("image_load", [])), "clip_s": sum(timers.samples.get("clip", [])),
             "decode_steps_s": timers.samples["forward"][int(prefill_calls):],
             "snac_chunk_s": timers.samples.get("snac", [])}
 
@@ -128,11 +133,17 @@ def child(args: argparse.Namespace) -> dict:
     generate_module_prefill = generate_module.prefill
     generate_module.prefill = timers.wrap("prefill", counted_prefill)
     engine.codec.decode = timers.wrap("snac", engine.codec.decode)
-    from omni.audio import feature_frames, load_audio
+    from omni.audio import load_audio
 
     audio = question(args.input)
     samples = load_audio(audio["audio"], audio.get("sample_rate"))
-    max_tokens = feature_frames(samples.size) + 3 + 1 + args.steps
+    max_tokens = engine_module.prompt_length(Task.A1A2, samples, None) + 1 + args.steps
+    plain = [one_request(engine, audio, max_tokens, timers) for _ in range(args.runs + 1)] if args.image else []
+    if args.image:
+        engine_module.load_image = timers.wrap("image_load", engine_module.load_image)
+        engine.vision.forward = timers.wrap("clip", engine.vision.forward)
+        audio = {**audio, "image": str(args.image)}
+        max_tokens = engine_module.prompt_length(Task.A1A2, samples, None, image=True) + 1 + args.steps
     runs = [one_request(engine, audio, max_tokens, timers) for _ in range(args.runs + 1)]
     cold, warm = runs[0], runs[1:]
     steps = [s for r in warm for s in r["decode_steps_s"]]
@@ -149,6 +160,12 @@ def child(args: argparse.Namespace) -> dict:
         "total_s": statistics.median(r["total_s"] for r in warm), "steps": warm[0]["steps"],
         "rtf": step_p50 * 1000 / FRAME_MS, "peak_rss_mb": peak_rss_mb(), "steady_rss_mb": rss_now_mb(),
     }
+    if args.image:
+        result.update(image_load_s=statistics.median(r["image_load_s"] for r in warm),
+                      clip_s=statistics.median(r["clip_s"] for r in warm),
+                      prefill_no_image_s=statistics.median(r["prefill_s"] for r in plain[1:]),
+                      first_chunk_no_image_s=statistics.median(r["first_chunk_s"] for r in plain[1:]))
+        result["image_extra_ms"] = (result["first_chunk_s"] - result["first_chunk_no_image_s"]) * 1000
     if args.reference:
         from omni.generate import Step, teacher_forced_agreement
 
@@ -181,6 +198,8 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path, reference: Path | N
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--ckpt-dir", str(args.ckpt_dir),
            "--device", args.device, "--runs", str(args.runs), "--steps", str(args.steps), "--input", str(args.input),
            "--child-out", str(out)]
+    if args.image:
+        cmd += ["--image", str(args.image)]
     if reference:
         cmd += ["--reference", str(reference)]
     if dump:
@@ -192,8 +211,10 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path, reference: Path | N
 
 ROWS = [("load_s", "load (s)"), ("rss_after_load_mb", "RSS after load (MB)"), ("peak_rss_loading_mb", "peak RSS loading (MB)"),
         ("audio_decode_s", "audio decode (s)"), ("mel_s", "mel (s)"), ("encoder_s", "encoder (s)"),
+        ("image_load_s", "image load (s)"), ("clip_s", "CLIP (s)"), ("prefill_no_image_s", "prefill, no image (s)"),
         ("prefill_s", "prefill (s)"), ("decode_step_ms_p50", "decode step p50 (ms)"), ("decode_step_ms_p90", "decode step p90 (ms)"),
         ("snac_chunk_ms_p50", "SNAC per chunk (ms)"), ("first_chunk_s", "first chunk (s)"),
+        ("first_chunk_no_image_s", "first chunk, no image (s)"), ("image_extra_ms", "image's extra cost (ms)"),
         ("first_chunk_cold_s", "first chunk, 1st request (s)"), ("total_s", "total (s)"), ("rtf", "real-time factor"),
         ("peak_rss_mb", "peak RSS (MB)"), ("steady_rss_mb", "steady RSS (MB)")]
 
@@ -202,6 +223,8 @@ def print_table(report: dict) -> None:
     modes = list(report["modes"])
     print(f"\n{'':30}" + "".join(f"{m:>12}" for m in modes))
     for key, label in ROWS:
+        if all(key not in report["modes"][m] for m in modes):
+            continue
         print(f"{label:30}" + "".join(f"{report['modes'][m].get(key, float('nan')):12.3f}" for m in modes))
     for mode, ratios in report.get("speedup_vs_baseline", {}).items():
         print(f"{mode} vs baseline: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
@@ -219,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=3, help="measured requests per mode, after one cold request")
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="decode steps per request")
     ap.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="the question")
+    ap.add_argument("--image", type=Path, help="ask about this image too (a Mini-Omni2 checkpoint)")
     ap.add_argument("--json", type=Path, help="write the report here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -229,18 +253,20 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.child_out).write_text(json.dumps(child(args)))
         return
     if args.ckpt_dir is None:
-        args.ckpt_dir = CACHE_DIR
+        family = "mini-omni2" if args.image else "mini-omni"
+        args.ckpt_dir = CACHE_DIR_V2 if args.image else CACHE_DIR
         if not (args.ckpt_dir / "lit_model.pth").is_file():
             from utils.make_checkpoint import make_checkpoint
 
-            print(f"making a full-size random checkpoint in {CACHE_DIR} (once)")
-            make_checkpoint(CACHE_DIR, "full", seed=0)
+            print(f"making a full-size random {family} checkpoint in {args.ckpt_dir} (once)")
+            make_checkpoint(args.ckpt_dir, "full", seed=0, family=family)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     order = sorted(modes, key=lambda m: m != "exact")  # exact first: the others are compared with it
     report = {"machine": machine(args.device), "input": str(args.input), "modes": {}}
     with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp:
         tmp = Path(tmp)
-        reference = tmp / "exact_streams.json" if "exact" in modes else None
+        # fast mode's agreement with exact is measured on the plain question (not with --image)
+        reference = tmp / "exact_streams.json" if "exact" in modes and not args.image else None
         for mode in order:
             report["modes"][mode] = run_mode(mode, args, tmp, reference if mode != "exact" else None,
                                              reference if mode == "exact" else None)

@@ -1,10 +1,10 @@
 """Public entry point: `from omni_engine import OmniEngine`."""
 from omni import (
-    AudioInputError, CheckpointDownloadError, CheckpointError, GenerationConfig, OmniChunk, OmniEngine,
+    AudioInputError, CheckpointDownloadError, CheckpointError, GenerationConfig, ImageInputError, OmniChunk, OmniEngine,
     OmniError, OmniResult, Task,
 )
 
 __all__ = [
-    "AudioInputError", "CheckpointDownloadError", "CheckpointError", "GenerationConfig", "OmniChunk",
+    "AudioInputError", "CheckpointDownloadError", "CheckpointError", "GenerationConfig", "ImageInputError", "OmniChunk",
     "OmniEngine", "OmniError", "OmniResult", "Task",
 ]

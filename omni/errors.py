@@ -16,3 +16,7 @@ class CheckpointDownloadError(CheckpointError):
 
 class AudioInputError(OmniError, ValueError):
     """The input audio is missing, unreadable, empty or silent."""
+
+
+class ImageInputError(OmniError, ValueError):
+    """The input image is unreadable, corrupt, too large or of the wrong array type."""

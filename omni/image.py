@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .errors import ImageInputError
+
 IMAGE_SIZE = 224  # CLIP ViT-B/32 input side, pixels
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # per RGB channel, of pixels scaled to [0, 1]
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,10 +28,6 @@ MAX_SOURCE_PIXELS = 50_000_000
 MAX_ASPECT = 16
 
 ImageSource = str | Path | bytes | np.ndarray | Image.Image
-
-
-class ImageError(ValueError):
-    """The image could not be read or used; the message says why."""
 
 
 def open_image(source: ImageSource) -> Image.Image:
@@ -52,10 +50,10 @@ def open_image(source: ImageSource) -> Image.Image:
 
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise ImageError(f"an image array must be uint8 (H, W), (H, W, 3) or (H, W, 4); "
+        raise ImageInputError(f"an image array must be uint8 (H, W), (H, W, 3) or (H, W, 4); "
                          f"got {array.dtype} {array.shape}")
     if min(array.shape[:2]) == 0:
-        raise ImageError(f"the image array is empty: {array.shape}")
+        raise ImageInputError(f"the image array is empty: {array.shape}")
     return Image.fromarray(np.ascontiguousarray(array))
 
 
@@ -68,11 +66,11 @@ def _open(file: str | Path | io.BytesIO, what: str) -> Image.Image:
                 _shrink_while_decoding(image)
             image.load()
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{what} is too large to decode safely ({e})") from e
+        raise ImageInputError(f"{what} is too large to decode safely ({e})") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"{what} is not an image PIL can read (JPEG, PNG, WebP, BMP, GIF, ...)") from e
+        raise ImageInputError(f"{what} is not an image PIL can read (JPEG, PNG, WebP, BMP, GIF, ...)") from e
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated or corrupt data
-        raise ImageError(f"{what} is corrupt or truncated ({e})") from e
+        raise ImageInputError(f"{what} is corrupt or truncated ({e})") from e
     if image.width * image.height > MAX_SOURCE_PIXELS:
         factor = int(np.ceil(np.sqrt(image.width * image.height / MAX_SOURCE_PIXELS)))
         image = image.reduce(factor)

@@ -98,6 +98,8 @@ def quantize_lm(model: OmniLM) -> None:
     for block in model.transformer.h:
         _quantize(block)
     _quantize(model.whisper_adapter)
+    if model.config.vision_adapter_dim:
+        _quantize(model.vision_adapter)
     gc.collect()  # the swapped-out fp32 modules sit in reference cycles that hold the file's mapping
 
 

@@ -4,6 +4,7 @@
 (with the mini-omni/CLIP fork) produced, run unmodified on CPU, for the checkpoints these tests build.
 """
 import base64
+import hashlib
 import io
 import json
 import shutil
@@ -18,10 +19,11 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
+import omni.checkpoint as ckpt_mod
 import omni.image as image_mod
 from omni.clip import load_vision_tower, read_visual_state
-from omni.errors import CheckpointError
-from omni.image import CLIP_MEAN, CLIP_STD, ImageError, crop_box, load_image, open_image, resized_size
+from omni.errors import CheckpointError, ImageInputError
+from omni.image import CLIP_MEAN, CLIP_STD, crop_box, load_image, open_image, resized_size
 from omni.tokens import (
     ANSWER_A, ANSWER_T, EOA, EOIMAGE, IMAGE, IMAGE_TOKENS, INPUT_A, PAD_A, PAD_T, Task, audio_id, build_image_prompt,
 )
@@ -189,14 +191,14 @@ def test_image_errors(engine, vision_engine, sample_wav, sample_image, tmp_path)
         engine.stream(sample_wav, image=sample_image)
     with pytest.raises(ValueError, match="task A1A2.*T1A2 takes none"):
         vision_engine.stream(text="hi", task="T1A2", image=sample_image)
-    with pytest.raises(ImageError, match="not an image"):
+    with pytest.raises(ImageInputError, match="not an image"):
         vision_engine.stream(sample_wav, image=sample_wav.read_bytes())
     truncated = sample_image.read_bytes()[:2000]
-    with pytest.raises(ImageError, match="corrupt or truncated"):
+    with pytest.raises(ImageInputError, match="corrupt or truncated"):
         vision_engine.stream(sample_wav, image=truncated)
-    with pytest.raises(ImageError, match="uint8"):
+    with pytest.raises(ImageInputError, match="uint8"):
         vision_engine.stream(sample_wav, image=np.zeros((4, 4, 3), np.float32))
-    with pytest.raises(ImageError, match="empty"):
+    with pytest.raises(ImageInputError, match="empty"):
         vision_engine.stream(sample_wav, image=np.zeros((0, 4, 3), np.uint8))
     with pytest.raises(FileNotFoundError):
         vision_engine.stream(sample_wav, image=tmp_path / "nope.jpg")
@@ -219,7 +221,7 @@ def test_decompression_bombs_and_extreme_shapes(monkeypatch):
     Image.new("RGB", (4000, 10)).save(out, format="PNG")
     assert open_image(out.getvalue()).size == (160, 10)  # cropped to 16:1 around the centre
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with pytest.raises(ImageError, match="too large"):
+    with pytest.raises(ImageInputError, match="too large"):
         open_image(out.getvalue())
 
 
@@ -281,3 +283,31 @@ def test_server_refuses_bad_images_and_keeps_serving(vision_server, sample_wav, 
         assert status == 400 and message in json.loads(data)["error"]
     assert vision_server.chat(sample_wav.read_bytes(), max_tokens=MAX)[0] == 200
     assert [p.name for p in vision_server.tmpdir.iterdir() if not p.name.startswith("torchinductor")] == []
+
+
+def test_clip_is_downloaded_and_verified_when_absent(vision_ckpt, tmp_path, monkeypatch):
+    ckpt = tmp_path / "v2"
+    shutil.copytree(vision_ckpt, ckpt)
+    blob = (ckpt / "ViT-B-32.pt").read_bytes()
+    (ckpt / "ViT-B-32.pt").unlink()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    requested = []
+
+    def fake_urlopen(url):
+        requested.append(url)
+        return io.BytesIO(blob)
+
+    monkeypatch.setattr(ckpt_mod.urllib.request, "urlopen", fake_urlopen)
+    with pytest.raises(CheckpointError, match="sha256"):
+        OmniEngine(ckpt, device="cpu")
+    assert requested == [ckpt_mod.CLIP_VIT_B32_URL] and not list((tmp_path / "cache" / "clip").iterdir())
+    monkeypatch.setattr(ckpt_mod, "CLIP_VIT_B32_SHA256", hashlib.sha256(blob).hexdigest())
+    assert OmniEngine(ckpt, device="cpu").can_see
+    assert (tmp_path / "cache" / "clip" / "ViT-B-32.pt").read_bytes() == blob
+
+
+def test_fast_mode_quantizes_the_vision_adapter_too(vision_ckpt, sample_wav, sample_image):
+    """No fp32 matrix may keep the memory-mapped checkpoint alive in fast mode (the vision adapter included)."""
+    fast = OmniEngine(vision_ckpt, device="cpu", mode="fast")
+    assert [name for name, m in fast.model.named_modules() if type(m) is torch.nn.Linear] == []
+    assert sum(len(c.pcm) for c in fast.stream(sample_wav, image=sample_image, max_tokens=MAX)) > 0
