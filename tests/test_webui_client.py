@@ -1,0 +1,71 @@
+"""The pages' HTTP client against the real server process: answers, and every failure as a readable message."""
+import io
+import wave
+
+import pytest
+
+from tests.http_client import Server, free_port
+from webui.client import Answer, OmniClient, ServerError
+
+MAX = 120  # max_tokens: a short answer on the tiny checkpoint
+LONG = 1200  # an answer that keeps the engine busy while another request arrives
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("client-server-tmp"), "--max-queue", "0")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OmniClient(f"http://127.0.0.1:{server.port}")
+
+
+def test_health(client):
+    health = client.health()
+    assert health.status == "ready" and health.can_see is False
+
+
+def test_answer_is_the_servers_official_stream(server, client, sample_wav):
+    status, headers, pcm = server.chat(sample_wav.read_bytes(), max_tokens=MAX)  # raw PCM, the official v1 body
+    text = server.get_json(f"/requests/{headers['X-Request-Id']}")["text"]
+    reply = Answer()
+    for chunk in client.ask(sample_wav.read_bytes(), max_tokens=MAX):
+        reply.add(chunk)
+    reply.finish()
+    assert status == 200 and bytes(reply.pcm) == pcm and reply.text == text
+    assert 0 < reply.first_audio_s <= reply.total_s
+    with wave.open(io.BytesIO(reply.wav())) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (24000, 1, len(pcm) // 2)
+    assert "first audio after" in reply.timing() and "total" in reply.timing()
+
+
+def test_refused_input_reads_as_a_message(client):
+    with pytest.raises(ServerError, match="The server refused the question: could not decode"):
+        list(client.ask(b"this is no audio"))
+
+
+def test_image_refused_where_the_model_cannot_see(client, sample_wav):
+    with pytest.raises(ServerError, match="cannot see"):
+        list(client.ask(sample_wav.read_bytes(), image=b"\xff\xd8 a jpeg", max_tokens=MAX))
+
+
+def test_busy_server_says_when_to_retry(server, client, sample_wav):
+    conn, resp = server.open_chat(sample_wav.read_bytes(), max_tokens=LONG)  # holds the engine; no queue
+    try:
+        assert resp.status == 200 and resp.read(1024)
+        with pytest.raises(ServerError, match=r"The server is busy .* Try again in 2 s"):
+            list(client.ask(sample_wav.read_bytes(), max_tokens=MAX))
+    finally:
+        resp.close()
+        conn.close()
+
+
+def test_server_down_reads_as_a_message(sample_wav):
+    down = OmniClient(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ServerError, match="Cannot reach the server .* is `python server.py` running"):
+        down.health()
+    with pytest.raises(ServerError, match="Cannot reach the server"):
+        list(down.ask(sample_wav.read_bytes()))

@@ -1,0 +1,288 @@
+"""Both web pages in a real headless Chromium: the real server with the tiny checkpoint, the real page processes,
+a real upload and a real (fake-device) microphone. Times are measured and printed, never asserted."""
+import base64
+import io
+import subprocess
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.http_client import Server
+from tests.web_pages import CHROMIUM, chromium_args, gradio_page, streamlit_page
+from webui.client import OmniClient
+
+playwright = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (requirements.txt)")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"the browser tests need Debian's chromium at {CHROMIUM}: apt-get install chromium",
+                allow_module_level=True)
+
+MAX = 120  # max_tokens for the uploaded sample: a short answer on the tiny checkpoint
+RECORD_MAX = 150  # max_tokens for a recorded question, whose prompt is longer than the sample's
+IMAGE_EXTRA = 80  # max_tokens beyond those for the same question without an image (its 50 features, then steps)
+RECORD_S = 1.5  # how long the test speaks into the fake microphone
+ANSWER_TIMEOUT_MS = 120_000
+AAC_SLACK_S = 3 * 1024 / 24000  # Gradio streams AAC: encoder priming and padding, up to three 1024-sample frames
+SPEECH_RMS = 100  # int16 RMS above which a recording holds sound, not silence
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("pages-server-tmp"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server_url(server):
+    return f"http://127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory, sample_wav):
+    """Chromium with a fresh profile; its fake microphone speaks the sample question over and over, its fake
+    camera shows a test pattern."""
+    with playwright.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            tmp_path_factory.mktemp("chromium-profile"), executable_path=CHROMIUM, args=chromium_args(sample_wav),
+            permissions=["microphone", "camera"], viewport={"width": 1280, "height": 900})
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def tab(browser):
+    """A new tab; the pages must load nothing from beyond this machine (fonts, icons, telemetry)."""
+    page = browser.new_page()
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if r.url.startswith(("http:", "https:"))
+            and not r.url.startswith("http://127.0.0.1:") else None)
+    yield page
+    page.close()
+    assert outside == []
+
+
+def _expected_answer(server_url: str, question: bytes, max_tokens: int,
+                     image: bytes | None = None) -> tuple[bytes, str]:
+    """What the server answers to this question when asked directly (answers are seeded: the same bytes)."""
+    pcm, text = b"", ""
+    for chunk in OmniClient(server_url).ask(question, image, max_tokens=max_tokens):
+        pcm, text = pcm + chunk.pcm, text + chunk.text
+    return pcm, text
+
+
+def _decode(data: bytes, rate: int) -> np.ndarray:
+    """Any audio file ffmpeg reads, as int16 mono samples at `rate`."""
+    out = subprocess.run(["ffmpeg", "-v", "error", "-i", "pipe:0", "-f", "s16le", "-ac", "1", "-ar", str(rate),
+                          "pipe:1"], input=data, capture_output=True, check=True).stdout
+    return np.frombuffer(out, dtype="<i2")
+
+
+def _wav(data: bytes) -> tuple[int, np.ndarray]:
+    with wave.open(io.BytesIO(data)) as w:
+        return w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+
+
+def _rms(samples: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(samples.astype(np.float64) ** 2)))
+
+
+# ---- Gradio ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gradio(server_url, tmp_path_factory):
+    page = gradio_page(server_url, tmp_path_factory.mktemp("gradio-logs"), "--max-tokens", str(MAX))
+    yield page
+    page.stop()
+
+
+def _open_gradio(tab, url: str) -> None:
+    tab.goto(url)
+    tab.wait_for_function("/Server http|⚠️/.test(document.querySelector('#server')?.innerText)")  # the health check
+
+
+def _gradio_answer(tab, question, pcm: bytes, text: str, screenshot) -> str:
+    """Upload `question` to the open page, check the streamed answer against the server's `pcm` and `text`,
+    save a screenshot and return the measured times."""
+    assert pcm  # an answer to hear
+    expected_s = len(pcm) / 2 / 24000
+    tab.evaluate("""() => { window.firstAudio = null; window.uploaded = performance.now();
+        document.addEventListener('playing', () => { window.firstAudio ??= performance.now(); }, true); }""")
+    tab.locator("#question input[type=file]").set_input_files(question)
+    tab.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')", timeout=ANSWER_TIMEOUT_MS)
+    done_ms = tab.evaluate("performance.now() - window.uploaded")
+    tab.wait_for_function("window.firstAudio !== null")
+    first_audio_ms = tab.evaluate("window.firstAudio - window.uploaded")
+    player = tab.locator("#answer audio")
+    # The player's duration grows as it fetches the streamed segments: wait until it holds the whole answer.
+    tab.wait_for_function("([el, least]) => isFinite(el.duration) && el.duration >= least",
+                          arg=[player.element_handle(), expected_s - AAC_SLACK_S], timeout=ANSWER_TIMEOUT_MS)
+    assert abs(player.evaluate("el => el.duration") - expected_s) <= AAC_SLACK_S
+    assert tab.locator("#transcript textarea").input_value() == text
+    download = tab.locator("#answer a[download]").get_attribute("href")  # the whole streamed answer, as one file
+    samples = _decode(tab.request.get(download).body(), 24000)
+    assert abs(samples.size - len(pcm) // 2) <= AAC_SLACK_S * 24000 and _rms(samples) > SPEECH_RMS
+    tab.screenshot(path=screenshot, full_page=True)
+    return (f"upload to first audio playing {first_audio_ms / 1000:.2f} s, to the end of the answer "
+            f"{done_ms / 1000:.2f} s, {expected_s:.2f} s of speech; the page says: {tab.inner_text('#status')}; "
+            f"screenshot {screenshot}")
+
+
+def test_gradio_upload_streams_a_playable_answer(tab, gradio, server_url, sample_wav, tmp_path):
+    pcm, text = _expected_answer(server_url, sample_wav.read_bytes(), MAX)
+    _open_gradio(tab, gradio.url)
+    assert "ready" in tab.inner_text("#server")
+    assert not tab.locator("#image").is_visible()  # the tiny v1 model cannot see: no image input
+    print("\ngradio page:", _gradio_answer(tab, sample_wav, pcm, text, tmp_path / "gradio-answer.png"))
+
+
+@pytest.fixture(scope="module")
+def v2_server(vision_ckpt, tmp_path_factory):
+    srv = Server(vision_ckpt, tmp_path_factory.mktemp("v2-server-tmp"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def v2_gradio(v2_server, tmp_path_factory):
+    page = gradio_page(f"http://127.0.0.1:{v2_server.port}", tmp_path_factory.mktemp("v2-gradio-logs"),
+                       "--max-tokens", str(MAX + IMAGE_EXTRA))
+    yield page
+    page.stop()
+
+
+def test_gradio_sends_the_image_to_a_model_that_sees(tab, v2_server, v2_gradio, sample_wav, sample_image, tmp_path):
+    pcm, text = _expected_answer(f"http://127.0.0.1:{v2_server.port}", sample_wav.read_bytes(), MAX + IMAGE_EXTRA,
+                                 sample_image.read_bytes())
+    _open_gradio(tab, v2_gradio.url)
+    assert "It can see" in tab.inner_text("#server")
+    tab.locator("#image input[type=file]").set_input_files(sample_image)
+    tab.wait_for_selector("#image img")
+    print("\ngradio page, Mini-Omni2 with an image:",
+          _gradio_answer(tab, sample_wav, pcm, text, tmp_path / "gradio-image-answer.png"))
+
+
+# ---- Streamlit ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def streamlit(server_url, tmp_path_factory):
+    page = streamlit_page(server_url, tmp_path_factory.mktemp("streamlit-logs"), "--max-tokens", str(RECORD_MAX))
+    yield page
+    page.stop()
+
+
+def _open_streamlit(tab, url: str) -> None:
+    tab.goto(url)
+    tab.wait_for_selector("[data-testid=stAudioInput]", timeout=ANSWER_TIMEOUT_MS)
+
+
+def _speak(tab) -> None:
+    """Record RECORD_S of what the fake microphone plays, the way a person presses record and stop."""
+    tab.locator("[data-testid=stAudioInputActionButton][aria-label='Record']").click()
+    time.sleep(RECORD_S)
+    tab.locator("[data-testid=stAudioInputActionButton][aria-label='Stop recording']").click()
+
+
+def _turn_ended(tab) -> None:
+    tab.wait_for_function("document.body.innerText.includes('first audio after') || document.querySelector("
+                          "'[data-testid=stChatMessage] [data-testid=stAlert], [data-testid=stException]')",
+                          timeout=ANSWER_TIMEOUT_MS)
+    assert tab.locator("[data-testid=stException]").count() == 0, tab.inner_text("body")
+
+
+def _streamlit_turn(tab, server_url: str, screenshot, max_tokens: int, image: bytes | None = None) -> str:
+    """Speak a question into the open page, check that it was heard and that the page shows and plays the
+    server's answer to exactly that recording (and `image`); save a screenshot and return the measured times."""
+    started = time.monotonic()
+    _speak(tab)
+    _turn_ended(tab)
+    turn_s = time.monotonic() - started - RECORD_S
+    messages = tab.locator("[data-testid=stChatMessage]")
+    assert messages.count() == 2
+    question_src, answer_src = (messages.nth(i).locator("audio").get_attribute("src") for i in range(2))
+    question = tab.request.get(question_src).body()
+    rate, heard = _wav(question)
+    assert rate == 16000 and heard.size > 0.5 * RECORD_S * rate and _rms(heard) > SPEECH_RMS  # it heard speech
+    pcm, text = _expected_answer(server_url, question, max_tokens, image)
+    assert pcm  # an answer to hear
+    rate, answer = _wav(tab.request.get(answer_src).body())
+    assert rate == 24000 and answer.tobytes() == pcm  # the page played the server's answer to what it sent
+    assert " ".join(text.split()) in " ".join(messages.nth(1).inner_text().split())
+    tab.screenshot(path=screenshot, full_page=True)
+    return (f"{heard.size / 16000:.2f} s question recorded, answered in {turn_s:.2f} s "
+            f"({len(pcm) / 2 / 24000:.2f} s of speech); screenshot {screenshot}")
+
+
+def test_streamlit_microphone_turn_is_answered(tab, streamlit, server_url, tmp_path):
+    _open_streamlit(tab, streamlit.url)
+    assert tab.locator("[data-testid=stCameraInput]").count() == 0  # the tiny v1 model cannot see: no camera
+    print("\nstreamlit page:", _streamlit_turn(tab, server_url, tmp_path / "streamlit-turn.png", RECORD_MAX))
+
+
+@pytest.fixture(scope="module")
+def v2_streamlit(v2_server, tmp_path_factory):
+    page = streamlit_page(f"http://127.0.0.1:{v2_server.port}", tmp_path_factory.mktemp("v2-streamlit-logs"),
+                          "--max-tokens", str(RECORD_MAX + IMAGE_EXTRA))
+    yield page
+    page.stop()
+
+
+def test_streamlit_sends_a_camera_snapshot_to_a_model_that_sees(tab, v2_server, v2_streamlit, tmp_path):
+    _open_streamlit(tab, v2_streamlit.url)
+    assert "it can see" in tab.inner_text("[data-testid=stCaptionContainer]")
+    tab.locator("[data-testid=stCameraInputButton]").click()  # the fake camera's test pattern
+    snapshot_url = tab.locator("[data-testid=stCameraInput] img").get_attribute("src")
+    snapshot = base64.b64decode(snapshot_url.removeprefix("data:image/jpeg;base64,"))
+    print("\nstreamlit page, Mini-Omni2 with a camera snapshot:",
+          _streamlit_turn(tab, f"http://127.0.0.1:{v2_server.port}", tmp_path / "streamlit-camera.png",
+                          RECORD_MAX + IMAGE_EXTRA, snapshot))
+
+
+# ---- The server goes away ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def doomed(tiny_ckpt, tmp_path):
+    """A server of its own, which the test stops while its page is open."""
+    server_tmp = tmp_path / "server-tmp"
+    server_tmp.mkdir()
+    srv = Server(tiny_ckpt, server_tmp)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def doomed_gradio(doomed, tmp_path):
+    page = gradio_page(f"http://127.0.0.1:{doomed.port}", tmp_path, "--max-tokens", str(MAX))
+    yield page
+    page.stop()
+
+
+@pytest.fixture
+def doomed_streamlit(doomed, tmp_path):
+    page = streamlit_page(f"http://127.0.0.1:{doomed.port}", tmp_path, "--max-tokens", str(RECORD_MAX))
+    yield page
+    page.stop()
+
+
+def test_gradio_says_the_server_stopped(tab, doomed, doomed_gradio, sample_wav, tmp_path):
+    _open_gradio(tab, doomed_gradio.url)
+    assert "ready" in tab.inner_text("#server")
+    doomed.stop()
+    tab.locator("#question input[type=file]").set_input_files(sample_wav)
+    tab.wait_for_function("document.querySelector('#status').innerText.includes('Cannot reach the server')",
+                          timeout=ANSWER_TIMEOUT_MS)
+    assert "Traceback" not in tab.inner_text("body")
+    tab.screenshot(path=tmp_path / "gradio-server-stopped.png", full_page=True)
+
+
+def test_streamlit_says_the_server_stopped(tab, doomed, doomed_streamlit, tmp_path):
+    _open_streamlit(tab, doomed_streamlit.url)
+    assert "ready" in tab.inner_text("[data-testid=stCaptionContainer]")
+    doomed.stop()
+    _speak(tab)
+    _turn_ended(tab)
+    error = tab.locator("[data-testid=stChatMessage] [data-testid=stAlert]")
+    assert "Cannot reach the server" in error.inner_text() and "Traceback" not in tab.inner_text("body")
+    tab.screenshot(path=tmp_path / "streamlit-server-stopped.png", full_page=True)

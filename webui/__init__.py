@@ -1,0 +1,1 @@
+"""The web pages (Gradio, Streamlit) and the HTTP client they share."""
