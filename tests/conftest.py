@@ -1,17 +1,15 @@
 """Shared fixtures: tiny random checkpoints built once per test session, and a CPU engine."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from omni_engine import OmniEngine
+from utils.make_checkpoint import make_checkpoint
 
-from omni_engine import OmniEngine  # noqa: E402
-from utils.make_checkpoint import make_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SAMPLE = ROOT / "data" / "samples" / "output1.wav"
 IMAGE = ROOT / "data" / "samples" / "image1.jpg"

@@ -1,5 +1,7 @@
 """inference.py as a user runs it (a real subprocess), and the official-compatible class."""
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import wave
@@ -64,10 +66,18 @@ def test_official_class_streams_pcm_chunks(tiny_ckpt, sample_wav):
 
 
 def test_examples_run(tiny_ckpt, tmp_path):
-    for script in ("test_omni_engine.py", "stream_test.py"):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # as after `pip install -e .`
+    for script in ("answer_question.py", "stream_answer.py"):
         proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--ckpt-dir", str(tiny_ckpt),
-                               "--max-tokens", "100"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                               "--max-tokens", "100"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
         assert proc.returncode == 0, proc.stderr
-    with wave.open(str(tmp_path / "response.wav")) as w:
+    with wave.open(str(tmp_path / "output" / "response.wav")) as w:
         assert w.getframerate() == 24000 and w.getnframes() > 0
     assert "chunk 1" in proc.stdout
+
+
+def test_examples_load_no_model_at_import():
+    for script in ("answer_question", "stream_answer"):
+        spec = importlib.util.spec_from_file_location(script, ROOT / "examples" / f"{script}.py")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))  # would fail on the missing ./checkpoint

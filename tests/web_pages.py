@@ -53,7 +53,7 @@ class PageProcess:
 
 def gradio_page(server_url: str, logdir: Path, *extra: str) -> PageProcess:
     port = free_port()
-    argv = [sys.executable, str(ROOT / "webui" / "omni_gradio.py"), "--server-url", server_url, "--port", str(port),
+    argv = [sys.executable, "-m", "webui.omni_gradio", "--server-url", server_url, "--port", str(port),
             *extra]
     return PageProcess(argv, port, logdir / f"gradio-{port}.log")
 

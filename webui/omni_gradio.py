@@ -1,6 +1,6 @@
 """Gradio page: upload or record a question and hear the answer stream back from `server.py`.
 
-    python webui/omni_gradio.py [--server-url http://127.0.0.1:60808] [--port 7860] [--max-tokens N]
+    python -m webui.omni_gradio [--server-url http://127.0.0.1:60808] [--port 7860] [--max-tokens N]
 
 UI only: every request goes through `webui.client`. The answer plays as its chunks arrive
 (`gr.Audio(streaming=True)`), the transcript fills in beside it, and the page shows the time to the
@@ -9,13 +9,10 @@ first audio and the total time. The image input appears only when the server's m
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python webui/omni_gradio.py` from anywhere
-
-from webui.client import Answer, OmniClient, ServerError, add_server_arguments, server_options, wav_bytes  # noqa: E402
+from webui.client import Answer, OmniClient, ServerError, add_server_arguments, server_options, wav_bytes
 
 INSTALL_HINT = "the Gradio page needs gradio: pip install gradio==6.31.0 (or pip install -r requirements.txt)"
 DEFAULT_PORT = 7860

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Install everything the README's commands and `python -m pytest` need, on Debian or Ubuntu:
+#   system packages (apt-get, as root or through sudo):
+#     ffmpeg         decodes the audio questions
+#     libportaudio2  PortAudio, for the microphone and speaker of realtime_vad_player.py (sounddevice)
+#     chromium       the headless browser of the web page tests (Playwright drives it; it downloads none)
+#     python3-venv   to make the virtual environment
+#   a virtual environment in .venv with requirements.txt and this project (`pip install -e .`).
+# PyTorch: the CPU build (from download.pytorch.org/whl/cpu) unless an NVIDIA driver is present
+# (nvidia-smi), then PyPI's CUDA build. Force one with --cpu or --gpu.
+#
+#   ./setup.sh [--cpu | --gpu]      then: . .venv/bin/activate
+set -euo pipefail
+cd "$(dirname "$0")"
+
+CPU_INDEX=https://download.pytorch.org/whl/cpu
+VENV=${VENV:-.venv}
+torch_build=auto
+case "${1:-}" in
+  --cpu) torch_build=cpu ;;
+  --gpu) torch_build=gpu ;;
+  "") ;;
+  *) echo "usage: $0 [--cpu | --gpu]" >&2; exit 2 ;;
+esac
+if [ "$torch_build" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then torch_build=gpu; else torch_build=cpu; fi
+fi
+
+missing=()
+command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
+ldconfig -p | grep -q 'libportaudio\.so\.2' || missing+=(libportaudio2)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  echo "installing system packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+. "$VENV/bin/activate"
+torch_pin=$(grep -E '^torch==' requirements.txt | cut -d' ' -f1)
+if [ "$torch_build" = cpu ]; then
+  echo "installing $torch_pin, CPU build"
+  pip install -q "$torch_pin" --extra-index-url "$CPU_INDEX"  # the +cpu wheel outranks PyPI's CUDA one
+else
+  echo "installing $torch_pin, CUDA build (PyPI's)"
+  pip install -q "$torch_pin"
+fi
+echo "installing requirements.txt and this project (editable)"
+pip install -q -r requirements.txt -e .
+echo "done: . $VENV/bin/activate, then python -m pytest"
