@@ -10,8 +10,9 @@ import argparse
 import sys
 from typing import Any
 
+from omni import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE
 from realtime.camera import FRAME_INTERVAL_S
-from realtime.loop import MAX_TOKENS, STREAM_STRIDE, LoopConfig
+from realtime.loop import LoopConfig
 from realtime.vad import END_MS, PREROLL_MS, SPEECH_THRESHOLD, START_MS, VadConfig
 
 DEFAULT_CAMERA = 0
@@ -35,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-ms", type=int, default=START_MS, help="speech this long starts a turn")
     p.add_argument("--end-ms", type=int, default=END_MS, help="silence this long ends a turn")
     p.add_argument("--preroll-ms", type=int, default=PREROLL_MS, help="audio kept from before the onset")
-    p.add_argument("--stream-stride", type=int, default=STREAM_STRIDE, help="decode steps per audio chunk")
-    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="prompt plus answer positions")
+    p.add_argument("--stream-stride", type=int, default=DEFAULT_STREAM_STRIDE, help="decode steps per audio chunk")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="prompt plus answer positions")
     return p.parse_args(argv)
 
 

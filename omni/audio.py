@@ -15,7 +15,11 @@ import torch
 
 from .errors import AudioInputError
 
-SAMPLE_RATE = 16000  # Whisper's input rate (Hz)
+SAMPLE_RATE = 16000  # Whisper's input rate (Hz): every question is decoded to this
+OUTPUT_SAMPLE_RATE = 24000  # the answer's rate (Hz): SNAC's 24 kHz model
+PCM_SAMPLE_WIDTH = 2  # bytes per sample of int16 PCM, the answer's format
+PCM_SCALE = 32768.0  # int16 full scale: float samples in [-1, 1) times this
+INT16_MAX, INT16_MIN = 32767, -32768
 N_FFT = 400  # 25 ms analysis window
 HOP_LENGTH = 160  # 10 ms hop -> 100 mel frames per second
 N_MELS = 80
@@ -27,7 +31,6 @@ SAMPLES_PER_FEATURE = SAMPLE_RATE * FEATURE_MS // 1000  # 320: two mel hops
 LOG_FLOOR = 1e-10  # clamp before log10
 DYNAMIC_RANGE = 8.0  # log10 units kept below the loudest bin (80 dB)
 SILENCE_PEAK = 1e-3  # -60 dBFS: a peak below this is treated as no speech at all
-INT16_SCALE = 32768.0
 
 AudioSource = str | Path | bytes | np.ndarray
 
@@ -48,7 +51,7 @@ def _run_ffmpeg(args: list[str], stdin: bytes | None, what: str) -> np.ndarray:
     except subprocess.CalledProcessError as e:
         reason = e.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["unknown error"]
         raise AudioInputError(f"could not decode {what} as audio: {reason[0]}") from e
-    return np.frombuffer(out, np.int16).astype(np.float32) / INT16_SCALE
+    return np.frombuffer(out, np.int16).astype(np.float32) / PCM_SCALE
 
 
 def _from_array(samples: np.ndarray, sample_rate: int | None) -> np.ndarray:
@@ -56,7 +59,7 @@ def _from_array(samples: np.ndarray, sample_rate: int | None) -> np.ndarray:
         raise AudioInputError("a numpy audio input needs its sample_rate")
     samples = np.asarray(samples)
     if np.issubdtype(samples.dtype, np.integer):  # int16 PCM
-        samples = samples.astype(np.float32) / INT16_SCALE
+        samples = samples.astype(np.float32) / PCM_SCALE
     if samples.ndim == 2:  # (N, channels) -> mono
         samples = samples.mean(axis=1)
     if samples.ndim != 1:

@@ -13,17 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .audio import INT16_MAX, INT16_MIN, OUTPUT_SAMPLE_RATE, PCM_SCALE
 from .errors import CheckpointError
 from .tokens import AUDIO_CODES, N_AUDIO_LAYERS
 
-OUTPUT_SAMPLE_RATE = 24000  # SNAC 24 kHz model
 SAMPLES_PER_FRAME = 2048  # hop 512 x 4 level-2 codes: 85.3 ms of audio per decode step
 LEVEL_OF_SLOT = (0, 1, 2, 2, 1, 2, 2)  # which SNAC level each of a frame's 7 tokens belongs to
 N_LEVELS = 3
 # Decode steps before frame 0 is complete: layer 6 lags the prefill token by 7 positions.
 FRAME_LAG = N_AUDIO_LAYERS
-INT16_MAX, INT16_MIN = 32767, -32768
-PCM_SCALE = 32768.0
 SNAC_HUB_REPO = "hubertsiuzdak/snac_24khz"
 SNAC_CONFIG = "config.json"
 SNAC_WEIGHTS = "pytorch_model.bin"

@@ -107,12 +107,17 @@ def crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + IMAGE_SIZE, top + IMAGE_SIZE
 
 
-def preprocess(image: Image.Image) -> torch.Tensor:
-    """CLIP's 224 px transform, as the official path runs it: `(3, 224, 224)` float32."""
+def fit_image(image: Image.Image) -> Image.Image:
+    """CLIP's `Resize(224, bicubic)` then `CenterCrop(224)`, in the image's own mode: the 224 px square."""
     size = resized_size(*image.size)
     if image.size != size:
         image = image.resize(size, Image.Resampling.BICUBIC)
-    image = image.crop(crop_box(*size)).convert("RGB")
+    return image.crop(crop_box(*size))
+
+
+def preprocess(image: Image.Image) -> torch.Tensor:
+    """CLIP's 224 px transform, as the official path runs it: `(3, 224, 224)` float32."""
+    image = fit_image(image).convert("RGB")
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)

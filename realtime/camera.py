@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from omni.image import crop_box, resized_size
+from omni import fit_image
 
 from .ports import Camera, Clock
 
@@ -30,11 +30,7 @@ def fit_frame(image: np.ndarray) -> np.ndarray:
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"a camera frame must be an (H, W, 3) uint8 array, got {image.shape} {image.dtype}")
-    picture = Image.fromarray(np.ascontiguousarray(image))
-    size = resized_size(*picture.size)
-    if picture.size != size:
-        picture = picture.resize(size, Image.Resampling.BICUBIC)
-    return np.asarray(picture.crop(crop_box(*size)))
+    return np.asarray(fit_image(Image.fromarray(np.ascontiguousarray(image))))
 
 
 class CameraFeed:

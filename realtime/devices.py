@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from omni.codec import OUTPUT_SAMPLE_RATE
+from omni import OUTPUT_SAMPLE_RATE
 
 from .camera import FRAME_INTERVAL_S, CameraFeed
 from .loop import LoopConfig, VoiceLoop

@@ -13,6 +13,8 @@ from typing import TextIO
 
 import numpy as np
 
+from omni import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE
+
 from .camera import CameraFeed, Snapshot, fit_frame
 from .echo import EchoConfig, EchoGuard
 from .ports import Clock, Engine, Sink, Source
@@ -21,8 +23,6 @@ from .signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, pcm_to_fl
 from .turns import Action, Event, State, TurnMachine
 from .vad import Segment, Segmenter, SileroVad, SpeechEvent, VadConfig
 
-STREAM_STRIDE = 4  # decode steps per audio chunk
-MAX_TOKENS = 2048  # the engine's default: prompt plus answer positions
 REFERENCE_SLACK_FRAMES = 8  # played audio kept beyond one frame before the oldest is dropped
 
 
@@ -30,8 +30,8 @@ REFERENCE_SLACK_FRAMES = 8  # played audio kept beyond one frame before the olde
 class LoopConfig:
     vad: VadConfig = field(default_factory=VadConfig)
     echo: EchoConfig = field(default_factory=EchoConfig)
-    stream_stride: int = STREAM_STRIDE
-    max_tokens: int = MAX_TOKENS
+    stream_stride: int = DEFAULT_STREAM_STRIDE
+    max_tokens: int = DEFAULT_MAX_TOKENS
     # Wait for the engine whenever the sink would run dry: a simulation of an engine faster than real
     # time, so that runs on a virtual clock are deterministic. Off on real devices.
     lockstep: bool = False

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from omni_engine import OmniChunk
+from omni import OmniChunk
 
 from .ports import Engine
 from .signal import MIC_RATE

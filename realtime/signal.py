@@ -5,22 +5,23 @@ from math import gcd
 
 import numpy as np
 
-MIC_RATE = 16000  # Hz: what the microphone delivers and Silero VAD and the engine read
+from omni import INPUT_SAMPLE_RATE, PCM_SCALE
+
+MIC_RATE = INPUT_SAMPLE_RATE  # Hz: what the microphone delivers and Silero VAD and the engine read
 FRAME_SAMPLES = 512  # samples per loop frame: Silero's window at 16 kHz
 FRAME_SECONDS = FRAME_SAMPLES / MIC_RATE  # 32 ms
-INT16_SCALE = 32768.0
 RESAMPLE_ZEROS = 16  # sinc zero crossings on each side of the low-pass kernel
 RESAMPLE_CUTOFF = 0.9  # pass band as a fraction of the lower Nyquist frequency
 
 
 def pcm_to_float(pcm: bytes) -> np.ndarray:
     """int16 LE bytes -> float32 samples in [-1, 1)."""
-    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / INT16_SCALE
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / PCM_SCALE
 
 
 def float_to_pcm(samples: np.ndarray) -> bytes:
     """float samples in [-1, 1] -> int16 LE bytes (clipped)."""
-    return (np.clip(samples, -1.0, 1.0 - 1.0 / INT16_SCALE) * INT16_SCALE).astype("<i2").tobytes()
+    return (np.clip(samples, -1.0, 1.0 - 1.0 / PCM_SCALE) * PCM_SCALE).astype("<i2").tobytes()
 
 
 def db_to_gain(db: float) -> float:

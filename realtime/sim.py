@@ -12,9 +12,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from omni.audio import load_audio
-from omni.codec import OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME
-from omni_engine import OmniChunk
+from omni import OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME, OmniChunk, load_audio
 from utils.audio_io import write_wav
 
 from .camera import CameraFeed

@@ -5,8 +5,7 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
-from omni.audio import CHUNK_SECONDS, SAMPLE_RATE, load_audio
-from omni_engine import AudioInputError
+from omni import CHUNK_SECONDS, INPUT_SAMPLE_RATE, AudioInputError, load_audio
 from .formats import MIMETYPES, PCM_HEADERS, encode
 from .parse import ApiError, parse_chat
 from .service import EngineService
@@ -24,7 +23,7 @@ def _decode(audio: bytes):
         samples = load_audio(audio)
     except AudioInputError as e:
         raise ApiError(400, str(e)) from e
-    seconds = samples.size / SAMPLE_RATE
+    seconds = samples.size / INPUT_SAMPLE_RATE
     if seconds > CHUNK_SECONDS:
         raise ApiError(400, f"the audio is {seconds:.1f} s long; the model hears at most {CHUNK_SECONDS} s")
     return samples
@@ -73,11 +72,11 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES) -> Fl
         req = parse_chat(request)
         samples = _decode(req.audio)
         try:  # checks the options and decodes the image now; generation starts when the body is read
-            chunks = service.engine.stream(samples, sample_rate=SAMPLE_RATE, image=req.image, cancel=disconnected,
+            chunks = service.engine.stream(samples, sample_rate=INPUT_SAMPLE_RATE, image=req.image, cancel=disconnected,
                                            **req.options)
         except ValueError as e:
             raise ApiError(400, str(e)) from e
-        return req, samples.size / SAMPLE_RATE, chunks
+        return req, samples.size / INPUT_SAMPLE_RATE, chunks
 
     @app.post("/chat")
     def chat():

@@ -13,11 +13,10 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from omni_engine import OmniChunk
+from omni import OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, OmniChunk
 
-SAMPLE_RATE = 24000
 CHANNELS = 1
-BITS = 16
+BITS = 8 * PCM_SAMPLE_WIDTH
 UNKNOWN_SIZE = 0xFFFFFFFF  # a streaming WAV's sizes are unknown: players read to the end
 MULTIPART_BOUNDARY = "frame"
 
@@ -37,8 +36,8 @@ Event = OmniChunk | Summary
 
 
 def wav_header() -> bytes:
-    byte_rate = SAMPLE_RATE * CHANNELS * BITS // 8
-    fmt = struct.pack("<HHIIHH", 1, CHANNELS, SAMPLE_RATE, byte_rate, CHANNELS * BITS // 8, BITS)
+    byte_rate = OUTPUT_SAMPLE_RATE * CHANNELS * BITS // 8
+    fmt = struct.pack("<HHIIHH", 1, CHANNELS, OUTPUT_SAMPLE_RATE, byte_rate, CHANNELS * BITS // 8, BITS)
     return (b"RIFF" + struct.pack("<I", UNKNOWN_SIZE) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
             + b"data" + struct.pack("<I", UNKNOWN_SIZE))
 
@@ -91,7 +90,7 @@ MIMETYPES = {
     "sse": "text/event-stream",
     "ndjson": "application/x-ndjson",
 }
-PCM_HEADERS = {"X-Sample-Rate": str(SAMPLE_RATE), "X-Channels": str(CHANNELS), "X-Sample-Format": "s16le"}
+PCM_HEADERS = {"X-Sample-Rate": str(OUTPUT_SAMPLE_RATE), "X-Channels": str(CHANNELS), "X-Sample-Format": "s16le"}
 
 
 def encode(fmt: str, events: Iterator[Event]) -> Iterator[bytes]:

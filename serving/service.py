@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-from omni_engine import OmniChunk, OmniEngine
+from omni import OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, OmniChunk, OmniEngine
 from .formats import Event, Summary
 
 log = logging.getLogger("omni.server")
@@ -25,7 +25,7 @@ TURN_POLL_S = 0.05  # how often a waiting request checks whether its client went
 RECORDS_KEPT = 256  # answers whose text stays retrievable at GET /requests/<id>
 TTFC_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20)
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
-BYTES_PER_SECOND = 24000 * 2
+BYTES_PER_SECOND = OUTPUT_SAMPLE_RATE * PCM_SAMPLE_WIDTH
 
 
 class TurnQueue:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-PCM_SAMPLE_WIDTH = 2  # bytes per int16 sample
-INT16_SCALE = 32768.0  # int16 full scale
+from omni import PCM_SAMPLE_WIDTH, PCM_SCALE
 
 
 def write_wav(path: str | Path, pcm: bytes, sample_rate: int) -> Path:
@@ -35,5 +34,5 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
             raw = f.readframes(f.getnframes())
     except wave.Error as e:
         raise ValueError(f"{path} is not a PCM WAV file: {e}") from e
-    samples = np.frombuffer(raw, "<i2").astype(np.float32) / INT16_SCALE
+    samples = np.frombuffer(raw, "<i2").astype(np.float32) / PCM_SCALE
     return samples.reshape(-1, channels).mean(axis=1), rate

@@ -23,6 +23,7 @@ import torch.nn as nn
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from omni.audio import OUTPUT_SAMPLE_RATE
 from omni.checkpoint import CLIP_FILE, HUB_REPOS, SNAC_DIR, TOKENIZER_FILE, WEIGHTS_FILE, WHISPER_FILE
 from omni.clip import ResidualBlock, VisionTower, fp16_valued
 from omni.codec import LEGACY_NORM_KEYS, PARAM_NORM_KEYS, SNAC_CONFIG, SNAC_WEIGHTS, snac_class
@@ -89,7 +90,7 @@ class Preset:
 
 
 SNAC_24KHZ = {  # hubertsiuzdak/snac_24khz config.json
-    "sampling_rate": 24000, "encoder_dim": 48, "encoder_rates": [2, 4, 8, 8], "decoder_dim": 1024,
+    "sampling_rate": OUTPUT_SAMPLE_RATE, "encoder_dim": 48, "encoder_rates": [2, 4, 8, 8], "decoder_dim": 1024,
     "decoder_rates": [8, 8, 4, 2], "attn_window_size": None, "codebook_size": 4096, "codebook_dim": 8,
     "vq_strides": [4, 2, 1], "noise": True, "depthwise": True,
 }
