@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from omni.codec import (
@@ -60,13 +59,13 @@ def explain(streams: list[list[int]], frames: list[Frame]) -> None:
 
 def decode(frames: list[Frame], args: argparse.Namespace) -> bytes:
     """SNAC-decode the frames in chunks of the default stream stride, as the engine streams them.
-    SNAC's decoder adds seeded noise; seeded as the engine seeds a request, a greedy answer's dump
-    decodes to that answer's audio."""
+    SNAC's decoder adds noise; seeded as the engine seeds a request's chunks (the request's seed, then
+    one more per chunk), a greedy answer's dump decodes to that answer's audio."""
     codec = SnacCodec.from_dir(snac_dir(Path(args.ckpt_dir)), resolve_device(args.device))
-    torch.manual_seed(GenerationConfig().seed)
+    seed = GenerationConfig().seed
     chunks = range(0, len(frames), DEFAULT_STREAM_STRIDE)
-    return b"".join(codec.decode(frames[start:start + DEFAULT_STREAM_STRIDE])
-                    for start in tqdm(chunks, desc="SNAC decode", unit="chunk"))
+    return b"".join(codec.decode(frames[start:start + DEFAULT_STREAM_STRIDE], seed + n)
+                    for n, start in enumerate(tqdm(chunks, desc="SNAC decode", unit="chunk")))
 
 
 def read_dump(path: str) -> list[list[int]]:

@@ -1,9 +1,11 @@
 """Answer a spoken (or written) question from the command line, or drop in for the official class.
 
     python inference.py                                   # answer data/samples/*.wav with ./checkpoint
-    python inference.py --ckpt-dir DIR --input q.wav --out answer.wav
-    python inference.py --task T1T2 --text "What is your name?" --dump-tokens tokens.json
-    python inference.py --ckpt-dir DIR --input q.wav --image photo.jpg --out answer.wav   # Mini-Omni2
+    python inference.py --ckpt-dir DIR --input q.wav      # the spoken answer goes to output/answer.wav
+    python inference.py --task T1T2 --text "What is your name?" --dump-tokens output/tokens.json
+    python inference.py --ckpt-dir DIR --input q.wav --image photo.jpg --out output/photo.wav   # Mini-Omni2
+
+While it answers, a step counter (with the text so far) shows on a terminal's stderr.
 """
 from __future__ import annotations
 
@@ -14,16 +16,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from omni_engine import OmniEngine, OmniError, Task
+from omni_engine import MODE_HELP, OmniEngine, OmniError, Task
 from omni.generate import to_streams
 from omni.sampling import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 from omni.tokens import EOA, EOT, PAD_T
+from tqdm import tqdm
+
 from utils.audio_io import write_wav
 
 SAMPLES_DIR = Path(__file__).parent / "data" / "samples"
 SAMPLE_QUESTION = str(SAMPLES_DIR / "output1.wav")
 SAMPLE_IMAGE = str(SAMPLES_DIR / "image1.jpg")
 DEFAULT_OUT_DIR = Path("output")
+DEFAULT_OUT = DEFAULT_OUT_DIR / "answer.wav"  # where a spoken answer goes without --out
+PROGRESS_TEXT_CHARS = 40  # the tail of the answer text shown beside the step counter
 
 
 class OmniInference:
@@ -113,14 +119,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image", help="a picture the spoken question is about (Mini-Omni2 checkpoints, task A1A2)")
     p.add_argument("--family", choices=["mini-omni", "mini-omni2"],
                    help="which model to download when --ckpt-dir does not exist (default: mini-omni2 with --image)")
-    p.add_argument("--out", help="where to write the spoken answer (.wav, 24 kHz)")
+    p.add_argument("--out", help=f"where to write the spoken answer (.wav, 24 kHz; default {DEFAULT_OUT})")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="prompt + answer positions (official max_returned_tokens)")
     p.add_argument("--stream-stride", type=int, default=DEFAULT_STREAM_STRIDE, help="SNAC frames per streamed chunk")
     p.add_argument("--first-stride", type=int, help="frames in the first chunk (smaller: audio starts sooner)")
     p.add_argument("--dump-tokens", help='write {"streams": [s0..s7]} (the sampled tokens per stream) to this JSON file')
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"],
-                   help="exact: the official tokens (default); fast: int8 + trimmed encoder on CPU")
+    p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"], help=MODE_HELP)
     args = p.parse_args(argv)
     task = Task(args.task)
     if args.input and args.text:
@@ -140,16 +145,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def answer(engine: OmniEngine, args: argparse.Namespace, audio: str | None, out: Path | None) -> None:
-    """Stream one answer, reporting the first chunk's latency, and write the requested files."""
+    """Stream one answer with a step counter, report the first chunk's latency, and write the requested files."""
     start = time.perf_counter()
     first, pcm, text, steps = None, [], [], []
-    for chunk in engine.stream(audio, text=args.text, task=args.task, image=args.image, max_tokens=args.max_tokens,
-                               stream_stride=args.stream_stride, first_stride=args.first_stride):
-        if first is None and (chunk.pcm or chunk.text):
-            first = time.perf_counter() - start
-        pcm.append(chunk.pcm)
-        text.append(chunk.text)
-        steps.extend(chunk.steps)
+    chunks = engine.stream(audio, text=args.text, task=args.task, image=args.image, max_tokens=args.max_tokens,
+                           stream_stride=args.stream_stride, first_stride=args.first_stride)
+    # disable=None: the counter shows on a terminal only, so piped output stays plain.
+    with tqdm(desc="answering", unit="step", disable=None, leave=False) as progress:
+        for chunk in chunks:
+            if first is None and (chunk.pcm or chunk.text):
+                first = time.perf_counter() - start
+            pcm.append(chunk.pcm)
+            text.append(chunk.text)
+            steps.extend(chunk.steps)
+            progress.update(len(chunk.steps))
+            progress.set_postfix_str("".join(text)[-PROGRESS_TEXT_CHARS:].replace("\n", " "), refresh=False)
     total = time.perf_counter() - start
     audio_s = len(b"".join(pcm)) / 2 / engine.sample_rate
     print(f"answer: {''.join(text).strip()!r}")
@@ -172,12 +182,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
+    samples = [] if args.input or args.text else sorted(SAMPLES_DIR.glob("*.wav"))
+    if not (args.input or args.text or samples):
+        raise FileNotFoundError(f"no question given and no bundled samples in {SAMPLES_DIR}: pass --input or --text")
     engine = OmniEngine(args.ckpt_dir, device=args.device, mode=args.mode, family=args.family)
     print(f"loaded {engine.family} from {args.ckpt_dir} on {engine.device} ({engine.dtype}, {engine.mode} mode)")
     if args.input or args.text:
-        answer(engine, args, args.input, Path(args.out) if args.out else None)
+        speaks = Task(args.task).speaks
+        answer(engine, args, args.input, Path(args.out or DEFAULT_OUT) if speaks else None)
         return
-    for sample in sorted(SAMPLES_DIR.glob("*.wav")):  # no question given: answer the bundled samples
+    for sample in samples:  # no question given: answer the bundled samples
         print(f"question: {sample.name}")
         answer(engine, args, str(sample), DEFAULT_OUT_DIR / sample.name if Task(args.task).speaks else None)
 

@@ -1,12 +1,16 @@
 """Serve the engine over HTTP: `POST /chat` streams the spoken answer as it is generated.
 
-    python server.py [--ckpt-dir DIR] [--host 127.0.0.1] [--port 60808] [--device auto] [--max-queue 4]
+    python server.py [--ckpt-dir DIR] [--host 127.0.0.1] [--port 60808] [--device auto] [--mode exact|fast|baseline]
+                     [--max-queue 4] [--max-bytes N]
+
+`GET /` lists the routes; `--mode` is explained by `--help` (exact, the default, gives the official tokens).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 
+from omni_engine import MODE_HELP
 from serving.app import DEFAULT_MAX_BYTES, create_app
 from serving.service import EngineService
 
@@ -19,8 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     p.add_argument("--port", type=int, default=60808)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"],
-                   help="exact: the official tokens (default); fast: int8 + trimmed encoder on CPU")
+    p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"], help=MODE_HELP)
     p.add_argument("--max-queue", type=int, default=4, help="requests that may wait behind the running one")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
     return p.parse_args(argv)

@@ -6,6 +6,7 @@ level 0 gets [t0], level 1 gets [t1, t4], level 2 gets [t2, t3, t5, t6].
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -113,6 +114,21 @@ def _remap_weight_norm(state: dict[str, torch.Tensor], expected: set[str]) -> di
     return out
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int | None, device: torch.device):
+    """torch's global RNG seeded with `seed` inside the block and restored on exit (no-op for None).
+
+    For code that draws from the global RNG and takes no generator (SNAC's noise blocks).
+    """
+    if seed is None:
+        yield
+        return
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
 def snac_class() -> type[torch.nn.Module]:
     """The `snac` package's model class, imported quietly."""
     with warnings.catch_warnings():  # snac 1.2.1 uses torch.jit.script, deprecated in torch 2.13
@@ -148,14 +164,16 @@ class SnacCodec:
         return cls(model.to(device).eval(), device)
 
     @torch.inference_mode()
-    def decode(self, frames: list[Frame]) -> bytes:
+    def decode(self, frames: list[Frame], noise_seed: int | None = None) -> bytes:
         """Frames -> int16 LE mono PCM at 24 kHz, 2048 samples per frame.
 
         A slot holding a special token (>= 4096; a trained model never puts one inside a frame)
-        is decoded as code 0 rather than failing.
+        is decoded as code 0 rather than failing. SNAC's decoder adds noise drawn from torch's
+        global RNG; with `noise_seed` it is drawn from that seed and the global state is restored after.
         """
         if not frames:
             return b""
         codes = [c.masked_fill(c >= AUDIO_CODES, 0) for c in frames_to_codes(frames, self.device)]
-        wave = self.model.decode(codes)  # (1, 1, samples)
+        with seeded_rng(noise_seed, self.device):
+            wave = self.model.decode(codes)  # (1, 1, samples)
         return pcm_from_wave(wave.reshape(-1).float().cpu().numpy())

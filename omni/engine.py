@@ -1,6 +1,7 @@
 """`OmniEngine`: load a checkpoint once, then answer questions as a stream of audio/text chunks."""
 from __future__ import annotations
 
+import itertools
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -279,23 +280,26 @@ class OmniEngine:
     def _answer(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None, pixels: torch.Tensor | None,
                 cfg: GenerationConfig, cancel: Callable[[], bool]) -> Iterator[OmniChunk]:
         with self._lock:
-            if cfg.seed is not None:
-                torch.manual_seed(cfg.seed)
+            # The request's own randomness: a generator for sampling, seeds for SNAC's noise; torch's
+            # global RNG is left as it was, so a seeded answer is the same whatever ran before it.
+            sampler = torch.Generator(self._device).manual_seed(cfg.seed) if cfg.seed is not None else None
+            noise_seeds = itertools.count(cfg.seed) if cfg.seed is not None else itertools.repeat(None)
             inputs = self.prepare(task, samples, text_ids, pixels)
             frames = FrameScheduler(cfg.stream_stride, cfg.first_stride) if task.speaks else None
             text = TextStream(self.tokenizer)
             pending: list[Step] = []
             for step in generate(self.model, inputs.prompt, inputs.decoder, cfg, inputs.audio_features, cancel,
-                                 inputs.image_features):
+                                 inputs.image_features, sampler):
                 pending.append(step)
                 text.push(step.text)
                 ready = frames.push(step.audio) if frames is not None else None
                 if ready or frames is None:
-                    yield OmniChunk(self.codec.decode(ready or []), text.delta(), tuple(pending))
+                    pcm = self.codec.decode(ready, next(noise_seeds)) if ready else b""
+                    yield OmniChunk(pcm, text.delta(), tuple(pending))
                     pending = []
             if cancel():
                 return
-            tail = self.codec.decode(frames.flush()) if frames is not None else b""
+            tail = self.codec.decode(frames.flush(), next(noise_seeds)) if frames is not None else b""
             last_text = text.delta(final=True)
             if tail or last_text or pending:
                 yield OmniChunk(tail, last_text, tuple(pending))

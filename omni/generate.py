@@ -44,15 +44,16 @@ class SpeechDecoder:
         self.parts = ("all",) * self.batch_size if full_head or not batch else ("audio", "text")
         self.text_ended = False
 
-    def advance(self, logits: list[torch.Tensor], cfg: GenerationConfig, first: bool) -> Step | None:
+    def advance(self, logits: list[torch.Tensor], cfg: GenerationConfig, first: bool,
+                generator: torch.Generator | None = None) -> Step | None:
         """Per-row logits of the last position (parts as in `self.parts`) -> the next step, or None to stop."""
         audio_row, text_row = logits[0], logits[-1]
         if self.parts[0] == "all":
             audio_row = audio_row[PADDED_TEXT_VOCAB:]
         audio_logits = audio_row.view(N_AUDIO_LAYERS, PADDED_AUDIO_VOCAB)
         text_logits = text_row[:PADDED_TEXT_VOCAB].unsqueeze(0)
-        audio = tuple(sample(audio_logits, cfg).tolist())
-        text = int(sample(text_logits, cfg)[0])
+        audio = tuple(sample(audio_logits, cfg, generator).tolist())
+        text = int(sample(text_logits, cfg, generator)[0])
         if first:  # the official loop applies no rule to the prefill token
             return Step(audio, text)
         if self.text_ended:
@@ -79,8 +80,9 @@ class TextDecoder:
     def __init__(self, full_head: bool = False) -> None:
         self.parts = ("all",) if full_head else ("text",)
 
-    def advance(self, logits: list[torch.Tensor], cfg: GenerationConfig, first: bool) -> Step | None:
-        text = int(sample(logits[0][:PADDED_TEXT_VOCAB].unsqueeze(0), cfg)[0])
+    def advance(self, logits: list[torch.Tensor], cfg: GenerationConfig, first: bool,
+                generator: torch.Generator | None = None) -> Step | None:
+        text = int(sample(logits[0][:PADDED_TEXT_VOCAB].unsqueeze(0), cfg, generator)[0])
         if not first and text == EOT:
             return None
         return Step(None, text)
@@ -124,7 +126,8 @@ def prefill(model: OmniLM, prompt: torch.Tensor, audio_features: torch.Tensor | 
 def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextDecoder,
              cfg: GenerationConfig, audio_features: torch.Tensor | None = None,
              cancel: Callable[[], bool] = lambda: False,
-             image_features: torch.Tensor | None = None) -> Iterator[Step]:
+             image_features: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> Iterator[Step]:
     """Yield one `Step` for the prefill and one per decode step until a stop rule fires.
 
     Args:
@@ -132,6 +135,7 @@ def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextD
         audio_features: `(B, L, whisper_dim)` injected at positions 1..L during the prefill.
         cancel: polled before every decode step; True ends the iteration at once.
         image_features: `(B, 50, vision_dim)` CLIP tokens of an image question (prefill only).
+        generator: the request's own random generator for sampling (None: torch's global RNG).
     """
     B, _, T = prompt.shape
     assert B == decoder.batch_size, f"prompt batch {B} != decoder batch {decoder.batch_size}"
@@ -139,14 +143,14 @@ def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextD
     device = prompt.device
     model.setup_cache(B, model.config.block_size if model.full_span else cfg.max_tokens - 1)
     logits = prefill(model, prompt, audio_features, decoder.parts, image_features)
-    step = decoder.advance(logits, cfg, first=True)
+    step = decoder.advance(logits, cfg, first=True, generator=generator)
     yield step
     input_pos = torch.tensor([T], device=device)
     for _ in range(cfg.max_tokens - T - 1):
         if cancel():
             return
         logits = model(decoder.feedback(step, device), input_pos, parts=decoder.parts)
-        step = decoder.advance(logits, cfg, first=False)
+        step = decoder.advance(logits, cfg, first=False, generator=generator)
         if step is None:
             return
         yield step

@@ -25,7 +25,7 @@ class GenerationConfig:
     max_tokens: int = DEFAULT_MAX_TOKENS  # prompt + generated positions (official max_returned_tokens)
     stream_stride: int = DEFAULT_STREAM_STRIDE  # SNAC frames per streamed chunk
     first_stride: int | None = None  # frames in the first chunk; smaller starts audio sooner (None = stream_stride, as official)
-    seed: int | None = 0  # seeds torch per request so answers repeat; None leaves the RNG alone
+    seed: int | None = 0  # seeds this request's own generators so answers repeat; None draws from torch's global RNG
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
@@ -55,11 +55,12 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
 
 
-def sample(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row of `logits (N, V)`; returns `(N,)` ids.
 
     Same order as the official sampler: top-k, then temperature, then top-p, then multinomial.
     With top_k=1 the official sampler's multinomial has one candidate, so argmax is identical.
+    `generator` (on the logits' device) scopes the randomness to one request; None uses torch's global RNG.
     """
     if cfg.greedy:
         return logits.argmax(dim=-1)
@@ -70,4 +71,4 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     if cfg.top_p < 1.0:
         logits = _top_p_filter(logits, cfg.top_p)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1).squeeze(-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

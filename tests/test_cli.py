@@ -39,6 +39,14 @@ def test_dump_tokens_for_every_task(tiny_ckpt, sample_wav, tmp_path, task):
     assert "first chunk" in proc.stdout
 
 
+def test_a_spoken_answer_without_out_goes_to_output(tiny_ckpt, sample_wav, tmp_path):
+    proc = run_cli("--ckpt-dir", tiny_ckpt, "--input", sample_wav, "--max-tokens", 100, "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote output/answer.wav" in proc.stdout
+    with wave.open(str(tmp_path / "output" / "answer.wav")) as w:
+        assert w.getnframes() > 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "T1T2"], "needs --text"),
     (["--task", "A1A2", "--text", "hi"], "--text needs a text-input task"),

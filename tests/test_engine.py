@@ -85,6 +85,24 @@ def test_answers_repeat_regardless_of_earlier_requests(engine, sample_wav):
     assert engine.run(sample_wav, max_tokens=100) == first
 
 
+def test_a_sampled_answer_repeats_under_its_seed_and_leaves_torch_rng_alone(engine, sample_wav):
+    sampled = {"top_k": None, "temperature": 1.0, "max_tokens": 100}
+    state = torch.get_rng_state()
+    first = engine.run(sample_wav, seed=3, **sampled)
+    torch.manual_seed(123)  # other work in the process draws from the global RNG
+    torch.rand(10)
+    assert engine.run(sample_wav, seed=3, **sampled) == first
+    assert engine.run(sample_wav, seed=4, **sampled).streams != first.streams
+    torch.manual_seed(123)
+    torch.rand(10)
+    expected = torch.get_rng_state()
+    torch.manual_seed(123)
+    torch.rand(10)
+    engine.run(sample_wav, seed=3, **sampled)
+    assert torch.equal(torch.get_rng_state(), expected)
+    torch.set_rng_state(state)
+
+
 def test_a1t2_is_the_text_half_of_a1a2(stop_engine, sample_wav):
     speech = stop_engine.run(sample_wav)
     text_only = stop_engine.run(sample_wav, task="A1T2")

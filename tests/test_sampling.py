@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from omni.sampling import GenerationConfig, sample
+from omni.sampling import GenerationConfig, _top_p_filter, sample
 
 
 def test_greedy_is_argmax():
@@ -18,19 +18,32 @@ def test_top_k_keeps_the_k_best():
     assert {int(sample(logits, cfg)[0]) for _ in range(200)} <= top3
 
 
-def test_top_p_keeps_the_most_likely():
-    logits = torch.tensor([[10.0, 0.0, -1.0, -2.0]])
-    cfg = GenerationConfig(top_k=None, top_p=0.5, temperature=1.0)
-    assert {int(sample(logits, cfg)[0]) for _ in range(50)} == {0}
+# Probabilities 0.4, 0.3 and three of 0.1: top_p=0.6 keeps the smallest set holding 60 %, tokens 0 and 1.
+NUCLEUS_PROBS = torch.tensor([[0.4, 0.3, 0.1, 0.1, 0.1]])
 
 
-def test_sampling_is_deterministic_under_a_seed():
+def test_top_p_masks_exactly_the_tail():
+    filtered = _top_p_filter(NUCLEUS_PROBS.log(), 0.6)
+    assert torch.isfinite(filtered).tolist() == [[True, True, False, False, False]]
+    assert torch.isfinite(_top_p_filter(NUCLEUS_PROBS.log(), 1.0)).all()
+
+
+def test_top_p_samples_only_the_nucleus():
+    # Without the filter, 1,000 draws miss tokens 2-4 (30 % of the mass) with probability 0.7 ** 1000.
+    cfg = GenerationConfig(top_k=None, top_p=0.6, temperature=1.0)
+    gen = torch.Generator().manual_seed(0)
+    drawn = [int(sample(NUCLEUS_PROBS.log(), cfg, gen)[0]) for _ in range(1000)]
+    assert set(drawn) == {0, 1}
+    assert 0.5 < drawn.count(0) / len(drawn) < 0.64  # renormalised: 0.4 / 0.7 = 0.57
+
+
+def test_sampling_is_deterministic_under_a_generator_and_leaves_the_global_rng_alone():
     logits = torch.randn(3, 100)
     cfg = GenerationConfig(top_k=None, temperature=1.0)
-    torch.manual_seed(7)
-    a = sample(logits, cfg)
-    torch.manual_seed(7)
-    assert torch.equal(a, sample(logits, cfg))
+    state = torch.get_rng_state()
+    a = sample(logits, cfg, torch.Generator().manual_seed(7))
+    assert torch.equal(a, sample(logits, cfg, torch.Generator().manual_seed(7)))
+    assert torch.equal(state, torch.get_rng_state())
 
 
 @pytest.mark.parametrize("field, value", [
