@@ -1,7 +1,7 @@
 """Talk to the model: microphone -> Silero VAD -> engine.stream() -> speaker, with barge-in and camera frames.
 
     python realtime_vad_player.py [--ckpt-dir DIR] [--input-device N] [--output-device N] [--camera 0 | --no-camera]
-    python realtime_vad_player.py --input-file q.wav --no-camera   # no microphone: answers go to wav files
+    python realtime_vad_player.py --input-file q.wav   # no microphone: answers go to output/realtime/turnN.wav
     python realtime_vad_player.py --list-devices
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-device", type=int, help="microphone device number (default: the system's)")
     p.add_argument("--output-device", type=int, help="speaker device number (default: the system's)")
     cam = p.add_mutually_exclusive_group()
-    cam.add_argument("--camera", type=int, default=DEFAULT_CAMERA, help="camera index (default 0)")
+    cam.add_argument("--camera", type=int, default=DEFAULT_CAMERA,
+                     help="camera index (default 0); used only by a model that can see (Mini-Omni2)")
     cam.add_argument("--no-camera", action="store_true", help="send questions without an image")
     p.add_argument("--camera-interval", type=float, default=FRAME_INTERVAL_S, help="seconds between camera frames")
     p.add_argument("--input-file", help="answer a recording instead of the microphone; answers go to wav files")
@@ -77,15 +78,17 @@ def load_engine(args: argparse.Namespace, warm: bool = False) -> Any:
 
 
 def answer_file(args: argparse.Namespace, config: LoopConfig, camera: int | None) -> None:
-    from realtime.camera import CameraFeed
+    from realtime.devices import open_camera
     from realtime.sim import answer_file as simulate_file
 
-    feed = None
-    if camera is not None:  # opened before the engine loads, so a missing camera fails fast
-        from realtime.devices import OpenCvCamera
-        feed = CameraFeed(OpenCvCamera(camera), args.camera_interval)
-    for path in simulate_file(load_engine(args), args.input_file, config, args.out_dir, feed):
-        print(f"wrote {path}")
+    engine = load_engine(args)
+    feed = open_camera(camera, engine, args.camera_interval, sys.stdout)  # only if the model can see
+    try:
+        for path in simulate_file(engine, args.input_file, config, args.out_dir, feed):
+            print(f"wrote {path}")
+    finally:
+        if feed is not None:
+            feed.camera.close()
 
 
 if __name__ == "__main__":

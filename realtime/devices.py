@@ -170,21 +170,39 @@ def list_devices() -> str:
     return "\n".join(lines)
 
 
+def open_camera(index: int | None, engine: Any, interval_s: float, out: TextIO) -> CameraFeed | None:
+    """The feed of camera `index` when the engine can see and the camera opens; otherwise one notice and None.
+
+    A camera is optional: a Mini-Omni (v1) checkpoint cannot use one, and a missing one must not stop the talk.
+    """
+    if index is None:
+        return None
+    if not engine.can_see:
+        out.write(f"note: this {engine.family} checkpoint cannot see, so camera {index} is not used\n")
+        return None
+    try:
+        return CameraFeed(OpenCvCamera(index), interval_s)
+    except DeviceError as e:
+        out.write(f"note: {e}; questions go without an image\n")
+        return None
+
+
 def run_live(load_engine: Callable[[], Any], config: LoopConfig, out: TextIO, input_device: int | None = None,
              output_device: int | None = None, camera: int | None = None,
              camera_interval_s: float = FRAME_INTERVAL_S) -> None:
     """Talk to the engine through the microphone, speaker and camera until Ctrl-C.
 
-    The devices open first, so a missing one fails before the engine loads; `load_engine` returns a warm engine.
+    Microphone and speaker open first, so a missing one fails before the engine loads; `load_engine` returns a
+    warm engine. The camera opens after it, and only if the model can see.
     """
     clock, stop = MonotonicClock(), threading.Event()
     with ExitStack() as devices:
-        feed = None
-        if camera is not None:
-            feed = CameraFeed(devices.enter_context(closing(OpenCvCamera(camera))), camera_interval_s)
         speaker = devices.enter_context(closing(Speaker(OUTPUT_SAMPLE_RATE, output_device)))
         mic = devices.enter_context(closing(Microphone(input_device)))
         engine = load_engine()
+        feed = open_camera(camera, engine, camera_interval_s, out)
+        if feed is not None:
+            devices.enter_context(closing(feed.camera))
         loop = devices.enter_context(closing(VoiceLoop(engine, speaker, clock, config, camera=feed, out=out)))
         devices.callback(stop.set)
         if feed is not None:

@@ -165,15 +165,16 @@ class VoiceLoop:
 
     def _ask(self, turn: Turn) -> None:
         self.answering, self.answer_done = turn, False
-        seconds = len(turn.question) / MIC_RATE
-        self._say(f"[turn {turn.index}] {seconds:.2f} s of speech ended at {turn.end_of_speech:.2f} s: answering")
+        start = turn.end_of_speech - len(turn.question) / MIC_RATE
+        self._say(f"[turn {turn.index}] end of speech confirmed at {turn.end_of_speech:.2f} s: asking with the "
+                  f"audio from {start:.2f} s to {turn.end_of_speech:.2f} s (pre-roll included)")
         turn.asked_wall = time.perf_counter()
         self.responder.ask(turn.index, turn.question, self._image(turn))
 
     def _image(self, turn: Turn) -> np.ndarray | None:
-        if self.camera is None:
-            self._notice("camera", "no camera: questions go without an image")
-        elif not self.engine.can_see:
+        if self.camera is None:  # --no-camera, or whoever opened the devices already said why there is none
+            return None
+        if not self.engine.can_see:
             self._notice("blind", "this checkpoint cannot see (Mini-Omni v1): questions go without an image")
         elif turn.frame is None:
             self._notice("frame", "no camera frame yet: this question goes without an image")

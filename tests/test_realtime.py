@@ -176,6 +176,22 @@ def test_devices_report_missing_hardware_clearly():
         devices.OpenCvCamera(99)
 
 
+def test_a_camera_is_opened_only_for_a_model_that_sees_and_is_optional():
+    devices = pytest.importorskip("realtime.devices")
+
+    class Model:
+        family = "mini-omni"
+        can_see = False
+
+    out = io.StringIO()
+    assert devices.open_camera(99, Model(), 1.0, out) is None  # a v1 model: not even tried
+    assert out.getvalue().count("cannot see") == 1
+    Model.can_see, out = True, io.StringIO()
+    assert devices.open_camera(99, Model(), 1.0, out) is None  # no camera 99 here: a notice, not an error
+    assert out.getvalue().count("\n") == 1 and "could not be opened" in out.getvalue()
+    assert devices.open_camera(None, Model(), 1.0, out) is None  # --no-camera
+
+
 NULL_ALSA = "pcm.!default { type null }\nctl.!default { type hw card 0 }\n"  # ALSA devices that discard / give silence
 DEVICE_SCRIPT = """
 import sys, time
