@@ -7,6 +7,7 @@ from werkzeug.exceptions import HTTPException
 
 from omni import CHUNK_SECONDS, INPUT_SAMPLE_RATE, AudioInputError, load_audio
 from .formats import MIMETYPES, PCM_HEADERS, encode
+from .index import index_html
 from .parse import ApiError, parse_chat
 from .service import EngineService
 
@@ -40,6 +41,10 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES) -> Fl
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
         return jsonify(error=f"{e.name}: {e.description}"), e.code
+
+    @app.get("/")
+    def index():
+        return Response(index_html(service), mimetype="text/html")
 
     @app.get("/health")
     def health():

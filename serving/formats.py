@@ -1,7 +1,8 @@
 """Response encodings of a streamed answer. Each turns an iterator of events into body bytes.
 
 - pcm: the official v1 stream, raw int16 LE mono 24 kHz PCM;
-- wav: the same audio behind a streaming WAV header (sizes unknown, set to the maximum);
+- wav: a WAV file with its true sizes, for downloads (`curl -o`): sent whole once the answer is complete;
+- wav-stream: the same audio behind a streaming WAV header (sizes unknown, set to the maximum), for players;
 - multipart: the official v2 layout (`boundary=frame`, an audio part then a text part per chunk);
 - sse / ndjson: JSON events with the text delta and base64 audio per chunk, then a final event.
 """
@@ -35,11 +36,14 @@ class Summary:
 Event = OmniChunk | Summary
 
 
-def wav_header() -> bytes:
+def wav_header(data_bytes: int | None = None) -> bytes:
+    """A PCM WAV header for `data_bytes` of audio; None (a live stream) sets both sizes to the maximum."""
     byte_rate = OUTPUT_SAMPLE_RATE * CHANNELS * BITS // 8
     fmt = struct.pack("<HHIIHH", 1, CHANNELS, OUTPUT_SAMPLE_RATE, byte_rate, CHANNELS * BITS // 8, BITS)
-    return (b"RIFF" + struct.pack("<I", UNKNOWN_SIZE) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
-            + b"data" + struct.pack("<I", UNKNOWN_SIZE))
+    data_size = UNKNOWN_SIZE if data_bytes is None else data_bytes
+    riff_size = UNKNOWN_SIZE if data_bytes is None else 4 + 8 + len(fmt) + 8 + data_bytes  # all after "RIFF" size
+    return (b"RIFF" + struct.pack("<I", riff_size) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            + b"data" + struct.pack("<I", data_size))
 
 
 def _pcm(events: Iterator[Event]) -> Iterator[bytes]:
@@ -48,7 +52,13 @@ def _pcm(events: Iterator[Event]) -> Iterator[bytes]:
             yield event.pcm
 
 
-def _wav(events: Iterator[Event]) -> Iterator[bytes]:
+def _wav_file(events: Iterator[Event]) -> Iterator[bytes]:
+    # An HTTP body cannot be seeked back into to patch the sizes, and an answer is short: buffer it.
+    pcm = b"".join(_pcm(events))
+    yield wav_header(len(pcm)) + pcm
+
+
+def _wav_stream(events: Iterator[Event]) -> Iterator[bytes]:
     yield wav_header()
     yield from _pcm(events)
 
@@ -81,11 +91,12 @@ def _ndjson(events: Iterator[Event]) -> Iterator[bytes]:
         yield (json.dumps(data) + "\n").encode()
 
 
-ENCODERS = {"pcm": _pcm, "wav": _wav, "multipart": _multipart, "sse": _sse, "ndjson": _ndjson}
+ENCODERS = {"pcm": _pcm, "wav": _wav_file, "wav-stream": _wav_stream, "multipart": _multipart, "sse": _sse, "ndjson": _ndjson}
 # audio/L16 would be right for big-endian samples only, so the raw stream says what it is in headers.
 MIMETYPES = {
     "pcm": "application/octet-stream",
     "wav": "audio/wav",
+    "wav-stream": "audio/wav",
     "multipart": f"multipart/x-mixed-replace; boundary={MULTIPART_BOUNDARY}",
     "sse": "text/event-stream",
     "ndjson": "application/x-ndjson",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from flask import Request
 
-FORMATS = ("pcm", "wav", "multipart", "sse", "ndjson")
+FORMATS = ("pcm", "wav", "wav-stream", "multipart", "sse", "ndjson")
 ACCEPT_FORMATS = {  # media types a client may ask for instead of ?format=
     "audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "multipart/x-mixed-replace": "multipart",
     "text/event-stream": "sse", "application/x-ndjson": "ndjson",

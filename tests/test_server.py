@@ -47,6 +47,14 @@ def test_health(server):
     assert health["device"] == "cpu" and health["dtype"] == "float32" and health["can_see"] is False
 
 
+def test_index_page_names_the_routes(server):
+    status, headers, body = server.get("/")
+    page = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert all(route in page for route in ("/chat", 'href="/health"', 'href="/metrics"', "/requests/", ":7860"))
+    assert "ready" in page
+
+
 def test_official_request_streams_the_engines_answer(server, sample_bytes, expected):
     status, headers, body = server.chat(sample_bytes, max_tokens=MAX, stream_stride=4)
     assert status == 200 and headers["Transfer-Encoding"] == "chunked"
@@ -81,6 +89,14 @@ def test_wav_format_reads_with_the_wave_module(server, sample_bytes, expected):
     with wave.open(io.BytesIO(body)) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
         assert w.readframes(10**9) == expected.pcm
+        assert w.getnframes() == len(expected.pcm) // 2  # a download's header has the true sizes
+    assert int.from_bytes(body[4:8], "little") == len(body) - 8
+
+
+def test_wav_stream_format_has_a_live_streams_header(server, sample_bytes, expected):
+    status, headers, body = server.chat(sample_bytes, path="/chat?format=wav-stream", max_tokens=MAX)
+    assert status == 200 and headers["Content-Type"] == "audio/wav" and headers["Transfer-Encoding"] == "chunked"
+    assert body[4:8] == body[40:44] == b"\xff\xff\xff\xff" and body[44:] == expected.pcm
 
 
 def test_multipart_v2_layout(server, sample_bytes, expected):

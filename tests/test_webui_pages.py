@@ -20,6 +20,7 @@ if not Path(CHROMIUM).exists():
                 allow_module_level=True)
 
 MAX = 120  # max_tokens for the uploaded sample: a short answer on the tiny checkpoint
+LONG_MAX = 1200  # an answer long enough to interrupt
 RECORD_MAX = 150  # max_tokens for a recorded question, whose prompt is longer than the sample's
 IMAGE_EXTRA = 80  # max_tokens beyond those for the same question without an image (its 50 features, then steps)
 RECORD_S = 1.5  # how long the test speaks into the fake microphone
@@ -100,7 +101,13 @@ def gradio(server_url, tmp_path_factory):
 
 def _open_gradio(tab, url: str) -> None:
     tab.goto(url)
-    tab.wait_for_function("/Server http|⚠️/.test(document.querySelector('#server')?.innerText)")  # the health check
+    tab.wait_for_function("/Server http|⚠️/.test(document.querySelector('#server')?.innerText)",
+                          timeout=ANSWER_TIMEOUT_MS)  # the health check
+
+
+def _status_starts(tab, prefix: str) -> None:
+    tab.wait_for_function("(p) => document.querySelector('#status')?.innerText.startsWith(p)", arg=prefix,
+                          timeout=ANSWER_TIMEOUT_MS)
 
 
 def _gradio_answer(tab, question, pcm: bytes, text: str, screenshot) -> str:
@@ -111,9 +118,9 @@ def _gradio_answer(tab, question, pcm: bytes, text: str, screenshot) -> str:
     tab.evaluate("""() => { window.firstAudio = null; window.uploaded = performance.now();
         document.addEventListener('playing', () => { window.firstAudio ??= performance.now(); }, true); }""")
     tab.locator("#question input[type=file]").set_input_files(question)
-    tab.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')", timeout=ANSWER_TIMEOUT_MS)
+    _status_starts(tab, "Generated")  # the whole answer has arrived; the player may still be playing it
     done_ms = tab.evaluate("performance.now() - window.uploaded")
-    tab.wait_for_function("window.firstAudio !== null")
+    tab.wait_for_function("window.firstAudio !== null", timeout=ANSWER_TIMEOUT_MS)
     first_audio_ms = tab.evaluate("window.firstAudio - window.uploaded")
     player = tab.locator("#answer audio")
     # The player's duration grows as it fetches the streamed segments: wait until it holds the whole answer.
@@ -159,9 +166,49 @@ def test_gradio_sends_the_image_to_a_model_that_sees(tab, v2_server, v2_gradio, 
     _open_gradio(tab, v2_gradio.url)
     assert "It can see" in tab.inner_text("#server")
     tab.locator("#image input[type=file]").set_input_files(sample_image)
-    tab.wait_for_selector("#image img")
+    tab.wait_for_selector("#image img", timeout=ANSWER_TIMEOUT_MS)
     print("\ngradio page, Mini-Omni2 with an image:",
           _gradio_answer(tab, sample_wav, pcm, text, tmp_path / "gradio-image-answer.png"))
+
+
+@pytest.fixture(scope="module")
+def long_gradio(server_url, tmp_path_factory):
+    """A page whose answers are long enough to be interrupted."""
+    page = gradio_page(server_url, tmp_path_factory.mktemp("long-gradio-logs"), "--max-tokens", str(LONG_MAX))
+    yield page
+    page.stop()
+
+
+def _cancelled(server) -> float:
+    """The server's count of cancelled answers, from /metrics."""
+    for line in server.get("/metrics")[2].decode().splitlines():
+        if line.startswith('omni_requests_total{outcome="cancelled"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _until(condition, what: str, timeout_s: float = ANSWER_TIMEOUT_MS / 1000) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_gradio_new_question_and_stop_end_the_running_answer(tab, server, long_gradio, sample_wav):
+    cancelled = _cancelled(server)
+    _open_gradio(tab, long_gradio.url)
+    tab.locator("#question input[type=file]").set_input_files(sample_wav)
+    _status_starts(tab, "Speaking")
+    first = server.get_json("/health")["current"]["id"]
+    tab.locator("#ask").click()  # ask again while the answer streams
+    # The server gets the second question (it is not dropped) and cancels the first answer.
+    _until(lambda: server.get_json("/health").get("current", {}).get("id", first) != first, "the second question")
+    _until(lambda: _cancelled(server) >= cancelled + 1, "the first answer's cancellation")
+    tab.locator("#stop").click()
+    _status_starts(tab, "Stopped")
+    _until(lambda: _cancelled(server) >= cancelled + 2 and not server.get_json("/health")["busy"],
+           "the second answer's cancellation")
+    assert tab.inner_text("#status").startswith("Stopped")  # no late status from either answer
 
 
 # ---- Streamlit ---------------------------------------------------------------------------------------------
@@ -179,10 +226,20 @@ def _open_streamlit(tab, url: str) -> None:
 
 
 def _speak(tab) -> None:
-    """Record RECORD_S of what the fake microphone plays, the way a person presses record and stop."""
+    """Record RECORD_S of what the fake microphone plays, the way a person presses record and stop.
+
+    Timed by the recorder's own clock: on a busy machine recording starts well after the click, and a sleep
+    of RECORD_S from the click could stop it with too little recorded.
+    """
     tab.locator("[data-testid=stAudioInputActionButton][aria-label='Record']").click()
-    time.sleep(RECORD_S)
-    tab.locator("[data-testid=stAudioInputActionButton][aria-label='Stop recording']").click()
+    stop = tab.locator("[data-testid=stAudioInputActionButton][aria-label='Stop recording']")
+    stop.wait_for(timeout=ANSWER_TIMEOUT_MS)  # recording has started
+    tab.wait_for_function("""(least) => {
+        const shown = document.querySelector('[data-testid=stAudioInputWaveformTimeCode]')?.innerText ?? '';
+        const parts = shown.trim().split(':').map(Number);
+        return parts.every(Number.isFinite) && parts.reduce((s, p) => 60 * s + p, 0) >= least; }""",
+                          arg=RECORD_S, timeout=ANSWER_TIMEOUT_MS)
+    stop.click()
 
 
 def _turn_ended(tab) -> None:
@@ -270,6 +327,8 @@ def test_gradio_says_the_server_stopped(tab, doomed, doomed_gradio, sample_wav, 
     _open_gradio(tab, doomed_gradio.url)
     assert "ready" in tab.inner_text("#server")
     doomed.stop()
+    tab.wait_for_function("document.querySelector('#server').innerText.includes('Cannot reach the server')",
+                          timeout=ANSWER_TIMEOUT_MS)  # the server line is refreshed, not left at "ready"
     tab.locator("#question input[type=file]").set_input_files(sample_wav)
     tab.wait_for_function("document.querySelector('#status').innerText.includes('Cannot reach the server')",
                           timeout=ANSWER_TIMEOUT_MS)

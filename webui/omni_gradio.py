@@ -4,12 +4,16 @@
 
 UI only: every request goes through `webui.client`. The answer plays as its chunks arrive
 (`gr.Audio(streaming=True)`), the transcript fills in beside it, and the page shows the time to the
-first audio and the total time. The image input appears only when the server's model can see.
+first audio and the total time. A new question or Stop ends the running answer (the server stops it too).
+The server line is refreshed every few seconds. The image input appears only when the server's model can see.
 """
-from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from functools import partial
 from pathlib import Path
 
 from webui.client import Answer, OmniClient, ServerError, add_server_arguments, server_options, wav_bytes
@@ -17,6 +21,9 @@ from webui.client import Answer, OmniClient, ServerError, add_server_arguments, 
 INSTALL_HINT = "the Gradio page needs gradio: pip install gradio==6.31.0 (or pip install -r requirements.txt)"
 DEFAULT_PORT = 7860
 NO_QUESTION = "Upload or record a question first."
+GENERATED = "Generated:"  # the status once the whole answer has arrived (the player may still be playing it)
+STOPPED = "Stopped."
+HEALTH_POLL_S = 5  # how often the server line is refreshed, so it says when the server stops or comes back
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,27 +44,56 @@ def server_state(client: OmniClient) -> tuple[bool, str]:
     return health.can_see, f"Server {client.url}: {health.status}.{seeing}"
 
 
-def answer(client: OmniClient, options: dict[str, int], audio_path: str | None,
-           image_path: str | None) -> Iterator[tuple[bytes | None, str, str]]:
-    """Ask the server; yield (a WAV chunk to play or None, transcript so far, status line)."""
+class Turns:
+    """The answer each browser session is owed now: a new question or Stop supersedes the running one.
+
+    A superseded answer stops at its next chunk and closes its request, so the server cancels it too.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[str, int] = {}
+        self._count = itertools.count(1)
+
+    def begin(self, session: str) -> int:
+        with self._lock:
+            self._latest[session] = turn = next(self._count)
+            return turn
+
+    def wanted(self, session: str, turn: int) -> bool:
+        with self._lock:
+            return self._latest.get(session) == turn
+
+
+def answer(client: OmniClient, options: dict[str, int], audio_path: str | None, image_path: str | None,
+           wanted: Callable[[], bool] = lambda: True) -> Iterator[tuple[bytes | None, str, str]]:
+    """Ask the server; yield (a WAV chunk to play or None, transcript so far, status line) while `wanted()`."""
     if not audio_path:
         yield None, "", NO_QUESTION
         return
     image = Path(image_path).read_bytes() if image_path else None
     reply = Answer()
+    if not wanted():
+        return
     yield None, "", "Thinking…"
     try:
-        for chunk in client.ask(Path(audio_path).read_bytes(), image, **options):
-            reply.add(chunk)
-            yield wav_bytes(chunk.pcm, chunk.sample_rate), reply.text, f"Speaking… {reply.timing()}"
+        with closing(client.ask(Path(audio_path).read_bytes(), image, **options)) as chunks:
+            for chunk in chunks:
+                if not wanted():
+                    return  # closing the request tells the server to stop this answer
+                reply.add(chunk)
+                yield wav_bytes(chunk.pcm, chunk.sample_rate), reply.text, f"Speaking… {reply.timing()}"
     except ServerError as e:
-        yield None, reply.text, f"⚠️ {e}"
+        if wanted():
+            yield None, reply.text, f"⚠️ {e}"
         return
     reply.finish()
-    yield None, reply.text, f"Done: {reply.timing()}"
+    if wanted():  # the whole answer is generated; the player may still be playing it
+        yield None, reply.text, f"{GENERATED} {reply.timing()}"
 
 
 def build_page(gr, client: OmniClient, options: dict[str, int]):
+    turns = Turns()
     with gr.Blocks(title="Mini-Omni", analytics_enabled=False) as page:
         gr.Markdown("# Mini-Omni\nAsk a question out loud: upload a recording or use the microphone.")
         server_line = gr.Markdown(elem_id="server")
@@ -65,24 +101,43 @@ def build_page(gr, client: OmniClient, options: dict[str, int]):
             question = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Your question",
                                 elem_id="question")
             image = gr.Image(type="filepath", label="Image (optional)", visible=False, elem_id="image")
-        ask = gr.Button("Ask", variant="primary")
+        with gr.Row():
+            ask = gr.Button("Ask", variant="primary", elem_id="ask")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop")
         spoken = gr.Audio(label="Answer", streaming=True, autoplay=True, interactive=False, elem_id="answer")
         transcript = gr.Textbox(label="Transcript", lines=3, interactive=False, elem_id="transcript")
         status = gr.Markdown(elem_id="status")
+        turn = gr.State(0)
 
         def on_load():
             can_see, line = server_state(client)
             return gr.update(visible=can_see), line
 
-        def on_ask(audio_path, image_path):
-            for wav, text, line in answer(client, options, audio_path, image_path):
+        def on_health():
+            return server_state(client)[1]
+
+        def on_start(request: gr.Request):
+            # Supersede the running answer (it stops at its next chunk) and clear its player.
+            return None, turns.begin(request.session_hash)
+
+        def on_ask(audio_path, image_path, my_turn: int, request: gr.Request):
+            wanted = partial(turns.wanted, request.session_hash, my_turn)
+            for wav, text, line in answer(client, options, audio_path, image_path, wanted):
                 # A streaming player takes only chunks: no chunk is gr.skip(), not None, which would open a stream.
                 yield gr.skip() if wav is None else wav, text, line
 
+        def on_stop(request: gr.Request):
+            turns.begin(request.session_hash)
+            return None, STOPPED
+
         page.load(on_load, outputs=[image, server_line])
-        # A new question first clears the last answer's player, then streams the new one into it.
-        gr.on([question.upload, question.stop_recording, ask.click], lambda: None, outputs=[spoken]).then(
-            on_ask, inputs=[question, image], outputs=[spoken, transcript, status])
+        gr.Timer(HEALTH_POLL_S).tick(on_health, outputs=[server_line], show_progress="hidden")
+        # Every new question runs ("multiple": none is dropped) and supersedes the one before; the answers
+        # run concurrently (concurrency_limit=None) so a new one need not wait for the old one's end.
+        gr.on([question.upload, question.stop_recording, ask.click], on_start, outputs=[spoken, turn],
+              trigger_mode="multiple").then(on_ask, inputs=[question, image, turn],
+                                            outputs=[spoken, transcript, status], concurrency_limit=None)
+        stop.click(on_stop, outputs=[spoken, status], trigger_mode="multiple")
     return page
 
 
