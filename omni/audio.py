@@ -1,4 +1,4 @@
-"""Audio front end: decode any input to 16 kHz mono, then Whisper's log-mel spectrogram (spec §5).
+"""Audio front end: decode any input to 16 kHz mono, then Whisper's log-mel spectrogram (docs/model.md §7).
 
 The numbers and formulas match openai-whisper's `audio.py`, so the encoder sees the same input.
 """

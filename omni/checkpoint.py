@@ -1,4 +1,4 @@
-"""Find, fetch and load the files of an official checkpoint directory (spec §2).
+"""Find, fetch and load the files of an official checkpoint directory (docs/model.md §1).
 
 Weights are memory-mapped and assigned into a model built on the meta device, so loading never
 holds two copies of them.

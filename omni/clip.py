@@ -1,4 +1,4 @@
-"""CLIP's ViT image tower as Mini-Omni2 runs it: all 50 token features, projected (spec §5).
+"""CLIP's ViT image tower as Mini-Omni2 runs it: all 50 token features, projected (docs/model.md §7).
 
 Mini-Omni2 pins a fork of OpenAI CLIP whose `encode_image` returns every token after `ln_post`
 times `proj` (class + 7 x 7 patches) instead of the pooled class token. This module builds the same

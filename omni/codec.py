@@ -1,4 +1,4 @@
-"""SNAC codec: the 7 staggered audio streams <-> SNAC's 3 code levels <-> 24 kHz PCM (spec §4.6, §6.3).
+"""SNAC codec: the 7 staggered audio streams <-> SNAC's 3 code levels <-> 24 kHz PCM (docs/model.md §6).
 
 Frame `k` of the answer takes layer `j`'s token from decode position `k + j + 1` (layer j starts
 j + 1 steps after the text). A frame's 7 tokens are SNAC's codes in depth-first order:

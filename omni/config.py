@@ -1,4 +1,4 @@
-"""Typed model configuration read from the checkpoint's `model_config.yaml` (spec §2.3)."""
+"""Typed model configuration read from the checkpoint's `model_config.yaml` (docs/model.md §1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields

@@ -1,4 +1,4 @@
-"""The prefill / decode-step loop as an iterator of per-step tokens (spec §4.5, §6.2, §13).
+"""The prefill / decode-step loop as an iterator of per-step tokens (docs/model.md §5, §6).
 
 Two decoding policies cover every task:
 - `SpeechDecoder` samples 7 audio tokens and a text token per step. With `batch=True` it is the

@@ -1,7 +1,7 @@
 """Image questions: open an image from any source and preprocess it exactly as the official path does.
 
 The official Mini-Omni2 code gives CLIP's standard 224 px transform a `PIL.Image.open(path)` with no
-conversion (spec §13): resize the short side to 224 (bicubic, in the image's own mode), centre-crop
+conversion (docs/model.md §7): resize the short side to 224 (bicubic, in the image's own mode), centre-crop
 224 x 224, only then convert to RGB, scale to [0, 1] and normalise. The same PIL calls in the same
 order give the same pixels; torchvision is not needed (nor usable next to the CPU torch).
 """

@@ -1,4 +1,4 @@
-"""The Mini-Omni language model: Qwen2-0.5B blocks over 8 averaged token streams (spec §3).
+"""The Mini-Omni language model: Qwen2-0.5B blocks over 8 averaged token streams (docs/model.md §2).
 
 Only `nn.Module`s live here. Parameter names are litgpt's, so the official `lit_model.pth`
 loads strictly. Token tensors are `[B, 8, T]` (streams 0-6 audio layers, 7 text).
@@ -188,7 +188,7 @@ class OmniLM(nn.Module):
         self.quantized_head: nn.ModuleDict | None = None
 
     def tie_weights(self) -> None:
-        """Share one matrix for embedding and head; the embedding's values win (spec §3.5)."""
+        """Share one matrix for embedding and head; the embedding's values win (docs/model.md §1)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
@@ -225,7 +225,7 @@ class OmniLM(nn.Module):
 
         Injected features replace the audio-stream embeddings; the text stream keeps its own.
         `audio_features (B, L, whisper_dim)` go to positions 1..L, or, next to `image_features
-        (B, 50, vision_dim)` at 1..50, to 52..51+L (the official layout, spec §3.3).
+        (B, 50, vision_dim)` at 1..50, to 52..51+L (the official layout, docs/model.md §2, §8).
         """
         emb = self.transformer.wte(idx)  # (B, 8, T, C)
         audio_start = AUDIO_FEATURE_START

@@ -1,4 +1,4 @@
-"""Decoding options and pure sampling functions (spec §6.1)."""
+"""Decoding options and pure sampling functions (docs/model.md §5)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

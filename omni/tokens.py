@@ -1,4 +1,4 @@
-"""Token ids, stream layout and prompt builders (spec §4).
+"""Token ids, stream layout and prompt builders (docs/model.md §3, §4).
 
 Convention used everywhere: a token tensor is `[B, 8, T]`; streams 0-6 are the seven SNAC
 audio layers and stream 7 is the text stream. All eight streams index one shared embedding
@@ -36,7 +36,7 @@ N_AUDIO_LAYERS = 7
 N_STREAMS = N_AUDIO_LAYERS + 1
 TEXT_STREAM = N_AUDIO_LAYERS
 PADDED_VOCAB = PADDED_TEXT_VOCAB + N_AUDIO_LAYERS * PADDED_AUDIO_VOCAB  # 181,120 rows
-# The layer whose EOA ends an answer: it starts last in the 7-layer stagger (spec §4.6).
+# The layer whose EOA ends an answer: it starts last in the 7-layer stagger (docs/model.md §6).
 STOP_LAYER = N_AUDIO_LAYERS - 1
 # A prompt is its body (audio frames or text ids) plus these many framing tokens.
 PROMPT_EXTRA = 3
@@ -47,7 +47,7 @@ AUDIO_FEATURE_START = 1
 IMAGE_TOKENS = 50
 IMAGE_FEATURE_START = 1
 # ...and the Whisper features start at 52, not 53: the official code overwrites INPUT_A (at 52) and
-# leaves the last audio PAD_A a plain embedding (spec §3.3). Reproduced, since the weights learned it.
+# leaves the last audio PAD_A a plain embedding (docs/model.md §8). Reproduced, since the weights learned it.
 IMAGE_AUDIO_FEATURE_START = IMAGE_FEATURE_START + IMAGE_TOKENS + 1
 # An image prompt is its audio frames plus these many tokens (IMAGE, 50 pads, EOIMAGE, INPUT_A, EOA, last).
 IMAGE_PROMPT_EXTRA = IMAGE_TOKENS + 5
@@ -100,7 +100,7 @@ PROMPTS: dict[Task, PromptSpec] = {
 
 
 def build_prompt(task: Task, n_audio_frames: int = 0, text_ids: list[int] | None = None) -> torch.Tensor:
-    """One prompt as `[8, T]` global ids (spec §4.3).
+    """One prompt as `[8, T]` global ids (docs/model.md §4).
 
     Audio input: audio rows `INPUT_A, PAD_A x L, EOA, last`, text row `INPUT_T, PAD_T x L, EOT, last`
     (T = L + 3). Text input: audio rows `PAD_A x (N + 2), last`, text row `INPUT_T, ids, EOT, last`.
@@ -121,7 +121,7 @@ def build_prompt(task: Task, n_audio_frames: int = 0, text_ids: list[int] | None
 
 
 def build_image_prompt(task: Task, n_audio_frames: int) -> torch.Tensor:
-    """One Mini-Omni2 image + audio prompt as `[8, L + 55]` global ids (spec §4.4).
+    """One Mini-Omni2 image + audio prompt as `[8, L + 55]` global ids (docs/model.md §4).
 
     Audio rows `IMAGE, PAD_A x 50, EOIMAGE, INPUT_A, PAD_A x L, EOA, last`; the text row is
     `PAD_T x (L + 54), ANSWER_T` (no INPUT_T / EOT). Rows exist for A1A2 (last ANSWER_A) and

@@ -11,7 +11,7 @@ from omni.errors import AudioInputError
 
 
 def test_frame_count_follows_the_official_formula():
-    assert feature_frames(int(1.941 * SAMPLE_RATE)) == 98  # the spec's worked example
+    assert feature_frames(int(1.941 * SAMPLE_RATE)) == 98  # docs/model.md §4's worked example
     assert feature_frames(SAMPLE_RATE) == 51
     assert feature_frames(45 * SAMPLE_RATE) == 1500  # capped at the encoder's 30 s
 

@@ -12,7 +12,7 @@ TINY = ModelConfig(n_embd=64, n_layer=2, n_head=4, n_query_groups=2, head_size=1
 
 
 def official_keys(n_layer: int) -> set[str]:
-    """The litgpt key set written out from the spec (§3.5), independent of our module tree."""
+    """The litgpt key set written out from docs/model.md §1, independent of our module tree."""
     keys = {f"whisper_adapter.{m}.weight" for m in ("fc_1", "fc_2", "proj")}
     keys |= {"lm_head.weight", "transformer.wte.weight", "transformer.ln_f.weight"}
     for i in range(n_layer):
@@ -50,7 +50,7 @@ def test_full_size_shapes():
 
 def reference_attention(attn, x):
     """Grouped-query attention from de-interleaved q/k/v matrices, written independently:
-    the fused rows are [group][q_0..q_{k-1}, k, v][head_size] (spec §3.2)."""
+    the fused rows are [group][q_0..q_{k-1}, k, v][head_size] (docs/model.md §2)."""
     c = attn.config
     W, b = attn.attn.weight, attn.attn.bias
     per_group = (c.q_per_kv + 2) * c.head_size

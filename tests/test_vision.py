@@ -128,7 +128,7 @@ def test_a_tower_of_the_wrong_geometry_is_refused(vision_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("size, resized, box", [
-    ((320, 240), (298, 224), (37, 0, 261, 224)),  # spec §13's worked example
+    ((320, 240), (298, 224), (37, 0, 261, 224)),  # docs/model.md §7's worked example
     ((240, 320), (224, 298), (0, 37, 224, 261)),
     ((299, 224), (299, 224), (38, 0, 262, 224)),  # 37.5 rounds half to even: 38
     ((297, 224), (297, 224), (36, 0, 260, 224)),  # 36.5 -> 36

@@ -35,7 +35,7 @@ from omni.tokens import (
 from omni.image import IMAGE_SIZE
 from omni.whisper import WhisperEncoder, sinusoids
 
-# The released model_config.yaml (spec §2.3); presets override the dimensions only.
+# The released model_config.yaml (docs/model.md §1); presets override the dimensions only.
 OFFICIAL_YAML = {
     "add_qkv_bias": True, "asr_adapter": "llamamlp", "attn_dropout": 0.0, "bias": False, "block_size": 2048,
     "force_align": False, "gelu_approximate": "none", "head_size": 64,
