@@ -11,12 +11,11 @@ import os
 
 from omni.audio import sweep_stale_temp_dirs
 from serving.app import DEFAULT_MAX_BYTES, create_app
-from serving.security import ANY_ORIGIN, AccessPolicy, is_loopback_bind
+from serving.security import ANY_ORIGIN, API_KEY_ENV, AccessPolicy, is_loopback_bind
 from serving.service import EngineService
 
 THREADS_BESIDE_QUEUE = 4  # the running request, /health, /metrics and a spare beside the waiting ones
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; a longer URL is refused by waitress
-API_KEY_ENV = "MINI_OMNI_API_KEY"  # the key from the environment keeps it out of `ps` listings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

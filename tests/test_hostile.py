@@ -367,3 +367,15 @@ def test_honest_clients_are_served_while_hostile_uploads_run(server, sample_wav,
     assert _temp_left(server) == []
     assert server.get_json("/health")["busy"] is False
     assert _post(server, sample_wav.read_bytes(), max_tokens=MAX)[0] == 200  # and it still serves
+
+
+def test_page_client_sends_the_api_key(guarded, monkeypatch):
+    from webui.client import OmniClient, ServerError
+
+    url = f"http://127.0.0.1:{guarded.port}"
+    monkeypatch.delenv("MINI_OMNI_API_KEY", raising=False)
+    with pytest.raises(ServerError, match="API key"):
+        list(OmniClient(url).ask(b"not audio"))
+    monkeypatch.setenv("MINI_OMNI_API_KEY", API_KEY)
+    with pytest.raises(ServerError, match="could not decode"):  # past the key check
+        list(OmniClient(url).ask(b"not audio"))
