@@ -44,7 +44,8 @@ fi
 torch_pin=$(grep -E '^torch==' requirements.txt | cut -d' ' -f1)
 if [ "$torch_build" = cpu ]; then
   echo "installing $torch_pin, CPU build"
-  pip install -q "$torch_pin" --extra-index-url "$CPU_INDEX"  # the +cpu wheel outranks PyPI's CUDA one
+  # Only torch from the CPU index (its +cpu wheel outranks PyPI's CUDA one); its dependencies come from PyPI below.
+  pip install -q --no-deps "$torch_pin" --extra-index-url "$CPU_INDEX"
 else
   echo "installing $torch_pin, CUDA build (PyPI's)"
   pip install -q "$torch_pin"

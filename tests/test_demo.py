@@ -14,7 +14,8 @@ def test_demo_speaks_text_and_decodes_a_dump(vision_ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "SNAC level 0" in proc.stdout and "decode steps" in proc.stderr  # the walk-through and the progress bar
     subprocess.run([sys.executable, str(ROOT / "inference.py"), "--ckpt-dir", str(vision_ckpt), "--task", "T1A2",
-                    "--text", "What is your name?", "--max-tokens", "60", "--dump-tokens", str(dump)],
+                    "--text", "What is your name?", "--max-tokens", "60", "--dump-tokens", str(dump),
+                    "--out", str(tmp_path / "a.wav")],
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
     proc = subprocess.run([*demo, "--tokens", str(dump), "-o", str(decoded)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)

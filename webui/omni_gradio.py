@@ -53,43 +53,54 @@ class Turns:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._latest: dict[str, int] = {}
+        self._stopped: set[str] = set()  # sessions whose latest turn is a Stop, not a question
         self._count = itertools.count(1)
 
-    def begin(self, session: str) -> int:
+    def begin(self, session: str, stop: bool = False) -> int:
         with self._lock:
             self._latest[session] = turn = next(self._count)
+            (self._stopped.add if stop else self._stopped.discard)(session)
             return turn
 
-    def wanted(self, session: str, turn: int) -> bool:
+    def state(self, session: str, turn: int) -> str:
+        """`wanted`, `superseded` (a newer question runs) or `stopped`."""
         with self._lock:
-            return self._latest.get(session) == turn
+            if self._latest.get(session) == turn:
+                return "wanted"
+            return "stopped" if session in self._stopped else "superseded"
 
 
 def answer(client: OmniClient, options: dict[str, int], audio_path: str | None, image_path: str | None,
-           wanted: Callable[[], bool] = lambda: True) -> Iterator[tuple[bytes | None, str, str]]:
-    """Ask the server; yield (a WAV chunk to play or None, transcript so far, status line) while `wanted()`."""
+           state: Callable[[], str] = lambda: "wanted") -> Iterator[tuple[bytes | None, str, str]]:
+    """Ask the server; yield (a WAV chunk to play or None, transcript so far, status line).
+
+    `state()` says whether the answer is still wanted; once it is not, the request is closed (the server stops
+    generating), and the last line says "Stopped." after a Stop, nothing when a newer question took over.
+    """
     if not audio_path:
         yield None, "", NO_QUESTION
         return
     image = Path(image_path).read_bytes() if image_path else None
     reply = Answer()
-    if not wanted():
-        return
-    yield None, "", "Thinking…"
+    if state() == "wanted":
+        yield None, "", "Thinking…"
     try:
         with closing(client.ask(Path(audio_path).read_bytes(), image, **options)) as chunks:
             for chunk in chunks:
-                if not wanted():
-                    return  # closing the request tells the server to stop this answer
+                if state() != "wanted":
+                    break  # leaving the block closes the request
                 reply.add(chunk)
                 yield wav_bytes(chunk.pcm, chunk.sample_rate), reply.text, f"Speaking… {reply.timing()}"
     except ServerError as e:
-        if wanted():
+        if state() == "wanted":
             yield None, reply.text, f"⚠️ {e}"
-        return
-    reply.finish()
-    if wanted():  # the whole answer is generated; the player may still be playing it
+            return
+    now = state()
+    if now == "wanted":  # the whole answer is generated; the player may still be playing it
+        reply.finish()
         yield None, reply.text, f"{GENERATED} {reply.timing()}"
+    elif now == "stopped":  # last word of this answer, so no late line of its own can follow the Stop's
+        yield None, reply.text, STOPPED
 
 
 def build_page(gr, client: OmniClient, options: dict[str, int]):
@@ -121,22 +132,26 @@ def build_page(gr, client: OmniClient, options: dict[str, int]):
             return None, turns.begin(request.session_hash)
 
         def on_ask(audio_path, image_path, my_turn: int, request: gr.Request):
-            wanted = partial(turns.wanted, request.session_hash, my_turn)
-            for wav, text, line in answer(client, options, audio_path, image_path, wanted):
+            state = partial(turns.state, request.session_hash, my_turn)
+            for wav, text, line in answer(client, options, audio_path, image_path, state):
                 # A streaming player takes only chunks: no chunk is gr.skip(), not None, which would open a stream.
                 yield gr.skip() if wav is None else wav, text, line
 
         def on_stop(request: gr.Request):
-            turns.begin(request.session_hash)
+            turns.begin(request.session_hash, stop=True)
             return None, STOPPED
 
         page.load(on_load, outputs=[image, server_line])
         gr.Timer(HEALTH_POLL_S).tick(on_health, outputs=[server_line], show_progress="hidden")
-        # Every new question runs ("multiple": none is dropped) and supersedes the one before; the answers
-        # run concurrently (concurrency_limit=None) so a new one need not wait for the old one's end.
+        # Every new question runs and supersedes the one before. Both steps need trigger_mode="multiple":
+        # Gradio's default ("once") drops a trigger while the same step still runs for the page, which is
+        # how a question asked during an answer used to vanish. concurrency_limit=None: the new answer
+        # need not wait for the old one to notice it is superseded.
         gr.on([question.upload, question.stop_recording, ask.click], on_start, outputs=[spoken, turn],
               trigger_mode="multiple").then(on_ask, inputs=[question, image, turn],
-                                            outputs=[spoken, transcript, status], concurrency_limit=None)
+                                            outputs=[spoken, transcript, status], concurrency_limit=None,
+                                            trigger_mode="multiple")
+        # Stop supersedes the answer like a new question (not Gradio's `cancels`, which marks the answer "Error").
         stop.click(on_stop, outputs=[spoken, status], trigger_mode="multiple")
     return page
 
