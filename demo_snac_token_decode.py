@@ -1,7 +1,7 @@
 """Text to speech through Mini-Omni's audio tokens and the SNAC decoder, step by step.
 
-    python demo_snac_token_decode.py "What a lovely day." -o speech.wav      # task T1A2: text in, speech out
-    python demo_snac_token_decode.py --tokens tokens.json -o speech.wav      # decode a --dump-tokens file
+    python demo_snac_token_decode.py "What a lovely day."          # T1A2, text in, speech out: output/speech.wav
+    python demo_snac_token_decode.py --tokens output/t.json -o output/t.wav   # decode a --dump-tokens file
 
 Each decode step emits 7 audio tokens, one per SNAC layer, staggered: layer j starts j + 1 steps
 after the text. Frame k takes layer j's token from step k + j + 1; its 7 tokens are SNAC's codes
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Text to speech through Mini-Omni's SNAC tokens.")
     p.add_argument("text", nargs="?", help="what to say (task T1A2)")
     p.add_argument("--tokens", help="decode this --dump-tokens JSON file instead of generating")
-    p.add_argument("-o", "--out", default="speech.wav", help="the wav to write (24 kHz mono)")
+    p.add_argument("-o", "--out", default="output/speech.wav", help="the wav to write (24 kHz mono)")
     p.add_argument("--ckpt-dir", default="checkpoint", help="checkpoint directory (--tokens needs only its snac/)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="prompt + answer positions")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
