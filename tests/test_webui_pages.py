@@ -260,6 +260,10 @@ def _streamlit_turn(tab, server_url: str, screenshot, max_tokens: int, image: by
     _turn_ended(tab)
     turn_s = time.monotonic() - started - RECORD_S
     messages = tab.locator("[data-testid=stChatMessage]")
+    # The timing line shows first; the answer's player comes with the page's next rerun, which a busy machine
+    # can delay past Playwright's default 30 s (the flaky failure): wait for both players, as long as for an answer.
+    tab.wait_for_function("document.querySelectorAll('[data-testid=stChatMessage] audio').length >= 2",
+                          timeout=ANSWER_TIMEOUT_MS)
     assert messages.count() == 2
     question_src, answer_src = (messages.nth(i).locator("audio").get_attribute("src") for i in range(2))
     question = tab.request.get(question_src).body()
