@@ -54,7 +54,7 @@ def test_a_turn_from_speech_to_answer(talk):
     conversation.handle({"type": "input_audio_buffer.speech_started", "audio_start_ms": 500})
     assert conversation.view().state == "hearing you"
     clock.t += 2
-    conversation.handle({"type": "input_audio_buffer.speech_stopped", "audio_start_ms": 500, "audio_end_ms": 2300})
+    conversation.handle({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 2300})
     assert conversation.view().state == "thinking"
     for event in _answer_start("r1", "i1"):
         conversation.handle(event)

@@ -25,21 +25,21 @@ INSTALL_HINT = ("the Streamlit page needs streamlit and streamlit-webrtc: pip in
 RUN_HINT = "start the page with: streamlit run webui/omni_streamlit.py [-- --server-url URL]"
 QUESTION_RATE = 16000  # Hz: what the model hears, so the browser records at that rate
 SNAPSHOT_WIDTH = 160  # px: a camera snapshot as the history shows it
-REFRESH_S = 0.25  # how often the live transcript and state are redrawn
+REFRESH_S = 0.3  # how often the live transcript and state are redrawn
 HANDS_FREE, PRESS_TO_TALK = "Hands-free", "Press to talk"
 STATES = {  # the press-to-talk state line
     "listening": "Listening: press the microphone, ask your question, press stop.",
     "thinking": "Thinking…",
     "answering": "Answering: the transcript streams in, the audio plays when it is complete.",
 }
-LIVE_STATES = {  # the hands-free state line
-    "connecting": "Connecting to the server…",
-    "listening": "🟢 Listening: just talk. Talk over an answer to interrupt it.",
-    "hearing you": "🎙️ Hearing you…",
-    "thinking": "💭 Thinking…",
-    "speaking": "🔊 Speaking",
-    "closed": "The conversation ended.",
-    "stopped": "Press START to talk.",
+LIVE_STATES = {  # the hands-free state line, with Streamlit's own (bundled) icons
+    "connecting": ("Connecting to the server…", ":material/sync:"),
+    "listening": ("Listening: just talk. Talk over an answer to interrupt it.", ":material/hearing:"),
+    "hearing you": ("Hearing you…", ":material/mic:"),
+    "thinking": ("Thinking…", ":material/hourglass_top:"),
+    "speaking": ("Speaking", ":material/volume_up:"),
+    "closed": ("The conversation ended.", ":material/call_end:"),
+    "stopped": ("Press START to talk.", ":material/play_arrow:"),
 }
 # Runs in the page (not in an iframe): can this browser give the page a microphone over WebRTC?
 BROWSER_PROBE_JS = """
@@ -230,16 +230,15 @@ class HandsFree:
         """The state line, the transcript and each turn's latency; redrawn every REFRESH_S."""
         st = self.st
         view = self.relay.view()
+        text, icon = LIVE_STATES[view.state if view is not None else "stopped"]
+        st.info(text, icon=icon)
         if view is None:
-            st.info(LIVE_STATES["stopped"])
             return
-        st.info(LIVE_STATES.get(view.state, view.state))
         if view.error:
             st.error(view.error)
         for turn in view.turns:
             with st.chat_message("user"):
-                heard = f"{turn.question_s:.1f} s of speech" if turn.question_s is not None else "…"
-                st.text(turn.question_text or heard)
+                st.text(turn.question_text or question_note(turn))
                 if turn.image:
                     st.caption("📷 the camera frame went with this question")
             if turn.status == "hearing you":
@@ -247,6 +246,12 @@ class HandsFree:
             with st.chat_message("assistant"):
                 st.text(turn.answer_text or "…")
                 st.caption(turn_note(turn))
+
+
+def question_note(turn) -> str:
+    if turn.status == "hearing you":
+        return "(speaking…)"
+    return "(speech)" if turn.question_s is None else f"({turn.question_s:.1f} s of speech)"
 
 
 def turn_note(turn) -> str:

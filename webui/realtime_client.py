@@ -135,6 +135,7 @@ class Conversation:
         self._turns: list[Turn] = []
         self._answer = _Answer()
         self._speech_stopped_at: float | None = None
+        self._speech_started_ms: int | None = None  # where the server heard the turn start, in its input audio
         self._state = "connecting"
         self._error = ""
 
@@ -177,6 +178,7 @@ class Conversation:
                 image = True
         self._turns.append(Turn(image=image))
         self._speech_stopped_at = None
+        self._speech_started_ms = event.get("audio_start_ms")
         self._state = "hearing you"
 
     def _barge_in(self) -> None:
@@ -196,8 +198,9 @@ class Conversation:
         self._speech_stopped_at = self.clock()
         self._update(status="thinking")
         self._state = "thinking"
-        if "audio_start_ms" in event and "audio_end_ms" in event:
-            self._update(question_s=(event["audio_end_ms"] - event["audio_start_ms"]) / 1000)
+        start = event.get("audio_start_ms", self._speech_started_ms)
+        if start is not None and "audio_end_ms" in event:
+            self._update(question_s=(event["audio_end_ms"] - start) / 1000)
 
     def _on_conversation_item_input_audio_transcription_completed(self, event: dict) -> None:
         self._update(question_text=event.get("transcript", ""))
