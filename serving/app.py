@@ -7,6 +7,7 @@ from werkzeug.exceptions import HTTPException
 
 from omni.audio import CHUNK_SECONDS, SAMPLE_RATE, load_audio
 from omni_engine import AudioInputError
+from .asgi import DISCONNECTED_KEY
 from .formats import MIMETYPES, PCM_HEADERS, encode
 from .parse import ApiError, parse_chat
 from .service import EngineService
@@ -84,7 +85,7 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES) -> Fl
         if service.engine is None:
             service.reject("not_ready")
             raise ApiError(503, f"the model is {service.status}", {"Retry-After": str(RETRY_AFTER_S)})
-        disconnected = request.environ.get("waitress.client_disconnected", _never)
+        disconnected = request.environ.get(DISCONNECTED_KEY, _never)
         try:
             req, seconds, chunks = accept(disconnected)
         except ApiError:
