@@ -80,13 +80,13 @@ class ServiceRunner:
                                    max_tokens=max(max_tokens, prompt + 1))
         except ValueError as e:
             return JobEnd(job.key, "failed", str(e))
-        seconds = job.audio.size / SAMPLE_RATE if job.audio is not None else 0.0
-        admitted = self.service.admit(seconds)
+        admitted = self.service.admit()
         if admitted is None:
             self.service.reject("busy")
             return JobEnd(job.key, "failed", f"the server is busy ({self.service.queue.max_waiting} requests "
                                              "already waiting)")
         ticket, record = admitted
+        record.input_seconds = round(job.audio.size / SAMPLE_RATE, 3) if job.audio is not None else 0.0
         if not self.service.wait_turn(ticket, record, job.cancel.is_set):
             return JobEnd(job.key, "cancelled")
         steps, text, status, error = 0, "", "cancelled", None
