@@ -50,26 +50,35 @@ from .realtime_protocol import (
 SAMPLES_PER_MS = MIC_RATE // 1000  # 16 samples of the model's 16 kHz input per millisecond
 MIN_COMMIT_MS = 100  # a commit needs at least this much audio (the protocol's rule)
 MAX_BUFFER_S = MAX_UTTERANCE_S  # the model hears at most 30 s: the input buffer holds no more
+MAX_TRANSCRIPT_TOKENS = 256  # decode steps of a transcription (30 s of speech is well under 150 words)
 MAX_ITEMS = 256  # conversation items kept; older ones are forgotten (the model does not read them)
 IMAGE_DATA_PREFIX = "data:"
 
 
 class CancelFlag:
-    """A cancel callable for `engine.stream()` that counts the engine's checks (one before each decode step)."""
+    """The cancel callable of `engine.stream()`, which polls it before every decode step.
+
+    It counts the steps started before and after the cancel, so the server can report how many decode
+    steps ran past a barge-in (0 or 1: the step in progress when it came).
+    """
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.checks = 0
-        self.checks_at_set: int | None = None
+        self.steps = 0  # decode steps the engine has started
+        self.steps_at_cancel: int | None = None
+        self.noticed = False  # the engine polled the flag after it was set, and stopped
         self.reason: str | None = None
 
     def __call__(self) -> bool:
-        self.checks += 1
-        return self._event.is_set()
+        if self._event.is_set():
+            self.noticed = True
+            return True
+        self.steps += 1
+        return False
 
     def set(self, reason: str) -> None:
         if not self._event.is_set():
-            self.reason, self.checks_at_set = reason, self.checks
+            self.reason, self.steps_at_cancel = reason, self.steps
             self._event.set()
 
     def is_set(self) -> bool:
@@ -77,10 +86,10 @@ class CancelFlag:
 
     @property
     def steps_after(self) -> int | None:
-        """Decode steps the engine started after the cancel (0: it stopped at its next check)."""
-        if self.checks_at_set is None:
+        """Decode steps started after the cancel was asked (None if the engine did not see it running)."""
+        if not self.noticed or self.steps_at_cancel is None:
             return None
-        return max(0, self.checks - self.checks_at_set - 1)
+        return self.steps - self.steps_at_cancel
 
 
 @dataclass
@@ -124,7 +133,6 @@ class Metrics(Protocol):
     def response_done(self, status: str) -> None: ...
     def first_audio(self, seconds: float) -> None: ...
     def barge_in(self) -> None: ...
-    def cancel_steps(self, steps: int) -> None: ...
 
 
 @dataclass
@@ -361,7 +369,7 @@ class RealtimeSession:
             self.items.pop(next(iter(self.items)))
         out = self._item_added(item, previous)
         if item.kind == "audio" and self.config.transcribe:
-            self._submit(Job(item.id, "transcription", "ASR", audio=item.audio))
+            self._submit(Job(item.id, "transcription", "ASR", audio=item.audio, max_output_tokens=MAX_TRANSCRIPT_TOKENS))
         return out
 
     def _item_added(self, item: Item, previous: str | None) -> list[dict]:
@@ -379,12 +387,10 @@ class RealtimeSession:
     def _render_item(self, item: Item) -> dict:
         if item.role == "assistant":
             content = [answer_part(item.speaks, self.dialect, item.text, in_item=True)] if item.status != "new" else []
-        elif item.kind == "audio":
-            content = [{"type": "input_audio", "transcript": item.text or None}]
-        elif item.kind == "text":
-            content = [{"type": "input_text", "text": item.text}]
-        else:
-            content = [{"type": "input_image"}] if item.image is not None else []
+        else:  # audio and image data are not sent back (as the protocol does with audio)
+            content = [{"type": "input_audio", "transcript": item.text or None}] if item.kind == "audio" else \
+                [{"type": "input_text", "text": item.text}] if item.text else []
+            content += [{"type": "input_image"}] if item.image is not None else []
         status = "in_progress" if item.status == "new" else item.status
         return {"id": item.id, "object": "realtime.item", "type": "message", "status": status, "role": item.role,
                 "content": content}
@@ -544,8 +550,6 @@ class RealtimeSession:
         status, details = end.status, None
         if flag.is_set():
             status, details = "cancelled", {"type": "cancelled", "reason": flag.reason}
-            if flag.steps_after is not None and self.metrics:
-                self.metrics.cancel_steps(flag.steps_after)
         elif status == "failed":
             details = {"type": "failed", "error": {"type": "server_error", "code": "engine_error",
                                                    "message": end.error}}

@@ -99,6 +99,8 @@ class ServiceRunner:
             elif isinstance(event, Summary):
                 status, error = event.outcome, event.error
         status = "failed" if status == "error" else status
+        if job.cancel.steps_after is not None:  # the engine has stopped: how many steps it ran past the cancel
+            self.service.metrics.realtime.cancel_steps(job.cancel.steps_after)
         return JobEnd(job.key, status, error, steps, prompt, hit_limit=steps >= max_tokens - prompt, text=text)
 
 
