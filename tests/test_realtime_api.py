@@ -182,14 +182,16 @@ def test_barge_in_cancels_within_one_decode_step_and_answers_the_new_question(se
         first = until(conn, "response.audio.delta")
         first_id = first[-1].response_id
         speak(conn, question_pcm("output2.wav") + silence(1.0))  # spoken over the answer
-        events = until(conn, "input_audio_buffer.speech_started")
-        events += until(conn, "response.done")
+        until(conn, "input_audio_buffer.speech_started")
+        events = until(conn, "response.done")
         cancelled = events[-1].response
         assert cancelled.id == first_id and cancelled.status == "cancelled"
         assert cancelled.status_details.reason == "turn_detected"
         assert cancelled.output[0].status == "incomplete"
-        events = until(conn, "response.created")
+        events += until(conn, "response.created")
         assert "input_audio_buffer.speech_stopped" in names(events)  # the new question's turn ended
+        done_at = next(i for i, e in enumerate(events) if e.type == "response.done")
+        assert not any(e.type == "response.audio.delta" and e.response_id == first_id for e in events[done_at:])
         second = until(conn, "response.done")[-1].response
         assert second.id != first_id and second.status in ("completed", "incomplete")
     assert metric(server, "omni_realtime_cancel_steps_count") == steps_count + 1
