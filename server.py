@@ -21,6 +21,7 @@ THREADS_BESIDE_QUEUE = 4  # the running request, /health, /metrics and a spare b
 CONNECTION_LIMIT = 100  # open connections beyond which uvicorn answers 503
 WS_MAX_FRAME = 8 * 1024 * 1024  # largest WebSocket message: 30 s of pcm16 24 kHz is 1.4 MB, 1.9 MB in base64
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; a longer URL is refused
+SHUTDOWN_GRACE_S = 5  # on SIGTERM, open answers and sessions get this long before they are cut
 API_KEY_ENV = "MINI_OMNI_API_KEY"  # the key from the environment keeps it out of `ps` listings
 
 
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     # which also refuse a body over --max-bytes from its declared length or as soon as it passes it.
     uvicorn.run(app, host=args.host, port=args.port, ws="websockets-sansio", ws_max_size=WS_MAX_FRAME,
                 ws_per_message_deflate=False, lifespan="off", limit_concurrency=CONNECTION_LIMIT,
-                h11_max_incomplete_event_size=MAX_HEADER_BYTES, server_header=False,
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                server_header=False,
                 headers=[("server", "mini-omni")], log_config=None, access_log=False)
 
 

@@ -81,7 +81,8 @@ class WsgiBridge:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self.pool, self._run, scope, body, send, loop, gone)
-        finally:
+        finally:  # also on server shutdown: the thread then stops its answer at the next decode step
+            gone.set()
             watcher.cancel()
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:

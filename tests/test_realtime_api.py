@@ -181,6 +181,7 @@ def test_barge_in_cancels_within_one_decode_step_and_answers_the_new_question(se
         speak(conn, question_pcm() + silence(1.0))
         first = until(conn, "response.audio.delta")
         first_id = first[-1].response_id
+        conn.session.update(session={"max_response_output_tokens": SHORT})  # for the next answer
         speak(conn, question_pcm("output2.wav") + silence(1.0))  # spoken over the answer
         until(conn, "input_audio_buffer.speech_started")
         events = until(conn, "response.done")
