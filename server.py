@@ -14,7 +14,7 @@ from omni.audio import sweep_stale_temp_dirs
 from serving.app import DEFAULT_MAX_BYTES, create_app
 from serving.asgi import WsgiBridge, combine
 from serving.realtime_ws import DEFAULT_MAX_SESSIONS, RealtimeEndpoint
-from serving.security import ANY_ORIGIN, AccessPolicy, is_loopback_bind
+from serving.security import ANY_ORIGIN, API_KEY_ENV, AccessPolicy, is_loopback_bind
 from serving.service import EngineService
 
 THREADS_BESIDE_QUEUE = 4  # the running request, /health, /metrics and a spare beside the waiting ones
@@ -22,7 +22,6 @@ CONNECTION_LIMIT = 100  # open connections beyond which uvicorn answers 503
 WS_MAX_FRAME = 8 * 1024 * 1024  # largest WebSocket message: 30 s of pcm16 24 kHz is 1.4 MB, 1.9 MB in base64
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; a longer URL is refused
 SHUTDOWN_GRACE_S = 5  # on SIGTERM, open answers and sessions get this long before they are cut
-API_KEY_ENV = "MINI_OMNI_API_KEY"  # the key from the environment keeps it out of `ps` listings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -83,7 +83,8 @@ def _last_error(stderr: bytes, tmp: str) -> str:
     lines = stderr.decode(errors="replace").strip().splitlines() or ["unknown error"]
     if any("not on whitelist" in line for line in lines):
         return f"not an accepted audio format (accepted: {ACCEPTED_FORMATS_TEXT})"
-    return re.sub(r"/\S*", "(file)", lines[-1].replace(tmp, ""))[:ERROR_CHARS]
+    line = re.sub(r"^(file|pipe):\S*:\s*", "", lines[-1].replace(tmp, ""))  # "file:/tmp/...: " names the input
+    return re.sub(r"/\S*", "(a path)", line)[:ERROR_CHARS]
 
 
 def _run_ffmpeg(input_args: list[str], stdin: bytes | None, tmp: str, what: str, timeout_s: float,

@@ -21,6 +21,7 @@ ANY_ORIGIN = "*"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WEBSOCKET_KEY_PREFIX = "openai-insecure-api-key."  # the key as a WebSocket subprotocol (browser clients)
 KEY_QUERY_PARAMETER = "api_key"  # the key in the URL, for clients that cannot set headers
+API_KEY_ENV = "MINI_OMNI_API_KEY"  # the key from the environment (server and pages) keeps it out of `ps`
 
 
 @dataclass(frozen=True)
