@@ -53,10 +53,13 @@ def wsgi_environ(scope: Scope, body: bytes) -> dict[str, Any]:
     return environ
 
 
-async def send_json(send: Send, status: int, body: dict, kind: str = "http") -> None:
-    """A whole JSON response; `kind="websocket"` refuses a WebSocket handshake with it."""
+async def send_json(send: Send, status: int, body: dict, kind: str = "http", close: bool = False) -> None:
+    """A whole JSON response; `kind="websocket"` refuses a WebSocket handshake with it; `close` ends the
+    connection after it (the rest of an unread body is not read)."""
     data = json.dumps(body).encode()
     headers = [(b"Content-Type", b"application/json"), (b"Content-Length", str(len(data)).encode())]
+    if close:
+        headers.append((b"Connection", b"close"))
     prefix = "websocket.http" if kind == "websocket" else "http"
     await send({"type": f"{prefix}.response.start", "status": status, "headers": headers})
     await send({"type": f"{prefix}.response.body", "body": data})
@@ -74,7 +77,7 @@ class WsgiBridge:
         body = await self._read_body(scope, receive)
         if body is None:
             await send_json(send, 413, {"error": f"Request Entity Too Large: the body exceeds {self.max_bytes} "
-                                                 "bytes (--max-bytes)"})
+                                                 "bytes (--max-bytes)"}, close=True)
             return
         gone = threading.Event()
         watcher = asyncio.create_task(self._watch(receive, gone))
