@@ -177,7 +177,7 @@ class PressToTalk:
 class HandsFree:
     """The live conversation: streamlit-webrtc for the media, `Relay` for `/v1/realtime`."""
 
-    def __init__(self, st, args: argparse.Namespace, can_see: bool) -> None:
+    def __init__(self, st, args: argparse.Namespace, client: OmniClient, can_see: bool) -> None:
         from webui.live import Relay
         from webui.realtime_client import realtime_url, session_update
 
@@ -186,7 +186,8 @@ class HandsFree:
         self.can_see = can_see
         if "relay" not in st.session_state or st.session_state.relay.camera != can_see:
             session = session_update(args.max_tokens, args.silence_ms, args.transcribe)
-            st.session_state.relay = Relay(realtime_url(args.server_url), session, camera=can_see)
+            st.session_state.relay = Relay(realtime_url(args.server_url), session, camera=can_see,
+                                           headers=client.headers)  # the API key, when the server wants one
         self.relay = st.session_state.relay
 
     def render(self) -> None:
@@ -294,7 +295,7 @@ def main() -> None:
         mode = st.segmented_control("Mode", [HANDS_FREE, PRESS_TO_TALK], default=HANDS_FREE, key="mode",
                                     label_visibility="collapsed") or HANDS_FREE
     if mode == HANDS_FREE:
-        HandsFree(st, args, can_see).render()
+        HandsFree(st, args, client, can_see).render()
     else:
         PressToTalk(st, client, server_options(args)).render(can_see)
 
