@@ -223,8 +223,8 @@ def _converse(tab, url: str, server: Server, tmp_path: Path, shots: list, q2_off
     frame = _probe(tab)
     _wait_text(tab, "Hearing you")
     _shot(tab, tmp_path, shots, "hearing-you")
-    _wait_text(tab, "Thinking|Speaking")
-    _shot(tab, tmp_path, shots, "thinking")
+    _wait_text(tab, "Thinking|Speaking")  # a short state: the page may already be speaking
+    _shot(tab, tmp_path, shots, "thinking" if "Thinking" in tab.inner_text("body") else "speaking-already")
     _wait_heard(frame, "window.__omni.remote.length >= 1")
     # The first answer is heard: the server has not finished generating it.
     assert _metric(server, "omni_realtime_responses_total", '{status="completed"}') == 0

@@ -296,8 +296,10 @@ def main() -> None:
                                     label_visibility="collapsed") or HANDS_FREE
     if mode == HANDS_FREE:
         HandsFree(st, args, client, can_see).render()
-    else:
-        PressToTalk(st, client, server_options(args)).render(can_see)
+        return
+    if "relay" in st.session_state:
+        st.session_state.relay.stop()  # the streamer is gone from the page: end its conversation too
+    PressToTalk(st, client, server_options(args)).render(can_see)
 
 
 if __name__ == "__main__":
