@@ -110,6 +110,8 @@ def test_the_camera_frame_goes_at_speech_start():
     assert event["type"] == "conversation.item.create"
     (part,) = event["item"]["content"]
     assert part["type"] == "input_image" and part["image_url"].startswith("data:image/jpeg;base64,")
+    assert not conversation.view().turns[0].image  # not until the server has it
+    conversation.handle({"type": "conversation.item.created", "item": {"content": [{"type": "input_image"}]}})
     assert conversation.view().turns[0].image
 
 

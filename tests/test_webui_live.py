@@ -7,6 +7,7 @@ with `lo` and a veth pair carrying a private address, and the server, the page a
 Inside, a script in the WebRTC iframe watches the microphone and the played answer with WebAudio analysers;
 the test waits on those, the page's text and the server's metrics, never on a sleep.
 """
+import contextlib
 import os
 import re
 import subprocess
@@ -22,7 +23,8 @@ from tests.http_client import ROOT, Server
 from tests.web_pages import CHROMIUM, chromium_args, streamlit_page
 
 INSIDE = "MINI_OMNI_LIVE_NETNS"  # set inside the namespace: its media address
-CKPT = "MINI_OMNI_LIVE_CKPT"  # the outer run's tiny checkpoint, so the inner run builds none
+CKPT = "MINI_OMNI_LIVE_CKPT"  # the outer run's tiny checkpoints, so the inner run builds none
+VISION_CKPT = "MINI_OMNI_LIVE_VISION_CKPT"
 MEDIA_ADDR = "10.231.7.1"  # on a veth inside the test's own namespace: reachable from nowhere else
 NETNS_SETUP = (f"ip link set lo up && ip link add omni0 type veth peer name omni1 && "
                f"ip addr add {MEDIA_ADDR}/24 dev omni0 && ip link set omni0 up && ip link set omni1 up")
@@ -81,7 +83,7 @@ PROBE_JS = """
 """.replace("LEVEL", str(LEVEL))
 
 
-def test_hands_free_conversation_in_its_own_network_namespace(tiny_ckpt, tmp_path):
+def test_hands_free_page_in_its_own_network_namespace(tiny_ckpt, vision_ckpt, tmp_path):
     """The outer run: start the real test inside a fresh network namespace and report what it printed."""
     if os.environ.get(INSIDE):
         pytest.skip("already inside the namespace")
@@ -91,8 +93,8 @@ def test_hands_free_conversation_in_its_own_network_namespace(tiny_ckpt, tmp_pat
     if probe.returncode != 0:
         pytest.skip(f"cannot make a network namespace here (needs root and `unshare`): {probe.stderr.strip()}")
     inner = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'in'}",
-             f"{Path(__file__).relative_to(ROOT)}::test_hands_free_conversation"]
-    env = {**os.environ, INSIDE: MEDIA_ADDR, CKPT: str(tiny_ckpt)}
+             "-k", "not namespace", str(Path(__file__).relative_to(ROOT))]
+    env = {**os.environ, INSIDE: MEDIA_ADDR, CKPT: str(tiny_ckpt), VISION_CKPT: str(vision_ckpt)}
     # At a higher priority (children inherit it; the server is set back to a lower one), so that other work on
     # the machine does not starve the page's event loop or Chromium.
     priority = ["nice", "-n", str(BROWSER_NICE)] if os.geteuid() == 0 else []
@@ -100,7 +102,7 @@ def test_hands_free_conversation_in_its_own_network_namespace(tiny_ckpt, tmp_pat
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=INNER_TIMEOUT_S)
     print(run.stdout[-6000:], run.stderr[-3000:])
     assert run.returncode == 0, "the test inside the namespace failed (its output is above)"
-    assert " passed" in run.stdout
+    assert re.search(r"^2 passed", run.stdout, re.MULTILINE), "the tests inside did not both run"
 
 
 # ---- inside the namespace ------------------------------------------------------------------------------------
@@ -140,14 +142,14 @@ def _metric(server: Server, name: str, labels: str = "") -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def test_hands_free_conversation(inside, tmp_path):
-    mic = tmp_path / "microphone.wav"
-    q1_at, q2_at = _microphone_file(mic)
+@contextlib.contextmanager
+def _live_page(ckpt: Path, tmp_path: Path, mic: Path, max_tokens: int):
+    """The server, the page and Chromium (its fake microphone playing `mic`), all inside the namespace.
+    Yields the open tab and the server; screenshots go into `shots`, the last one taken on the way out."""
     (tmp_path / "server-tmp").mkdir()
-    server = Server(Path(os.environ[CKPT]), tmp_path / "server-tmp")
+    server = Server(ckpt, tmp_path / "server-tmp")
     _lower_priority(server.proc.pid)
-    page = streamlit_page(f"http://127.0.0.1:{server.port}", tmp_path, "--max-tokens", str(MAX_TOKENS))
-    shots: list[Path] = []
+    page = streamlit_page(f"http://127.0.0.1:{server.port}", tmp_path, "--max-tokens", str(max_tokens))
     try:
         from playwright.sync_api import sync_playwright
 
@@ -157,14 +159,43 @@ def test_hands_free_conversation(inside, tmp_path):
                 permissions=["microphone", "camera"], viewport={"width": 1100, "height": 1000})
             browser.add_init_script(PROBE_JS)
             tab = browser.new_page()
+            tab.goto(page.url)
             try:
-                _converse(tab, page.url, server, tmp_path, shots, q2_at - q1_at)
+                yield tab, server
             finally:
-                _shot(tab, tmp_path, shots, "last")
                 browser.close()
     finally:
         page.stop()
         server.stop()
+
+
+def test_hands_free_conversation(inside, tmp_path):
+    mic = tmp_path / "microphone.wav"
+    q1_at, q2_at = _microphone_file(mic)
+    shots: list[Path] = []
+    with _live_page(Path(os.environ[CKPT]), tmp_path, mic, MAX_TOKENS) as (tab, server):
+        try:
+            _converse(tab, server, tmp_path, shots, q2_at - q1_at)
+        finally:
+            _shot(tab, tmp_path, shots, "last")
+    print("\nscreenshots:", *shots, sep="\n  ")
+
+
+def test_hands_free_camera_frame_goes_with_the_question(inside, tmp_path):
+    """A Mini-Omni2 server: the page adds Chromium's fake camera to the stream, and the server takes the frame
+    from the start of the question (the page shows it only once the server has created the image item)."""
+    mic = tmp_path / "microphone.wav"
+    _microphone_file(mic)
+    shots: list[Path] = []
+    with _live_page(Path(os.environ[VISION_CKPT]), tmp_path, mic, MAX_TOKENS) as (tab, server):
+        try:
+            _wait_text(tab, "it can see", started=False)  # the server's /health, as the page reports it
+            _start(tab, tmp_path, shots)
+            _wait_text(tab, "the camera frame went with this question")
+            _wait_text(tab, "first audio")  # the question about the picture was answered
+            assert tab.locator("[data-testid=stAlertContentError]").count() == 0, tab.inner_text("body")
+        finally:
+            _shot(tab, tmp_path, shots, "camera")
     print("\nscreenshots:", *shots, sep="\n  ")
 
 
@@ -212,14 +243,17 @@ def _probe(tab):
     return tab.locator("iframe[title*=webrtc]").element_handle().content_frame()
 
 
-def _converse(tab, url: str, server: Server, tmp_path: Path, shots: list, q2_offset_s: float) -> None:
-    tab.goto(url)
+def _start(tab, tmp_path: Path, shots: list) -> None:
     tab.wait_for_selector("iframe[title*=webrtc]", timeout=WAIT_MS)
     _shot(tab, tmp_path, shots, "ready")
     webrtc = tab.frame_locator("iframe[title*=webrtc]")
     webrtc.get_by_role("button", name="START").click()  # the only click: turns end by themselves
     _wait_text(tab, "Listening: just talk", started=False)
     _shot(tab, tmp_path, shots, "listening")
+
+
+def _converse(tab, server: Server, tmp_path: Path, shots: list, q2_offset_s: float) -> None:
+    _start(tab, tmp_path, shots)
     frame = _probe(tab)
     _wait_text(tab, "Hearing you")
     _shot(tab, tmp_path, shots, "hearing-you")

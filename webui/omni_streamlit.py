@@ -241,7 +241,7 @@ class HandsFree:
             with st.chat_message("user"):
                 st.text(turn.question_text or question_note(turn))
                 if turn.image:
-                    st.caption("📷 the camera frame went with this question")
+                    st.caption(":material/photo_camera: the camera frame went with this question")
             if turn.status == "hearing you":
                 continue
             with st.chat_message("assistant"):

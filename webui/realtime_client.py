@@ -90,7 +90,7 @@ class Turn:
 
     question_s: float | None = None  # seconds of speech the server heard
     question_text: str = ""  # the server's transcription of it, when asked for
-    image: bool = False  # a camera frame went with the question
+    image: bool = False  # the server took a camera frame for the question
     answer_text: str = ""
     answer_s: float = 0.0  # seconds of answer audio received
     first_audio_ms: float | None = None  # end of speech (as the page heard of it) -> first answer audio
@@ -170,13 +170,11 @@ class Conversation:
         answering = self._turns and self._turns[-1].status in ("thinking", "speaking")
         if answering or self.clock() < self._answer.play_until:
             self._barge_in()
-        image = False
         if self.take_frame is not None:
             frame = self.take_frame()
             if frame is not None:
-                self.send(image_event(frame))
-                image = True
-        self._turns.append(Turn(image=image))
+                self.send(image_event(frame))  # the server answers this question about the latest picture
+        self._turns.append(Turn())
         self._speech_stopped_at = None
         self._speech_started_ms = event.get("audio_start_ms")
         self._state = "hearing you"
@@ -201,6 +199,11 @@ class Conversation:
         start = event.get("audio_start_ms", self._speech_started_ms)
         if start is not None and "audio_end_ms" in event:
             self._update(question_s=(event["audio_end_ms"] - start) / 1000)
+
+    def _on_conversation_item_created(self, event: dict) -> None:
+        content = event.get("item", {}).get("content") or []
+        if any(part.get("type") == "input_image" for part in content):
+            self._update(image=True)  # the server took the camera frame
 
     def _on_conversation_item_input_audio_transcription_completed(self, event: dict) -> None:
         self._update(question_text=event.get("transcript", ""))
