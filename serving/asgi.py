@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import sys
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-log = logging.getLogger("omni.server")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]

@@ -369,7 +369,8 @@ class RealtimeSession:
             self.items.pop(next(iter(self.items)))
         out = self._item_added(item, previous)
         if item.kind == "audio" and self.config.transcribe:
-            self._submit(Job(item.id, "transcription", "ASR", audio=item.audio, max_output_tokens=MAX_TRANSCRIPT_TOKENS))
+            self._submit(Job(item.id, "transcription", "ASR", audio=item.audio,
+                             max_output_tokens=MAX_TRANSCRIPT_TOKENS))
         return out
 
     def _item_added(self, item: Item, previous: str | None) -> list[dict]:
