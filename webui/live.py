@@ -40,7 +40,10 @@ class Relay:
         return self._connection is not None
 
     def start(self, playback: Playback) -> None:
-        """Open the WebSocket (in the background) unless a conversation is already open."""
+        """Open the WebSocket (in the background) unless a conversation is open; one that the server ended (or
+        never let start) is tried again, so the page's next run after a failure reconnects."""
+        if self._conversation is not None and self._conversation.view().state == "closed":
+            self.stop()
         with self._lock:
             if self._connection is not None:
                 return

@@ -300,7 +300,7 @@ class RealtimeConnection:
         self._outbox.put(None)
 
     def _receive(self) -> None:
-        from websockets.exceptions import ConnectionClosed
+        from websockets.exceptions import ConnectionClosed, WebSocketException
         from websockets.sync.client import connect
 
         reason = ""
@@ -316,7 +316,7 @@ class RealtimeConnection:
                     reason = f"The server ended the conversation ({ws.close_reason or 'no reason given'})."
         except ConnectionClosed as e:
             reason = "" if self._closing.is_set() else f"The server closed the conversation ({e})."
-        except Exception as e:  # noqa: BLE001 - any failure to connect becomes the page's message
+        except (WebSocketException, OSError, ValueError) as e:  # refused, unreachable, or not JSON
             reason = refusal_text(e, self.url)
         finally:
             self._outbox.put(None)
