@@ -1,7 +1,9 @@
-"""Serve the engine over HTTP: `POST /chat` streams the spoken answer as it is generated.
+"""Serve the engine: `POST /chat` streams the spoken answer as it is generated, and `/v1/realtime` speaks
+the OpenAI Realtime protocol over a WebSocket, on the same host and port.
 
     python server.py [--ckpt-dir DIR] [--host 127.0.0.1] [--port 60808] [--device auto] [--mode exact|fast|baseline]
-                     [--max-queue 4] [--max-bytes N] [--api-key KEY] [--allow-origin ORIGIN] [--allow-host NAME]
+                     [--max-queue 4] [--max-sessions 4] [--max-bytes N] [--api-key KEY] [--allow-origin ORIGIN]
+                     [--allow-host NAME]
 
 `GET /` lists the routes; `--help` explains every flag (`--mode exact`, the default, gives the official tokens).
 """
@@ -14,11 +16,16 @@ import os
 from omni.audio import sweep_stale_temp_dirs
 from omni_engine import MODE_HELP
 from serving.app import DEFAULT_MAX_BYTES, create_app
+from serving.asgi import WsgiBridge, combine
+from serving.realtime_ws import DEFAULT_MAX_SESSIONS, RealtimeEndpoint
 from serving.security import ANY_ORIGIN, API_KEY_ENV, AccessPolicy, is_loopback_bind
 from serving.service import EngineService
 
 THREADS_BESIDE_QUEUE = 4  # the running request, /health, /metrics and a spare beside the waiting ones
-MAX_HEADER_BYTES = 64 * 1024  # request line and headers; a longer URL is refused by waitress
+CONNECTION_LIMIT = 100  # open connections beyond which uvicorn answers 503
+WS_MAX_FRAME = 8 * 1024 * 1024  # largest WebSocket message: 30 s of pcm16 24 kHz is 1.4 MB, 1.9 MB in base64
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers; a longer URL is refused
+SHUTDOWN_GRACE_S = 5  # on SIGTERM, open answers and sessions get this long before they are cut
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"], help=MODE_HELP)
     p.add_argument("--max-queue", type=int, default=4, help="requests that may wait behind the running one")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
+    p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,
+                   help="open /v1/realtime sessions at most; more are refused at the handshake")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
@@ -57,7 +66,7 @@ def warn_if_exposed(args: argparse.Namespace, log: logging.Logger) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from waitress import serve
+    import uvicorn
 
     from omni_engine import OmniEngine
 
@@ -67,14 +76,28 @@ def main(argv: list[str] | None = None) -> None:
     service = EngineService(lambda: OmniEngine(args.ckpt_dir, device=args.device, mode=args.mode), args.max_queue)
     service.start()
     policy = AccessPolicy(args.api_key, frozenset(args.allow_origin), frozenset(args.allow_host))
-    app = create_app(service, args.max_bytes, policy)
+    http = WsgiBridge(create_app(service, args.max_bytes, policy), args.max_bytes,
+                      args.max_queue + THREADS_BESIDE_QUEUE)
+    realtime = RealtimeEndpoint(service, args.max_sessions, access=policy_check(policy))
+    app = combine(http, {"/v1/realtime": realtime})
     warn_if_exposed(args, log)
-    log.info("listening on http://%s:%d", args.host, args.port)
-    # channel_request_lookahead lets waitress notice a client that hangs up while its answer streams;
-    # max_request_body_size answers 413 from the declared length, or as soon as a chunked body passes it.
-    serve(app, host=args.host, port=args.port, threads=args.max_queue + THREADS_BESIDE_QUEUE,
-          channel_request_lookahead=1, ident="mini-omni", max_request_body_size=args.max_bytes,
-          max_request_header_size=MAX_HEADER_BYTES)
+    log.info("listening on http://%s:%d (WebSocket: ws://%s:%d/v1/realtime)", args.host, args.port, args.host,
+             args.port)
+    # uvicorn: one asyncio loop for all sockets (HTTP and WebSocket); Flask runs on the bridge's threads,
+    # which also refuse a body over --max-bytes from its declared length or as soon as it passes it.
+    uvicorn.run(app, host=args.host, port=args.port, ws="websockets-sansio", ws_max_size=WS_MAX_FRAME,
+                ws_per_message_deflate=False, lifespan="off", limit_concurrency=CONNECTION_LIMIT,
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                server_header=False,
+                headers=[("server", "mini-omni")], log_config=None, access_log=False)
+
+
+def policy_check(policy: AccessPolicy):
+    """The WebSocket handshake's check: the same Host, Origin and API-key rules as the HTTP routes."""
+    def check(environ: dict) -> tuple[int, str] | None:
+        refusal = policy.refusal(environ)
+        return None if refusal is None else (refusal.status, refusal.message)
+    return check
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #     ffmpeg         decodes the audio questions
 #     libportaudio2  PortAudio, for the microphone and speaker of realtime_vad_player.py (sounddevice)
 #     chromium       the headless browser of the web page tests (Playwright drives it; it downloads none)
+#     iproute2       `ip`, for the network namespace of the hands-free page test (WebRTC never uses 127.0.0.1)
 #     python3-venv   to make the virtual environment
 #   a virtual environment in .venv with requirements.txt and this project (`pip install -e .`).
 # PyTorch: the CPU build (from download.pytorch.org/whl/cpu) unless an NVIDIA driver is present
@@ -30,6 +31,7 @@ missing=()
 command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
 ldconfig -p | grep -q 'libportaudio\.so\.2' || missing+=(libportaudio2)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""

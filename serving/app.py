@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from omni import CHUNK_SECONDS, INPUT_SAMPLE_RATE, AudioInputError, OmniChunk, load_audio
+from .asgi import DISCONNECTED_KEY
 from .formats import MIMETYPES, PCM_HEADERS, encode
 from .index import index_html
 from .parse import ApiError, ChatRequest, parse_chat
@@ -105,7 +106,7 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
                 raise ApiError(503, f"the model failed to load ({service.load_error}); fix the checkpoint and "
                                     "restart the server")
             raise ApiError(503, f"the model is {service.status}", {"Retry-After": str(RETRY_AFTER_S)})
-        disconnected = request.environ.get("waitress.client_disconnected", _never)
+        disconnected = request.environ.get(DISCONNECTED_KEY, _never)
         try:
             req = parse_chat(request)
         except ApiError:

@@ -29,6 +29,7 @@ HIDDEN_FIELDS = ("finished", "started", "token")
 TTFC_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20)
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 BYTES_PER_SECOND = OUTPUT_SAMPLE_RATE * PCM_SAMPLE_WIDTH
+CANCEL_STEP_BUCKETS = (0, 1, 2, 4, 8, 16)
 
 
 class TurnQueue:
@@ -89,6 +90,38 @@ class Metrics:
         self.queue_depth = Gauge("omni_queue_depth", "Requests waiting for the engine", registry=self.registry)
         self.in_flight = Gauge("omni_in_flight", "Requests being answered", registry=self.registry)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
+        self.realtime = RealtimeMetrics(self.registry)
+        self.realtime_sessions = Gauge("omni_realtime_sessions", "Open /v1/realtime sessions", registry=self.registry)
+        self.realtime_refused = Counter("omni_realtime_refused", "Refused /v1/realtime handshakes by HTTP status",
+                                        ["status"], registry=self.registry)
+
+
+class RealtimeMetrics:
+    """What the Realtime sessions report: answers by outcome, latency, barge-ins, how fast cancels land."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.responses = Counter("omni_realtime_responses", "Realtime responses by final status", ["status"],
+                                 registry=registry)
+        self.first_audio_s = Histogram("omni_realtime_first_audio_seconds",
+                                       "End of speech (server VAD) to the answer's first audio delta",
+                                       buckets=TTFC_BUCKETS, registry=registry)
+        self.barge_ins = Counter("omni_realtime_barge_ins", "Answers interrupted by the user's speech",
+                                 registry=registry)
+        self.cancel_steps_h = Histogram("omni_realtime_cancel_steps",
+                                        "Decode steps the engine started after a cancel (0: stopped at its next check)",
+                                        buckets=CANCEL_STEP_BUCKETS, registry=registry)
+
+    def response_done(self, status: str) -> None:
+        self.responses.labels(status).inc()
+
+    def first_audio(self, seconds: float) -> None:
+        self.first_audio_s.observe(seconds)
+
+    def barge_in(self) -> None:
+        self.barge_ins.inc()
+
+    def cancel_steps(self, steps: int) -> None:
+        self.cancel_steps_h.observe(steps)
 
 
 @dataclass

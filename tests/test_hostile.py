@@ -283,7 +283,7 @@ def test_errors_carry_no_server_paths(server):
 @pytest.mark.parametrize("length", [10_000, 100_000])
 def test_long_paths_are_not_echoed(server, length):
     status, _, data = server.get("/requests/" + "a" * length)
-    assert status in (404, 431) and len(data) < 1000
+    assert status in (400, 404, 431) and len(data) < 1000  # uvicorn answers 400 past its header limit
 
 
 def test_non_loopback_bind_prints_a_warning(caplog):

@@ -224,7 +224,9 @@ def streamlit(server_url, tmp_path_factory):
 
 
 def _open_streamlit(tab, url: str) -> None:
+    """Open the page in its press-to-talk mode (hands-free is tested in test_webui_live.py)."""
     tab.goto(url)
+    tab.locator("button", has_text="Press to talk").click(timeout=ANSWER_TIMEOUT_MS)
     tab.wait_for_selector("[data-testid=stAudioInput]", timeout=ANSWER_TIMEOUT_MS)
 
 
@@ -283,6 +285,16 @@ def test_streamlit_microphone_turn_is_answered(tab, streamlit, server_url, tmp_p
     _open_streamlit(tab, streamlit.url)
     assert tab.locator("[data-testid=stCameraInput]").count() == 0  # the tiny v1 model cannot see: no camera
     print("\nstreamlit page:", _streamlit_turn(tab, server_url, tmp_path / "streamlit-turn.png", RECORD_MAX))
+
+
+def test_streamlit_without_webrtc_says_why_and_offers_press_to_talk(tab, streamlit, server_url, tmp_path):
+    tab.add_init_script("delete window.RTCPeerConnection; delete window.webkitRTCPeerConnection;")
+    tab.goto(streamlit.url)
+    tab.wait_for_selector("[data-testid=stAudioInput]", timeout=ANSWER_TIMEOUT_MS)  # no mode to choose
+    assert "has no WebRTC" in tab.inner_text("[data-testid=stAlert]")
+    assert tab.locator("iframe[title*=webrtc]").count() == 0
+    print("\nstreamlit page without WebRTC:",
+          _streamlit_turn(tab, server_url, tmp_path / "streamlit-no-webrtc.png", RECORD_MAX))
 
 
 @pytest.fixture(scope="module")

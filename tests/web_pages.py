@@ -62,5 +62,6 @@ def streamlit_page(server_url: str, logdir: Path, *extra: str) -> PageProcess:
     port = free_port()
     argv = [sys.executable, "-m", "streamlit", "run", str(ROOT / "webui" / "omni_streamlit.py"),
             "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
-            "--browser.gatherUsageStats", "false", "--", "--server-url", server_url, *extra]
+            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+            "--runner.postScriptGC", "false", "--", "--server-url", server_url, *extra]
     return PageProcess(argv, port, logdir / f"streamlit-{port}.log")

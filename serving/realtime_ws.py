@@ -1,0 +1,195 @@
+"""`/v1/realtime`: the WebSocket transport of the Realtime sessions. It only moves frames.
+
+The handshake is checked (access policy, engine ready, `--max-sessions`) and refused with a JSON body
+saying why; then each text frame goes to the session's `receive()`, the engine's progress to `on_job()`,
+and whatever they return goes out as text frames. Engine calls go through the service's admission, the
+same FIFO and the same engine thread as `/chat`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from omni.audio import SAMPLE_RATE
+from omni.engine import prompt_length
+from omni.sampling import GenerationConfig
+from omni.tokens import Task
+from omni_engine import OmniChunk
+from .asgi import Receive, Scope, Send, send_json, wsgi_environ
+from .formats import Summary
+from .realtime_protocol import BETA, GA
+from .realtime_session import Job, JobChunk, JobEnd, RealtimeSession
+from .service import EngineService
+
+log = logging.getLogger("omni.realtime")
+
+BETA_HEADER = "realtime=v1"  # OpenAI-Beta header value of the beta protocol
+BETA_SUBPROTOCOL = "openai-beta.realtime-v1"  # the same, as a WebSocket subprotocol (browsers)
+SUBPROTOCOL = "realtime"
+DEFAULT_MAX_SESSIONS = 4
+
+# The access check: WSGI environ -> (HTTP status, reason) to refuse, or None. server.py plugs in the policy.
+AccessCheck = Callable[[dict], "tuple[int, str] | None"]
+
+
+def _allow_all(environ: dict) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class _Closed:
+    """The client's side has gone."""
+
+
+class ServiceRunner:
+    """Runs one session's jobs in order on a thread of its own, through the service's admission."""
+
+    def __init__(self, service: EngineService, post: Callable[[object], None]) -> None:
+        self.service, self.post = service, post
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="realtime-job")
+
+    def submit(self, job: Job) -> None:
+        self.pool.submit(self._run, job)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, job: Job) -> None:
+        try:
+            self.post(self._answer(job))
+        except Exception as e:  # reported to the client in-band; the session and the server go on
+            log.exception("realtime job %s failed", job.key)
+            self.post(JobEnd(job.key, "failed", f"{type(e).__name__}: {e}"))
+
+    def _answer(self, job: Job) -> JobEnd:
+        engine = self.service.engine
+        task = Task(job.task)
+        text_ids = engine.tokenizer.encode(job.text).ids if job.text is not None else None
+        prompt = prompt_length(task, job.audio, text_ids, job.image is not None)
+        limit = engine.config.block_size + 1  # max_tokens counts the prompt too
+        max_tokens = min(limit, prompt + job.max_output_tokens) if job.max_output_tokens else \
+            GenerationConfig().max_tokens
+        try:
+            chunks = engine.stream(job.audio, text=job.text, task=task, image=job.image,
+                                   sample_rate=SAMPLE_RATE if job.audio is not None else None, cancel=job.cancel,
+                                   max_tokens=max(max_tokens, prompt + 1))
+        except ValueError as e:
+            return JobEnd(job.key, "failed", str(e))
+        admitted = self.service.admit()
+        if admitted is None:
+            self.service.reject("busy")
+            return JobEnd(job.key, "failed", f"the server is busy ({self.service.queue.max_waiting} requests "
+                                             "already waiting)")
+        ticket, record = admitted
+        record.input_seconds = round(job.audio.size / SAMPLE_RATE, 3) if job.audio is not None else 0.0
+        if not self.service.wait_turn(ticket, record, job.cancel.is_set):
+            return JobEnd(job.key, "cancelled")
+        steps, text, status, error = 0, "", "cancelled", None
+        for event in self.service.answer(ticket, record, chunks, job.cancel.is_set):
+            if isinstance(event, OmniChunk):
+                steps += len(event.steps)
+                text += event.text
+                if job.kind == "response":
+                    self.post(JobChunk(job.key, event))
+            elif isinstance(event, Summary):
+                status, error = event.outcome, event.error
+        status = "failed" if status == "error" else status
+        if job.cancel.steps_after is not None:  # the engine has stopped: how many steps it ran past the cancel
+            self.service.metrics.realtime.cancel_steps(job.cancel.steps_after)
+        return JobEnd(job.key, status, error, steps, prompt, hit_limit=steps >= max_tokens - prompt, text=text)
+
+
+class RealtimeEndpoint:
+    """The ASGI route of `/v1/realtime`."""
+
+    def __init__(self, service: EngineService, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                 access: AccessCheck = _allow_all, vad_factory: Callable[[], Callable] | None = None) -> None:
+        self.service, self.max_sessions, self.access = service, max_sessions, access
+        self.vad_factory = vad_factory or _silero
+        self.open = 0
+        self._lock = threading.Lock()
+
+    def refusal(self, scope: Scope) -> tuple[int, str] | None:
+        """Why this handshake is refused, or None."""
+        refused = self.access(wsgi_environ(scope, b""))
+        if refused is not None:
+            return refused
+        if self.service.engine is None:
+            return 503, f"the model is {self.service.status}; retry when GET /health says ready"
+        if self.open >= self.max_sessions:
+            return 503, (f"too many open realtime sessions ({self.max_sessions}, --max-sessions): close one or "
+                         "retry later")
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        refused = self.refusal(scope)
+        if refused is not None:
+            self.service.metrics.realtime_refused.labels(str(refused[0])).inc()
+            await send_json(send, refused[0], {"error": refused[1]}, kind="websocket")
+            return
+        with self._lock:
+            self.open += 1
+        self.service.metrics.realtime_sessions.set(self.open)
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            with self._lock:
+                self.open -= 1
+            self.service.metrics.realtime_sessions.set(self.open)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        beta = headers.get("openai-beta", "").replace(" ", "") == BETA_HEADER or BETA_SUBPROTOCOL in offered
+        accept = {"type": "websocket.accept"}
+        if offered:
+            accept["subprotocol"] = SUBPROTOCOL if SUBPROTOCOL in offered else offered[0]
+        await send(accept)
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        runner = ServiceRunner(self.service, lambda update: loop.call_soon_threadsafe(inbox.put_nowait, update))
+        engine = self.service.engine
+        session = RealtimeSession(runner, dialect=BETA if beta else GA, model=engine.family, can_see=engine.can_see,
+                                  vad=self.vad_factory(), metrics=self.service.metrics.realtime)
+        reader = asyncio.create_task(self._read(receive, inbox))
+        try:
+            await self._send(send, session.start())
+            while not isinstance(item := await inbox.get(), _Closed):
+                events = session.receive(item) if isinstance(item, (str, bytes)) else session.on_job(item)
+                if not await self._send(send, events):
+                    break
+        finally:
+            session.close()  # the engine stops this session's answer within one decode step
+            runner.close()
+            reader.cancel()
+
+    @staticmethod
+    async def _read(receive: Receive, inbox: asyncio.Queue) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                inbox.put_nowait(_Closed())
+                return
+            inbox.put_nowait(message["text"] if message.get("text") is not None else message.get("bytes", b""))
+
+    @staticmethod
+    async def _send(send: Send, events: list[dict]) -> bool:
+        """False once the client has gone."""
+        try:
+            for event in events:
+                await send({"type": "websocket.send", "text": json.dumps(event)})
+        except (OSError, RuntimeError):  # the socket closed under us (uvicorn raises ClientDisconnected)
+            return False
+        return True
+
+
+def _silero():
+    from realtime.vad import SileroVad
+    return SileroVad()
