@@ -4,6 +4,8 @@ The numbers and formulas match openai-whisper's `audio.py`, so the encoder sees 
 """
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +30,17 @@ LOG_FLOOR = 1e-10  # clamp before log10
 DYNAMIC_RANGE = 8.0  # log10 units kept below the loudest bin (80 dB)
 SILENCE_PEAK = 1e-3  # -60 dBFS: a peak below this is treated as no speech at all
 INT16_SCALE = 32768.0
+DECODE_SECONDS = CHUNK_SECONDS + 1  # decoded at most: what the model hears, plus a margin to tell "longer"
+DECODE_TIMEOUT_S = 10.0  # one decode's wall-clock limit; ffmpeg is killed on it
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768000  # Hz accepted for numpy input
+# ffmpeg demuxers allowed to open an input: plain audio containers only. Playlists (hls), scripts (concat),
+# manifests and image sequences, which can name other files or URLs, are not among them.
+ACCEPTED_FORMATS = ("wav", "w64", "flac", "mp3", "ogg", "matroska", "webm", "mov", "mp4", "m4a", "aac",
+                    "aiff", "caf", "amr", "au", "wv")
+ACCEPTED_FORMATS_TEXT = "WAV, FLAC, MP3, Ogg/Opus/Vorbis, WebM/Matroska, MP4/M4A, AAC, AIFF, CAF, AMR, AU, WavPack"
+TEMP_PREFIX = "omni-audio-"  # followed by the owning process id
+STDERR_TAIL_BYTES = 4096  # of ffmpeg's error output, read for the message
+ERROR_CHARS = 200  # longest decoder message passed on
 
 AudioSource = str | Path | bytes | np.ndarray
 
@@ -39,49 +52,121 @@ def _ffmpeg() -> str:
     return exe
 
 
-def _run_ffmpeg(args: list[str], stdin: bytes | None, what: str) -> np.ndarray:
-    """Run ffmpeg and read its raw s16le 16 kHz mono output as float32 in [-1, 1)."""
-    cmd = [_ffmpeg(), "-nostdin", "-threads", "0", *args,
-           "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(SAMPLE_RATE), "-"]
+def _temp_dir() -> tempfile.TemporaryDirectory:
+    """A private directory for one decode, named after this process so a later start can sweep it."""
+    return tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
+
+
+def sweep_stale_temp_dirs() -> int:
+    """Remove decode directories left by processes that no longer run (a server killed mid-request)."""
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        pid = path.name.removeprefix(TEMP_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
     try:
-        out = subprocess.run(cmd, input=stdin, capture_output=True, check=True).stdout
-    except subprocess.CalledProcessError as e:
-        reason = e.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["unknown error"]
-        raise AudioInputError(f"could not decode {what} as audio: {reason[0]}") from e
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to sweep
+        return True
+    return True
+
+
+def _last_error(stderr: bytes, tmp: str) -> str:
+    """ffmpeg's last error line, without the server's temporary paths."""
+    lines = stderr.decode(errors="replace").strip().splitlines() or ["unknown error"]
+    if any("not on whitelist" in line for line in lines):
+        return f"not an accepted audio format (accepted: {ACCEPTED_FORMATS_TEXT})"
+    line = re.sub(r"^(file|pipe):\S*:\s*", "", lines[-1].replace(tmp, ""))  # "file:/tmp/...: " names the input
+    return re.sub(r"/\S*", "(a path)", line)[:ERROR_CHARS]
+
+
+def _run_ffmpeg(input_args: list[str], stdin: bytes | None, tmp: str, what: str, timeout_s: float,
+                formats: tuple[str, ...] = ACCEPTED_FORMATS) -> np.ndarray:
+    """Decode with ffmpeg to s16le 16 kHz mono (as Whisper does), at most DECODE_SECONDS, within `timeout_s`.
+
+    Only the temporary file or pipe given here can be opened (no network, no other file), only plain audio
+    containers are probed (a playlist or concat script is refused), and the process is killed on the time limit.
+    A second output keeps the samples as float so that NaN or infinite samples, which s16 would hide as
+    full-scale noise, are refused.
+    """
+    check_path = str(Path(tmp) / "check.f32")
+    limit = ["-t", f"{DECODE_SECONDS:g}", "-map", "0:a:0", "-ac", "1", "-ar", str(SAMPLE_RATE)]
+    cmd = [_ffmpeg(), "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "1",
+           "-protocol_whitelist", "pipe" if stdin is not None else "file", "-format_whitelist", ",".join(formats), *input_args,
+           *limit, "-f", "s16le", "-acodec", "pcm_s16le", "pipe:1",
+           *limit, "-f", "f32le", "-acodec", "pcm_f32le", check_path]
+    with open(Path(tmp) / "stderr", "w+b") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=err)
+        try:
+            out, _ = proc.communicate(stdin, timeout=timeout_s)
+        except subprocess.TimeoutExpired as e:
+            proc.kill()  # SIGKILL: ffmpeg may ignore SIGTERM while it waits on input
+            proc.communicate()
+            raise AudioInputError(f"decoding {what} took longer than {timeout_s:g} s; refused") from e
+        if proc.returncode != 0:
+            err.seek(max(0, err.seek(0, os.SEEK_END) - STDERR_TAIL_BYTES))
+            raise AudioInputError(f"could not decode {what} as audio: {_last_error(err.read(), tmp)}")
+    check = np.fromfile(check_path, np.float32)
+    if not np.isfinite(check).all():
+        raise AudioInputError(f"found NaN or infinite samples in {what}")
     return np.frombuffer(out, np.int16).astype(np.float32) / INT16_SCALE
 
 
-def _from_array(samples: np.ndarray, sample_rate: int | None) -> np.ndarray:
+def _from_array(samples: np.ndarray, sample_rate: int | None, timeout_s: float) -> np.ndarray:
     if sample_rate is None:
         raise AudioInputError("a numpy audio input needs its sample_rate")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
+            or not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise AudioInputError(f"sample_rate must be an integer from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz, "
+                              f"got {sample_rate!r}")
     samples = np.asarray(samples)
-    if np.issubdtype(samples.dtype, np.integer):  # int16 PCM
+    if samples.dtype.kind not in "iuf":
+        raise AudioInputError(f"audio array must hold integer or float samples, got dtype {samples.dtype}")
+    if samples.dtype.kind in "iu":  # int16 PCM
         samples = samples.astype(np.float32) / INT16_SCALE
     if samples.ndim == 2:  # (N, channels) -> mono
         samples = samples.mean(axis=1)
     if samples.ndim != 1:
         raise AudioInputError(f"audio array must be (N,) or (N, channels), got shape {samples.shape}")
-    samples = samples.astype(np.float32)
+    samples = samples[: int(DECODE_SECONDS * sample_rate)].astype(np.float32)
+    if not np.isfinite(samples).all():
+        raise AudioInputError("found NaN or infinite samples in the audio array")
     if sample_rate == SAMPLE_RATE or samples.size == 0:
         return samples
-    args = ["-f", "f32le", "-ar", str(int(sample_rate)), "-ac", "1", "-i", "pipe:0"]
-    return _run_ffmpeg(args, samples.tobytes(), "the audio array")
+    with _temp_dir() as tmp:
+        args = ["-f", "f32le", "-ar", str(int(sample_rate)), "-ac", "1", "-i", "pipe:0"]
+        return _run_ffmpeg(args, samples.tobytes(), tmp, "the audio array", timeout_s, formats=("f32le",))
 
 
-def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarray:
-    """Any common audio file (path or bytes) or array -> float32 mono samples at 16 kHz."""
+def load_audio(source: AudioSource, sample_rate: int | None = None,
+               timeout_s: float = DECODE_TIMEOUT_S) -> np.ndarray:
+    """An audio file (path or bytes) or array -> float32 mono samples at 16 kHz, at most DECODE_SECONDS long.
+
+    Files may be any of ACCEPTED_FORMATS; input longer than DECODE_SECONDS is cut there without decoding the
+    rest (the model hears 30 s). Raises AudioInputError for anything else, naming what was wrong.
+    """
     if isinstance(source, np.ndarray):
-        samples = _from_array(source, sample_rate)
+        samples = _from_array(source, sample_rate, timeout_s)
     elif isinstance(source, (bytes, bytearray)):
         # A temporary file, not a pipe: some containers (mp4/m4a) need a seekable input.
-        with tempfile.TemporaryDirectory(prefix="omni-audio-") as tmp:
+        with _temp_dir() as tmp:
             path = Path(tmp) / "input"
             path.write_bytes(source)
-            samples = _run_ffmpeg(["-i", str(path)], None, "the audio bytes")
+            samples = _run_ffmpeg(["-i", f"file:{path}"], None, tmp, "the audio bytes", timeout_s)
     elif isinstance(source, (str, Path)):
-        if not Path(source).is_file():
+        path = Path(source)
+        if not path.is_file():
             raise FileNotFoundError(f"audio file not found: {source}")
-        samples = _run_ffmpeg(["-i", str(source)], None, str(source))
+        with _temp_dir() as tmp:
+            samples = _run_ffmpeg(["-i", f"file:{path.resolve()}"], None, tmp, str(source), timeout_s)
     else:
         raise AudioInputError(f"unsupported audio input type {type(source).__name__}: pass a path, bytes or a numpy array")
     check_speech(samples)

@@ -30,6 +30,17 @@ REQUIRED_SETTINGS: dict[str, Any] = {
 }
 
 
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether a YAML value has the type of the setting's default (None defaults hold integers)."""
+    if value is None:
+        return default is None
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, int) and value > 0
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The dimensions the engine needs; defaults are the released Qwen2-0.5B values."""
@@ -81,16 +92,27 @@ class ModelConfig:
         for key, wanted in REQUIRED_SETTINGS.items():
             if key in raw and raw[key] != wanted:
                 raise CheckpointError(f"unsupported model_config.yaml: {key}={raw[key]!r}, Mini-Omni uses {wanted!r}")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        known = {f.name: f.default for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        for key, value in values.items():
+            if not _same_kind(value, known[key]):
+                raise CheckpointError(f"model_config.yaml: {key}={value!r} is not a valid value for this setting")
+        return cls(**values)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path} not found: a Mini-Omni checkpoint directory holds {CONFIG_FILE}")
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from e
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            raise CheckpointError(f"{path} is not valid YAML{line}: {getattr(e, 'problem', None) or e}") from e
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path} is not a YAML mapping")
         return cls.from_dict(raw)

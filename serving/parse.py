@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 
 from flask import Request
@@ -15,6 +16,7 @@ ACCEPT_FORMATS = {  # media types a client may ask for instead of ?format=
 }
 JSON_FIELDS = {"audio": str, "image": str, "stream_stride": int, "first_stride": int, "max_tokens": int}
 NUMBER_FIELDS = ("stream_stride", "first_stride", "max_tokens")
+WHITESPACE = re.compile(r"\s+")  # line breaks of MIME-style base64
 
 
 class ApiError(Exception):
@@ -36,8 +38,13 @@ class ChatRequest:
 
 
 def _b64(value: str, field: str) -> bytes:
+    """Standard base64, also wrapped in lines or behind a `data:...;base64,` prefix (a browser FileReader's)."""
+    if value.startswith("data:"):
+        header, sep, value = value.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise ApiError(400, f"field '{field}' is a data URL without ';base64,'")
     try:
-        return base64.b64decode(value, validate=True)
+        return base64.b64decode(WHITESPACE.sub("", value), validate=True)
     except (binascii.Error, ValueError) as e:
         raise ApiError(400, f"field '{field}' is not valid base64 ({e})") from e
 
@@ -45,6 +52,8 @@ def _b64(value: str, field: str) -> bytes:
 def _from_json(req: Request) -> tuple[bytes, bytes | None, dict[str, int]]:
     try:
         body = json.loads(req.get_data(cache=False))
+    except RecursionError as e:
+        raise ApiError(400, "request body is JSON nested too deeply") from e
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON ({e})") from e
     if not isinstance(body, dict):
@@ -56,7 +65,7 @@ def _from_json(req: Request) -> tuple[bytes, bytes | None, dict[str, int]]:
         value = body.get(field)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             raise ApiError(400, f"field '{field}' must be {kind.__name__}, got {type(value).__name__}")
-    if "audio" not in body:
+    if body.get("audio") is None:
         raise ApiError(400, "field 'audio' (base64 of an audio file) is required")
     image = _b64(body["image"], "image") if body.get("image") is not None else None
     return _b64(body["audio"], "audio"), image, {k: body[k] for k in NUMBER_FIELDS if body.get(k) is not None}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import secrets
 import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,9 @@ from .formats import Event, Summary
 log = logging.getLogger("omni.server")
 
 TURN_POLL_S = 0.05  # how often a waiting request checks whether its client went away
-RECORDS_KEPT = 256  # answers whose text stays retrievable at GET /requests/<id>
+RECORDS_KEPT = 256  # answers whose text stays retrievable at GET /requests/<id> (with the request's token)
+TOKEN_BYTES = 16  # 128 random bits: the secret that lets only the asking client read its record
+HIDDEN_FIELDS = ("finished", "started", "token")
 TTFC_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20)
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 BYTES_PER_SECOND = 24000 * 2
@@ -90,7 +93,8 @@ class Metrics:
 
 @dataclass
 class Record:
-    id: str
+    id: str  # names the request in logs and in its client's X-Request-Id header
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(TOKEN_BYTES), repr=False)
     outcome: str = "queued"
     input_seconds: float = 0.0
     first_chunk_s: float | None = None
@@ -137,22 +141,22 @@ class EngineService:
     def status(self) -> str:
         return "ready" if self.engine else ("failed" if self.load_error else "loading")
 
-    def new_record(self, input_seconds: float) -> Record:
-        record = Record(uuid.uuid4().hex[:12], input_seconds=round(input_seconds, 3))
+    def new_record(self) -> Record:
+        record = Record(uuid.uuid4().hex[:12])
         with self._records_lock:
             self.records[record.id] = record
             while len(self.records) > RECORDS_KEPT:
                 self.records.popitem(last=False)
         return record
 
-    def admit(self, input_seconds: float) -> tuple[object, Record] | None:
+    def admit(self) -> tuple[object, Record] | None:
         """A queue ticket and a fresh record, or None when the queue is full. Time counts from here."""
         ticket = self.queue.enter()
         if ticket is None:
             return None
         self.metrics.in_flight.inc()
         self.metrics.queue_depth.set(self.queue.depth)
-        return ticket, self.new_record(input_seconds)
+        return ticket, self.new_record()
 
     def wait_turn(self, ticket: object, record: Record, disconnected: Callable[[], bool]) -> bool:
         """Block until the engine is this request's; False (and the request closed) if the client left."""
@@ -229,9 +233,10 @@ class EngineService:
     def reject(self, outcome: str) -> None:
         self.metrics.requests.labels(outcome).inc()
 
-    def record_json(self, request_id: str) -> dict | None:
+    def record_json(self, request_id: str, token: str) -> dict | None:
+        """The record of a recent request, only for the client holding its token."""
         with self._records_lock:
             record = self.records.get(request_id)
-        if record is None:
+        if record is None or not secrets.compare_digest(record.token.encode(), token.encode()):
             return None
-        return {k: v for k, v in asdict(record).items() if k not in ("finished", "started")}
+        return {k: v for k, v in asdict(record).items() if k not in HIDDEN_FIELDS}

@@ -60,6 +60,11 @@ class Server:
     def get_json(self, path: str) -> dict:
         return json.loads(self.get(path)[2])
 
+    def record(self, headers: dict) -> dict:
+        """The server's record of an answer, read with the id and token of its response headers."""
+        return json.loads(self.request("GET", f"/requests/{headers['X-Request-Id']}", None,
+                                       {"X-Request-Token": headers["X-Request-Token"]})[2])
+
     def open_chat(self, audio: bytes, path: str = "/chat", **fields) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Start an official JSON request and return the unread streaming response."""
         conn = self.connect()

@@ -30,7 +30,7 @@ def test_health(client):
 
 def test_answer_is_the_servers_official_stream(server, client, sample_wav):
     status, headers, pcm = server.chat(sample_wav.read_bytes(), max_tokens=MAX)  # raw PCM, the official v1 body
-    text = server.get_json(f"/requests/{headers['X-Request-Id']}")["text"]
+    text = server.record(headers)["text"]
     reply = Answer()
     for chunk in client.ask(sample_wav.read_bytes(), max_tokens=MAX):
         reply.add(chunk)

@@ -10,12 +10,15 @@ import argparse
 import base64
 import io
 import json
+import os
 import time
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import requests
+
+from serving.security import API_KEY_ENV
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:60808"
 CONNECT_TIMEOUT_S = 5
@@ -119,8 +122,10 @@ def _refusal(resp: requests.Response) -> ServerError:
 class OmniClient:
     """`server.py` at `url`, as the pages use it."""
 
-    def __init__(self, url: str = DEFAULT_SERVER_URL) -> None:
+    def __init__(self, url: str = DEFAULT_SERVER_URL, api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
+        api_key = api_key or os.environ.get(API_KEY_ENV)  # a server started with --api-key needs it
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def _unreachable(self, e: requests.RequestException) -> ServerError:
         if isinstance(e, requests.Timeout):
@@ -149,7 +154,7 @@ class OmniClient:
         if image is not None:
             body["image"] = base64.b64encode(image).decode()
         try:
-            with requests.post(f"{self.url}/chat?format=ndjson", json=body, stream=True,
+            with requests.post(f"{self.url}/chat?format=ndjson", json=body, stream=True, headers=self.headers,
                                timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as resp:
                 if resp.status_code != 200:
                     raise _refusal(resp)
