@@ -257,9 +257,12 @@ def tune_products(groups: dict[str, Sequence[torch.Tensor]]) -> dict[str, Produc
     path = cache_dir() / "products.json"
     cached = _read_json(path)
     if key not in cached:
+        start = time.perf_counter()
         cached[key] = {name: _as_json(choose_products(measure_products(s))) for name, s in samples.items()}
+        cached[key]["seconds"] = round(time.perf_counter() - start, 3)  # what measuring cost, for the record
         _write_json(path, cached)
-    return {name: Products(tuple(entry["by_rows"]), entry["head"]) for name, entry in cached[key].items()}
+    return {name: Products(tuple(entry["by_rows"]), entry["head"])
+            for name, entry in cached[key].items() if name in groups}
 
 
 def _as_json(plan: Products) -> dict:

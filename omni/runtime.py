@@ -60,9 +60,13 @@ def prepare_lm(model: OmniLM, runtime: Runtime) -> None:
         _install_int8(model)
         return
     head = model.lm_head.weight
-    plans = _plans(model) if runtime.linear == "tuned" else {}
+    if runtime.linear == "tuned":
+        plans = _plans(model)
+        head_plan = plans.get("head", Products())
+    else:  # nn.Linear's F.linear everywhere, all rows through the whole head at once
+        plans, head_plan = {}, Products(head="full")
     install(model, lambda linear: DenseLinear(linear, plans.get(_group(linear.weight), Products())))
-    model.lm_head = DenseHead(head, plans.get("head", Products(head="full")))
+    model.lm_head = DenseHead(head, head_plan)
 
 
 def prepare_whisper(encoder: WhisperEncoder, runtime: Runtime) -> None:
