@@ -1,14 +1,21 @@
-"""Benchmark the engine's modes side by side on one machine and one question.
+"""Benchmark the engine's modes on one machine and one question, against the official cost and the memory floor.
 
-    python bench.py [--ckpt-dir DIR] [--device cpu|cuda] [--modes baseline,exact,fast] [--runs N] [--json out.json]
+    python bench.py [--ckpt-dir DIR] [--device cpu|cuda] [--modes baseline,exact,fast] [--runs N] [--rounds R] [--json out.json]
+    python bench.py --fidelity --ckpt-dir DIR     # fast mode's agreement with exact only, on any checkpoint
     python bench.py --image data/samples/image1.jpg --modes exact    # Mini-Omni2: the image's extra cost
 
-Each mode runs in its own process (so peak memory is its own). `baseline` reproduces the official
-implementation's cost structure in our code (fp32, full head on both rows, attention over the
-whole 2048-long cache, 30 s encoder), so every speed-up is a ratio measured in the same run.
+Each mode runs in its own process (so peak memory is its own); `--rounds` repeats the modes in turn
+and takes medians, so a machine shared with other work slows every mode alike. `baseline` is the
+official implementation's cost structure in our code (fp32 `F.linear` products, full head on
+both rows, attention over the whole 2048-long cache, both prompt rows prefilled, 30 s encoder).
+
+The memory floor: a decode step must read every weight it multiplies (and the filled KV cache)
+once, so it cannot beat bytes read per step / memory bandwidth. Each mode measures that
+bandwidth on its own step's tensors (a streaming read, best of several passes) and reports its
+decode step as a multiple of the floor. Fidelity: fast (and baseline) are fed exact's greedy answer
+(teacher forcing); per stream, how often their greedy pick equals exact's token (top-1) and the
+mean KL divergence of their distribution from exact's.
 Without --ckpt-dir a full-size random checkpoint is made once and cached (Mini-Omni2 with --image).
-With --image every mode also answers the same question without the image, in the same process, and
-reports the difference.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mi
 CACHE_DIR_V2 = CACHE_DIR.with_name("bench-full-v2")
 FRAME_MS = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE * 1000  # audio per decode step: real time needs a step under this
 DEFAULT_STEPS = 40  # decode steps per request after the prompt
+PROBE_PASSES = 5  # streaming reads of a step's tensors; the fastest counts
 
 
 def rss_now_mb() -> float:
@@ -46,27 +54,6 @@ def rss_now_mb() -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class Timers:
-    """Wraps callables to record how long each call takes."""
-
-    def __init__(self, sync) -> None:
-        self.samples: dict[str, list[float]] = {}
-        self.sync = sync
-
-    def wrap(self, name: str, fn):
-        def timed(*args, **kwargs):
-            self.sync()
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.sync()
-            self.samples.setdefault(name, []).append(time.perf_counter() - start)
-            return out
-        return timed
-
-    def clear(self) -> None:
-        self.samples.clear()
 
 
 def p(values: list[float], q: float) -> float:
@@ -85,8 +72,57 @@ def question(path: Path) -> dict:
         return {"audio": np.frombuffer(w.readframes(w.getnframes()), "<i2"), "sample_rate": w.getframerate()}
 
 
-def one_request(engine, audio: dict, max_tokens: int, timers: Timers) -> dict:
-    timers.clear()
+# ---- the memory floor ----------------------------------------------------------------------------
+
+def step_tensors(engine, positions: int) -> list:
+    """What one A1A2 decode step reads: every block's weights, the whole head (row 0 its audio part,
+    row 1 its text part, or both rows all of it) and `positions` of the KV cache, as tensors or,
+    for packed int8 weights, byte counts."""
+    import torch
+
+    from omni.linear import DenseHead, Int8Head, Int8Linear
+
+    model = engine.model
+    reads: list = []
+    for module in model.transformer.h.modules():
+        if isinstance(module, Int8Linear):
+            reads.append(module.weight_bytes)
+        for param in module.parameters(recurse=False):
+            reads.append(param.detach())
+    head = model.lm_head
+    if isinstance(head, DenseHead):
+        reads.append(head.weight.detach())
+    elif isinstance(head, Int8Head):
+        reads += [part.weight_bytes for part in head.parts.values()]
+    cache = model.transformer.h[0].attn.kv_cache
+    span = cache.span(positions) if cache is not None else positions
+    c = model.config
+    kv_bytes = 2 * 2 * c.n_query_groups * span * c.head_size * torch.finfo(engine.dtype).bits // 8
+    reads += [kv_bytes] * c.n_layer
+    return reads
+
+
+def memory_floor(engine, positions: int) -> dict:
+    """Bytes a decode step reads, and the machine's streaming bandwidth measured on those tensors
+    (fresh buffers of the same sizes where the weights are packed)."""
+    import torch
+
+    reads = step_tensors(engine, positions)
+    probe = [t if isinstance(t, torch.Tensor) else torch.ones(max(1, t // 8), dtype=torch.int64) for t in reads]
+    probe = [t.reshape(-1).view(torch.int64) if t.numel() * t.element_size() % 8 == 0 else t.reshape(-1) for t in probe]
+    total = sum(t.numel() * t.element_size() for t in probe)
+    best = float("inf")
+    for _ in range(PROBE_PASSES):
+        start = time.perf_counter()
+        for t in probe:
+            t.sum()
+        best = min(best, time.perf_counter() - start)
+    return {"step_bytes_mb": total / 1e6, "bandwidth_gbs": total / best / 1e9, "floor_ms": best * 1000}
+
+
+# ---- one mode, in its own process ----------------------------------------------------------------
+
+def one_request(engine, audio: dict, max_tokens: int) -> dict:
     start = time.perf_counter()
     first, steps, pcm = None, 0, 0
     for chunk in engine.stream(**audio, max_tokens=max_tokens):  # audio: the question's stream() arguments
@@ -94,106 +130,120 @@ def one_request(engine, audio: dict, max_tokens: int, timers: Timers) -> dict:
             first = time.perf_counter() - start
         steps += len(chunk.steps)
         pcm += len(chunk.pcm)
-    total = time.perf_counter() - start
-    prefill_calls = timers.samples.get("forward_in_prefill", [0])[0]  # forward calls the prefill made
-    return {"first_chunk_s": first, "total_s": total, "steps": steps, "audio_s": pcm / 2 / OUTPUT_SAMPLE_RATE,
-            "audio_decode_s": sum(timers.samples.get("audio_decode", [])), "mel_s": sum(timers.samples.get("mel", [])),
-            "encoder_s": sum(timers.samples.get("encoder", [])), "prefill_s": timers.samples["prefill"][0],
-            "image_load_s": sum(timers.samples.get("image_load", [])), "clip_s": sum(timers.samples.get("clip", [])),
-            "decode_steps_s": timers.samples["forward"][int(prefill_calls):],
-            "snac_chunk_s": timers.samples.get("snac", [])}
+    t = engine.last_timings
+    return {"first_chunk_s": first, "total_s": time.perf_counter() - start, "steps": steps,
+            "audio_s": pcm / 2 / OUTPUT_SAMPLE_RATE, "audio_decode_s": t.audio_decode, "mel_s": t.mel,
+            "encoder_s": t.encoder, "prefill_s": t.prefill, "image_load_s": t.image_load, "clip_s": t.clip,
+            "decode_steps_s": t.decode_steps, "snac_chunk_s": t.snac}
+
+
+def timing(engine, args: argparse.Namespace, audio: dict, samples) -> dict:
+    from omni.engine import prompt_length
+    from omni.tokens import Task
+
+    image = {"image": str(args.image)} if args.image else {}
+    prompt = prompt_length(Task.A1A2, samples, None, image=bool(args.image))
+    max_tokens = prompt + 1 + args.steps
+    plain = [one_request(engine, audio, max_tokens - prompt + prompt_length(Task.A1A2, samples, None))
+             for _ in range(args.runs + 1)] if args.image else []
+    runs = [one_request(engine, {**audio, **image}, max_tokens) for _ in range(args.runs + 1)]
+    cold, warm = runs[0], runs[1:]
+    floor = memory_floor(engine, prompt + args.steps // 2)
+    steps = [s for r in warm for s in r["decode_steps_s"]]
+    med = {k: statistics.median(r[k] for r in warm) for k in
+           ("audio_decode_s", "mel_s", "encoder_s", "prefill_s", "first_chunk_s", "total_s", "image_load_s", "clip_s")}
+    result = {**med, "decode_step_ms_p50": p(steps, 0.5) * 1000, "decode_step_ms_p90": p(steps, 0.9) * 1000,
+              "decode_step_ms_best": min(steps) * 1000, **floor,
+              "snac_chunk_ms_p50": p([s for r in warm for s in r["snac_chunk_s"]], 0.5) * 1000,
+              "first_chunk_cold_s": cold["first_chunk_s"], "steps": warm[0]["steps"],
+              "rtf": p(steps, 0.5) * 1000 / FRAME_MS, "peak_rss_mb": peak_rss_mb(), "steady_rss_mb": rss_now_mb()}
+    result["floor_multiple"] = result["decode_step_ms_p50"] / floor["floor_ms"]
+    result["floor_multiple_best"] = result["decode_step_ms_best"] / floor["floor_ms"]
+    if not args.image:
+        for key in ("image_load_s", "clip_s"):
+            del result[key]
+    else:
+        result["prefill_no_image_s"] = statistics.median(r["prefill_s"] for r in plain[1:])
+        result["first_chunk_no_image_s"] = statistics.median(r["first_chunk_s"] for r in plain[1:])
+        result["image_extra_ms"] = (result["first_chunk_s"] - result["first_chunk_no_image_s"]) * 1000
+    return result
+
+
+def reference_steps(streams: list[list[int]]) -> list:
+    from omni.generate import Step
+
+    return [Step(tuple(s[i] for s in streams[:7]), streams[7][i]) for i in range(len(streams[7]))]
+
+
+def fidelity_part(engine, args: argparse.Namespace, audio: dict, samples) -> dict:
+    """exact: answer greedily and save the answer and its teacher-forced logits; others: compare with them."""
+    import torch
+
+    from omni.engine import prompt_length
+    from omni.generate import fidelity, teacher_forced_logits
+    from omni.tokens import Task
+
+    max_tokens = prompt_length(Task.A1A2, samples, None) + 1 + args.steps
+    inputs = engine.prepare(Task.A1A2, samples, None)
+    if args.child == "exact":
+        streams = engine.run(**audio, max_tokens=max_tokens, top_k=1).streams
+        logits = [(a.clone(), t.clone()) for a, t in teacher_forced_logits(
+            engine.model, inputs.prompt, inputs.decoder, reference_steps(streams), inputs.audio_features)]
+        torch.save({"streams": streams, "logits": logits}, args.reference)
+        return {}
+    ref = torch.load(args.reference)
+    out = fidelity(engine.model, inputs.prompt, inputs.decoder, reference_steps(ref["streams"]),
+                   inputs.audio_features, ref["logits"])
+    return {"teacher_forced_top1": out["top1"], "teacher_forced_kl": out["kl"]}
+
+
+def products_summary(engine) -> dict:
+    """The product formulations chosen at load, per weight shape of a block and for the head."""
+    from omni.linear import DenseLinear
+
+    model = engine.model
+    plans = {"x".join(map(str, m.weight.shape)): "/".join(m.products.by_rows)
+             for m in model.transformer.h[0].modules() if isinstance(m, DenseLinear)}
+    if hasattr(model.lm_head, "products"):
+        plans["head"] = "/".join(model.lm_head.products.by_rows) + f" {model.lm_head.products.head}"
+    return plans
 
 
 def child(args: argparse.Namespace) -> dict:
     """Measure one mode in this process."""
-    import torch
-
-    import omni.engine as engine_module
-    from omni.tokens import Task
+    from omni.audio import load_audio
     from omni_engine import OmniEngine
 
     start = time.perf_counter()
     engine = OmniEngine(args.ckpt_dir, device=args.device, mode=args.child)
-    load_s = time.perf_counter() - start
-    rss_loaded, peak_loading = rss_now_mb(), peak_rss_mb()
-    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-    timers = Timers(sync)
-    engine_module.load_audio = timers.wrap("audio_decode", engine_module.load_audio)
-    engine_module.log_mel = timers.wrap("mel", engine_module.log_mel)
-    engine.whisper.forward = timers.wrap("encoder", engine.whisper.forward)
-    engine.model.forward = timers.wrap("forward", engine.model.forward)
-    import omni.generate as generate_module
-
-    def counted_prefill(*a, **k):
-        before = len(timers.samples.get("forward", []))
-        out = generate_module_prefill(*a, **k)
-        timers.samples["forward_in_prefill"] = [len(timers.samples["forward"]) - before]
-        return out
-
-    generate_module_prefill = generate_module.prefill
-    generate_module.prefill = timers.wrap("prefill", counted_prefill)
-    engine.codec.decode = timers.wrap("snac", engine.codec.decode)
-    from omni.audio import load_audio
-
+    result = {"load_s": time.perf_counter() - start, "rss_after_load_mb": rss_now_mb(),
+              "peak_rss_loading_mb": peak_rss_mb(), "products": products_summary(engine)}
     audio = question(args.input)
     samples = load_audio(audio["audio"], audio.get("sample_rate"))
-    max_tokens = engine_module.prompt_length(Task.A1A2, samples, None) + 1 + args.steps
-    plain = [one_request(engine, audio, max_tokens, timers) for _ in range(args.runs + 1)] if args.image else []
-    if args.image:
-        engine_module.load_image = timers.wrap("image_load", engine_module.load_image)
-        engine.vision.forward = timers.wrap("clip", engine.vision.forward)
-        audio = {**audio, "image": str(args.image)}
-        max_tokens = engine_module.prompt_length(Task.A1A2, samples, None, image=True) + 1 + args.steps
-    runs = [one_request(engine, audio, max_tokens, timers) for _ in range(args.runs + 1)]
-    cold, warm = runs[0], runs[1:]
-    steps = [s for r in warm for s in r["decode_steps_s"]]
-    step_p50 = p(steps, 0.5)
-    result = {
-        "load_s": load_s, "rss_after_load_mb": rss_loaded, "peak_rss_loading_mb": peak_loading,
-        "audio_decode_s": statistics.median(r["audio_decode_s"] for r in warm),
-        "mel_s": statistics.median(r["mel_s"] for r in warm),
-        "encoder_s": statistics.median(r["encoder_s"] for r in warm),
-        "prefill_s": statistics.median(r["prefill_s"] for r in warm),
-        "decode_step_ms_p50": step_p50 * 1000, "decode_step_ms_p90": p(steps, 0.9) * 1000,
-        "snac_chunk_ms_p50": p([s for r in warm for s in r["snac_chunk_s"]], 0.5) * 1000,
-        "first_chunk_s": statistics.median(r["first_chunk_s"] for r in warm), "first_chunk_cold_s": cold["first_chunk_s"],
-        "total_s": statistics.median(r["total_s"] for r in warm), "steps": warm[0]["steps"],
-        "rtf": step_p50 * 1000 / FRAME_MS, "peak_rss_mb": peak_rss_mb(), "steady_rss_mb": rss_now_mb(),
-    }
-    if args.image:
-        result.update(image_load_s=statistics.median(r["image_load_s"] for r in warm),
-                      clip_s=statistics.median(r["clip_s"] for r in warm),
-                      prefill_no_image_s=statistics.median(r["prefill_s"] for r in plain[1:]),
-                      first_chunk_no_image_s=statistics.median(r["first_chunk_s"] for r in plain[1:]))
-        result["image_extra_ms"] = (result["first_chunk_s"] - result["first_chunk_no_image_s"]) * 1000
+    if not args.fidelity_only:
+        result.update(timing(engine, args, audio, samples))
     if args.reference:
-        from omni.generate import Step, teacher_forced_agreement
-
-        ref = json.loads(Path(args.reference).read_text())
-        steps_ref = [Step(tuple(s[i] for s in ref[:7]), ref[7][i]) for i in range(len(ref[7]))]
-        inputs = engine.prepare(Task.A1A2, samples, None)
-        result["teacher_forced_top1"] = teacher_forced_agreement(engine.model, inputs.prompt, inputs.decoder, steps_ref,
-                                                                 inputs.audio_features)
-    if args.dump_streams:
-        Path(args.dump_streams).write_text(json.dumps(engine.run(**audio, max_tokens=max_tokens).streams))
+        result.update(fidelity_part(engine, args, audio, samples))
     return result
 
+
+# ---- the parent: machine, modes in rounds, table ---------------------------------------------------
 
 def machine(device: str) -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-            "cores": os.cpu_count(), "device": device, "platform": platform.platform()}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
+    from omni.linear import cpu_info
+
+    cpu = cpu_info()
+    info = {"cpu": cpu["model"], "cpu_flags": cpu["flags"], "cores": os.cpu_count(), "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(), "python": platform.python_version(), "device": device,
+            "load_avg_start": os.getloadavg()[0]}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
-def run_mode(mode: str, args: argparse.Namespace, tmp: Path, reference: Path | None, dump: Path | None) -> dict:
+def run_mode(mode: str, args: argparse.Namespace, tmp: Path, reference: Path | None) -> dict:
     out = tmp / f"{mode}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--ckpt-dir", str(args.ckpt_dir),
            "--device", args.device, "--runs", str(args.runs), "--steps", str(args.steps), "--input", str(args.input),
@@ -202,53 +252,76 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path, reference: Path | N
         cmd += ["--image", str(args.image)]
     if reference:
         cmd += ["--reference", str(reference)]
-    if dump:
-        cmd += ["--dump-streams", str(dump)]
+    if args.fidelity:
+        cmd += ["--fidelity-only"]
     print(f"measuring {mode} ...", flush=True)
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
 
-ROWS = [("load_s", "load (s)"), ("rss_after_load_mb", "RSS after load (MB)"), ("peak_rss_loading_mb", "peak RSS loading (MB)"),
-        ("audio_decode_s", "audio decode (s)"), ("mel_s", "mel (s)"), ("encoder_s", "encoder (s)"),
-        ("image_load_s", "image load (s)"), ("clip_s", "CLIP (s)"), ("prefill_no_image_s", "prefill, no image (s)"),
-        ("prefill_s", "prefill (s)"), ("decode_step_ms_p50", "decode step p50 (ms)"), ("decode_step_ms_p90", "decode step p90 (ms)"),
-        ("snac_chunk_ms_p50", "SNAC per chunk (ms)"), ("first_chunk_s", "first chunk (s)"),
-        ("first_chunk_no_image_s", "first chunk, no image (s)"), ("image_extra_ms", "image's extra cost (ms)"),
-        ("first_chunk_cold_s", "first chunk, 1st request (s)"), ("total_s", "total (s)"), ("rtf", "real-time factor"),
+def combine(rounds: list[dict]) -> dict:
+    """Medians over rounds of every number; the rest from the first round."""
+    out = dict(rounds[0])
+    for key, value in rounds[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in rounds if key in r)
+    return out
+
+
+ROWS = [("load_s", "load (s)"), ("audio_decode_s", "audio decode (s)"), ("mel_s", "mel (s)"),
+        ("encoder_s", "encoder (s)"), ("image_load_s", "image load (s)"), ("clip_s", "CLIP (s)"),
+        ("prefill_no_image_s", "prefill, no image (s)"), ("prefill_s", "prefill (s)"),
+        ("decode_step_ms_p50", "decode step p50 (ms)"), ("decode_step_ms_p90", "decode step p90 (ms)"),
+        ("decode_step_ms_best", "decode step best (ms)"), ("step_bytes_mb", "bytes read per step (MB)"),
+        ("bandwidth_gbs", "streaming bandwidth (GB/s)"), ("floor_ms", "memory floor (ms)"),
+        ("floor_multiple", "step p50 / floor"), ("floor_multiple_best", "best step / floor"),
+        ("vs_official", "step: official / this"), ("snac_chunk_ms_p50", "SNAC per chunk (ms)"),
+        ("first_chunk_s", "first chunk (s)"), ("first_chunk_no_image_s", "first chunk, no image (s)"),
+        ("image_extra_ms", "image's extra cost (ms)"), ("first_chunk_cold_s", "first chunk, 1st request (s)"),
+        ("total_s", "total (s)"), ("rtf", "real-time factor"), ("rss_after_load_mb", "RSS after load (MB)"),
         ("peak_rss_mb", "peak RSS (MB)"), ("steady_rss_mb", "steady RSS (MB)")]
 
 
 def print_table(report: dict) -> None:
+    m = report["machine"]
+    print(f"\nCPU: {m['cpu']} ({m['cores']} cores, {m['cpu_threads']} torch threads), flags: {' '.join(m['cpu_flags'])}; "
+          f"torch {m['torch']}; load average {m['load_avg_start']:.1f} at start, {m['load_avg_end']:.1f} at end")
     modes = list(report["modes"])
-    print(f"\n{'':30}" + "".join(f"{m:>12}" for m in modes))
+    print(f"{'':30}" + "".join(f"{mode:>12}" for mode in modes))
     for key, label in ROWS:
-        if all(key not in report["modes"][m] for m in modes):
+        if all(key not in report["modes"][mode] for mode in modes):
             continue
-        print(f"{label:30}" + "".join(f"{report['modes'][m].get(key, float('nan')):12.3f}" for m in modes))
-    for mode, ratios in report.get("speedup_vs_baseline", {}).items():
-        print(f"{mode} vs baseline: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
+        print(f"{label:30}" + "".join(f"{report['modes'][mode].get(key, float('nan')):12.3f}" for mode in modes))
     for mode, data in report["modes"].items():
-        if "teacher_forced_top1" in data:
-            print(f"{mode} teacher-forced top-1 agreement with exact (streams 0-6 audio, 7 text): "
-                  + " ".join(f"{a:.3f}" for a in data["teacher_forced_top1"]))
+        if data.get("products"):
+            print(f"{mode} products (1 row/2 rows): " + ", ".join(f"{k} {v}" for k, v in data["products"].items()))
+        for key, label in (("teacher_forced_top1", "top-1 agreement"), ("teacher_forced_kl", "mean KL")):
+            if key in data:
+                print(f"{mode} vs exact, teacher-forced {label} (streams 0-6 audio, 7 text): "
+                      + " ".join(f"{a:.3f}" for a in data[key]))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt-dir", type=Path, help=f"checkpoint (default: a full-size random one cached in {CACHE_DIR})")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--modes", default="baseline,exact,fast")
     ap.add_argument("--runs", type=int, default=3, help="measured requests per mode, after one cold request")
+    ap.add_argument("--rounds", type=int, default=1, help="run the modes in turn this many times; medians")
     ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="decode steps per request")
     ap.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="the question")
     ap.add_argument("--image", type=Path, help="ask about this image too (a Mini-Omni2 checkpoint)")
+    ap.add_argument("--fidelity", action="store_true", help="only fast mode's agreement with exact (no timing)")
     ap.add_argument("--json", type=Path, help="write the report here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--reference", help=argparse.SUPPRESS)
-    ap.add_argument("--dump-streams", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    ap.add_argument("--fidelity-only", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     if args.child:
         Path(args.child_out).write_text(json.dumps(child(args)))
         return
@@ -260,23 +333,24 @@ def main(argv: list[str] | None = None) -> None:
 
             print(f"making a full-size random {family} checkpoint in {args.ckpt_dir} (once)")
             make_checkpoint(args.ckpt_dir, "full", seed=0, family=family)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in ("exact,fast" if args.fidelity and args.modes == "baseline,exact,fast"
+                                 else args.modes).split(",") if m.strip()]
     order = sorted(modes, key=lambda m: m != "exact")  # exact first: the others are compared with it
-    report = {"machine": machine(args.device), "input": str(args.input), "modes": {}}
+    report = {"machine": machine(args.device), "input": str(args.input), "rounds": args.rounds, "modes": {}}
+    rounds: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp:
         tmp = Path(tmp)
-        # fast mode's agreement with exact is measured on the plain question (not with --image)
-        reference = tmp / "exact_streams.json" if "exact" in modes and not args.image else None
-        for mode in order:
-            report["modes"][mode] = run_mode(mode, args, tmp, reference if mode != "exact" else None,
-                                             reference if mode == "exact" else None)
-    report["modes"] = {m: report["modes"][m] for m in modes}
-    if "baseline" in modes:
-        base = report["modes"]["baseline"]
-        report["speedup_vs_baseline"] = {
-            m: {"decode_step": base["decode_step_ms_p50"] / d["decode_step_ms_p50"],
-                "first_chunk": base["first_chunk_s"] / d["first_chunk_s"]}
-            for m, d in report["modes"].items() if m != "baseline"}
+        # agreement with exact is measured on the plain question (not with --image)
+        reference = tmp / "exact_reference.pt" if "exact" in modes and not args.image else None
+        for r in range(args.rounds):
+            for mode in order:
+                rounds[mode].append(run_mode(mode, args, tmp, reference if (r == 0 or args.fidelity) else None))
+    report["modes"] = {m: combine(rounds[m]) for m in modes}
+    report["machine"]["load_avg_end"] = os.getloadavg()[0]
+    if "baseline" in modes and not args.fidelity:
+        official = report["modes"]["baseline"]["decode_step_ms_p50"]
+        for data in report["modes"].values():
+            data["vs_official"] = official / data["decode_step_ms_p50"]
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

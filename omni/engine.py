@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, FrameScheduler, SnacCodec
 from .config import CONFIG_FILE, ModelConfig
 from .errors import CheckpointError
 from .generate import SpeechDecoder, Step, TextDecoder, check_length, generate, to_streams
-from .runtime import quantize_lm, quantize_whisper, resolve_mode
+from .runtime import prepare_lm, prepare_whisper, resolve_mode
 from .sampling import GenerationConfig
 from .image import ImageSource, load_image
 from .tokens import EOT, IMAGE_PROMPT_EXTRA, PROMPT_EXTRA, Task, build_image_prompt, build_prompt
@@ -46,6 +48,20 @@ class Prepared:
     decoder: SpeechDecoder | TextDecoder
     audio_features: torch.Tensor | None = None  # (B, L, whisper_dim)
     image_features: torch.Tensor | None = None  # (B, 50, vision_dim)
+
+
+@dataclass
+class Timings:
+    """Where one request's time went, in seconds, recorded by the engine as it answers."""
+
+    audio_decode: float = 0.0
+    image_load: float = 0.0
+    mel: float = 0.0
+    encoder: float = 0.0
+    clip: float = 0.0
+    prefill: float = 0.0  # the prompt through the model and the first tokens sampled
+    decode_steps: list[float] = field(default_factory=list)  # one model step and its sampling each
+    snac: list[float] = field(default_factory=list)  # one audio chunk's decoding each
 
 
 @dataclass(frozen=True)
@@ -135,19 +151,17 @@ class OmniEngine:
         self.ckpt_dir = ensure_checkpoint(ckpt_dir, family)
         self.config = ModelConfig.from_checkpoint(self.ckpt_dir)
         self.model = load_lm(self.ckpt_dir, self.config, self._device, self._dtype)
-        self.model.full_span = self.runtime.full_span
-        if self.runtime.int8:  # before the other models load, so the fp32 pages are gone first
-            quantize_lm(self.model)
+        prepare_lm(self.model, self.runtime)  # int8: before the other models load, so the fp32 pages go first
         self.tokenizer = Tokenizer.from_file(str(self.ckpt_dir / TOKENIZER_FILE))
         self.whisper = load_whisper_encoder(whisper_path(self.ckpt_dir), self._device)
         if self.whisper.n_state != self.config.whisper_adapter_dim:
             raise CheckpointError(f"Whisper width {self.whisper.n_state} != whisper_adapter_dim "
                                   f"{self.config.whisper_adapter_dim} in {CONFIG_FILE}")
-        if self.runtime.int8:
-            quantize_whisper(self.whisper)
+        prepare_whisper(self.whisper, self.runtime)
         self.codec = SnacCodec.from_dir(snac_dir(self.ckpt_dir), self._device)
         self.vision = self._load_vision() if self.config.vision_adapter_dim else None
         self._lock = threading.Lock()
+        self.last_timings: Timings | None = None  # where the latest request's time went
 
     def _load_vision(self) -> VisionTower:
         tower = load_vision_tower(clip_path(self.ckpt_dir), self._device)
@@ -203,13 +217,16 @@ class OmniEngine:
             raise TypeError(f"pass a GenerationConfig or its fields as keywords, not both ({sorted(options)})")
         cfg = config if config is not None else GenerationConfig(**options)
         task = self._check_task(task, audio, text)
-        pixels = self._check_image(image, task)
-        samples = load_audio(audio, sample_rate) if task.audio_in else None
+        timings = Timings()
+        with self._timed(timings, "image_load"):
+            pixels = self._check_image(image, task)
+        with self._timed(timings, "audio_decode"):
+            samples = load_audio(audio, sample_rate) if task.audio_in else None
         text_ids = self.tokenizer.encode(text).ids if not task.audio_in else None
         if text_ids is not None and not text_ids:
             raise ValueError("the text question is empty")
         check_length(prompt_length(task, samples, text_ids, pixels is not None), cfg, self.config.block_size)
-        return self._answer(task, samples, text_ids, pixels, cfg, _as_callable(cancel))
+        return self._answer(task, samples, text_ids, pixels, cfg, _as_callable(cancel), timings)
 
     def run(self, audio: AudioSource | None = None, **kwargs: Any) -> OmniResult:
         """The whole answer: `stream()` collected."""
@@ -229,6 +246,26 @@ class OmniEngine:
         prompt_len = prompt_length(Task.A1A2, tone, None)
         for _ in self.stream(tone, sample_rate=SAMPLE_RATE, max_tokens=prompt_len + WARMUP_STEPS):
             pass
+
+    @contextmanager
+    def _timed(self, timings: Timings, name: str) -> Iterator[None]:
+        """Add the block's time to `timings.<name>` (append, for a list), once the device has finished it."""
+        start = time.perf_counter()
+        yield
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        elapsed = time.perf_counter() - start
+        value = getattr(timings, name)
+        if isinstance(value, list):
+            value.append(elapsed)
+        else:
+            setattr(timings, name, value + elapsed)
+
+    def _decode_audio(self, frames: list | None, timings: Timings, noise_seed: int | None) -> bytes:
+        if not frames:
+            return b""
+        with self._timed(timings, "snac"):
+            return self.codec.decode(frames, noise_seed)
 
     @staticmethod
     def _check_task(task: str | Task, audio: AudioSource | None, text: str | None) -> Task:
@@ -255,54 +292,77 @@ class OmniEngine:
         return load_image(image)
 
     def prepare(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None,
-                pixels: torch.Tensor | None = None) -> Prepared:
+                pixels: torch.Tensor | None = None, timings: Timings | None = None) -> Prepared:
         """The prompt, injected features and decoding policy of a request (`pixels`: a preprocessed image)."""
         if samples is None:
             prompt = build_prompt(task, text_ids=text_ids).unsqueeze(0).to(self._device)
             return Prepared(prompt, self._decoder(task, 1))
         n_frames = feature_frames(samples.size)
         length = trimmed_length(samples.size) if self.trim_encoder else N_SAMPLES
-        mel = log_mel(pad_or_trim(samples, length), self._device)
+        timings = timings if timings is not None else Timings()
+        with self._timed(timings, "mel"):
+            mel = log_mel(pad_or_trim(samples, length), self._device)
         rows = (Task.A1A2, Task.A1T2) if task == Task.A1A2 else (task,)
         image_features = None
         with torch.inference_mode():
-            features = self.whisper(mel.unsqueeze(0))[:, :n_frames]  # (1, L, 768)
+            with self._timed(timings, "encoder"):
+                features = self.whisper(mel.unsqueeze(0))[:, :n_frames]  # (1, L, 768)
             if pixels is not None:
-                image_features = self.vision(pixels.unsqueeze(0).to(self._device)).expand(len(rows), -1, -1)
+                with self._timed(timings, "clip"):
+                    image_features = self.vision(pixels.unsqueeze(0).to(self._device)).expand(len(rows), -1, -1)
         build = build_image_prompt if pixels is not None else build_prompt
         prompt = torch.stack([build(row, n_frames) for row in rows]).to(self._device)
         return Prepared(prompt, self._decoder(task, len(rows)), features.expand(len(rows), -1, -1), image_features)
 
     def _decoder(self, task: Task, rows: int) -> SpeechDecoder | TextDecoder:
-        full_head = self.runtime.full_head
+        full_head = self.runtime.official_cost
         return SpeechDecoder(rows == 2, full_head) if task.speaks else TextDecoder(full_head)
 
     def _answer(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None, pixels: torch.Tensor | None,
-                cfg: GenerationConfig, cancel: Callable[[], bool]) -> Iterator[OmniChunk]:
+                cfg: GenerationConfig, cancel: Callable[[], bool], timings: Timings) -> Iterator[OmniChunk]:
         with self._lock:
+            self.last_timings = timings
             # The request's own randomness: a generator for sampling, seeds for SNAC's noise; torch's
             # global RNG is left as it was, so a seeded answer is the same whatever ran before it.
             sampler = torch.Generator(self._device).manual_seed(cfg.seed) if cfg.seed is not None else None
             noise_seeds = itertools.count(cfg.seed) if cfg.seed is not None else itertools.repeat(None)
-            inputs = self.prepare(task, samples, text_ids, pixels)
+            inputs = self.prepare(task, samples, text_ids, pixels, timings)
             frames = FrameScheduler(cfg.stream_stride, cfg.first_stride) if task.speaks else None
             text = TextStream(self.tokenizer)
             pending: list[Step] = []
-            for step in generate(self.model, inputs.prompt, inputs.decoder, cfg, inputs.audio_features, cancel,
-                                 inputs.image_features, sampler):
+            steps = generate(self.model, inputs.prompt, inputs.decoder, cfg, inputs.audio_features, cancel,
+                             inputs.image_features, self.runtime.official_cost, sampler)
+            for step in _timed_steps(steps, timings):
                 pending.append(step)
                 text.push(step.text)
                 ready = frames.push(step.audio) if frames is not None else None
                 if ready or frames is None:
-                    pcm = self.codec.decode(ready, next(noise_seeds)) if ready else b""
+                    pcm = self._decode_audio(ready, timings, next(noise_seeds))
                     yield OmniChunk(pcm, text.delta(), tuple(pending))
                     pending = []
             if cancel():
                 return
-            tail = self.codec.decode(frames.flush(), next(noise_seeds)) if frames is not None else b""
+            tail = self._decode_audio(frames.flush(), timings, next(noise_seeds)) if frames is not None else b""
             last_text = text.delta(final=True)
             if tail or last_text or pending:
                 yield OmniChunk(tail, last_text, tuple(pending))
+
+
+def _timed_steps(steps: Iterator[Step], timings: Timings) -> Iterator[Step]:
+    """Pass the steps on, recording how long each took to produce (the first one: the prefill).
+    Each step ends in reading its tokens on the host, so the device has finished it."""
+    first = True
+    while True:
+        start = time.perf_counter()
+        step = next(steps, None)
+        if step is None:
+            return
+        elapsed = time.perf_counter() - start
+        if first:
+            timings.prefill, first = elapsed, False
+        else:
+            timings.decode_steps.append(elapsed)
+        yield step
 
 
 def prompt_length(task: Task, samples: np.ndarray | None, text_ids: list[int] | None, image: bool = False) -> int:

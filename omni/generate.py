@@ -35,14 +35,23 @@ def to_streams(steps: list[Step]) -> list[list[int]]:
     return streams + [[s.text for s in steps]]
 
 
+def _layer_offsets(device: torch.device) -> torch.Tensor:
+    """`(8,)`: what turns 7 local audio ids and a text id into global embedding rows."""
+    return torch.tensor([audio_id(0, layer) for layer in range(N_AUDIO_LAYERS)] + [0], device=device)
+
+
 class SpeechDecoder:
-    """Audio + text out; stops when the last audio layer emits EOA; text is forced to pad after EOT."""
+    """Audio + text out; stops when the last audio layer emits EOA; text is forced to pad after EOT.
+
+    The tokens stay on the device: one `.tolist()` per step is the step's only wait for the device.
+    """
 
     def __init__(self, batch: bool, full_head: bool = False) -> None:
         self.batch_size = 2 if batch else 1
         # Which head part each row is read for; the official code computes "all" on every row.
         self.parts = ("all",) * self.batch_size if full_head or not batch else ("audio", "text")
         self.text_ended = False
+        self.last: torch.Tensor | None = None  # (8,) the last step's local ids, on the device
 
     def advance(self, logits: list[torch.Tensor], cfg: GenerationConfig, first: bool,
                 generator: torch.Generator | None = None) -> Step | None:
@@ -50,26 +59,36 @@ class SpeechDecoder:
         audio_row, text_row = logits[0], logits[-1]
         if self.parts[0] == "all":
             audio_row = audio_row[PADDED_TEXT_VOCAB:]
-        audio_logits = audio_row.view(N_AUDIO_LAYERS, PADDED_AUDIO_VOCAB)
-        text_logits = text_row[:PADDED_TEXT_VOCAB].unsqueeze(0)
-        audio = tuple(sample(audio_logits, cfg, generator).tolist())
-        text = int(sample(text_logits, cfg, generator)[0])
+        audio = sample(audio_row.view(N_AUDIO_LAYERS, PADDED_AUDIO_VOCAB), cfg, generator)  # (7,)
+        text = sample(text_row[:PADDED_TEXT_VOCAB].unsqueeze(0), cfg, generator)  # (1,)
+        if self.text_ended and not first:
+            text = torch.full_like(text, PAD_T)
+        picked = torch.cat([audio, text])
+        *audio_ids, text_id = picked.tolist()
         if first:  # the official loop applies no rule to the prefill token
-            return Step(audio, text)
-        if self.text_ended:
-            text = PAD_T
-        if audio[STOP_LAYER] == EOA:
+            self.last = picked
+            return Step(tuple(audio_ids), text_id)
+        if audio_ids[STOP_LAYER] == EOA:
             return None
-        if text == EOT:
+        if text_id == EOT:
             self.text_ended = True
-        return Step(audio, text)
+        self.last = picked
+        return Step(tuple(audio_ids), text_id)
+
+    def next_input(self) -> torch.Tensor:
+        """The next input `(B, 8, 1)` from the last step, built on the device: own audio on row 0,
+        pads on row 1, the text on every row."""
+        offsets = _layer_offsets(self.last.device)
+        rows = [self.last + offsets]
+        if self.batch_size == 2:
+            pads = torch.full_like(self.last, PAD_A) + offsets
+            rows.append(torch.cat([pads[:N_AUDIO_LAYERS], self.last[N_AUDIO_LAYERS:]]))
+        return torch.stack(rows).unsqueeze(-1)
 
     def feedback(self, step: Step, device: torch.device) -> torch.Tensor:
-        """The next input `(B, 8, 1)`: own audio on row 0, pads on row 1, the text on every row."""
-        rows = [[audio_id(a, layer) for layer, a in enumerate(step.audio)] + [step.text]]
-        if self.batch_size == 2:
-            rows.append([audio_id(PAD_A, layer) for layer in range(N_AUDIO_LAYERS)] + [step.text])
-        return torch.tensor(rows, device=device).unsqueeze(-1)
+        """The input `(B, 8, 1)` that follows a given step (teacher forcing)."""
+        self.last = torch.tensor([*step.audio, step.text], device=device)
+        return self.next_input()
 
 
 class TextDecoder:
@@ -79,17 +98,25 @@ class TextDecoder:
 
     def __init__(self, full_head: bool = False) -> None:
         self.parts = ("all",) if full_head else ("text",)
+        self.last: torch.Tensor | None = None  # (1,) the last text id, on the device
 
     def advance(self, logits: list[torch.Tensor], cfg: GenerationConfig, first: bool,
                 generator: torch.Generator | None = None) -> Step | None:
-        text = int(sample(logits[0][:PADDED_TEXT_VOCAB].unsqueeze(0), cfg, generator)[0])
+        picked = sample(logits[0][:PADDED_TEXT_VOCAB].unsqueeze(0), cfg, generator)  # (1,)
+        text = int(picked[0])
         if not first and text == EOT:
             return None
+        self.last = picked
         return Step(None, text)
 
+    def next_input(self) -> torch.Tensor:
+        offsets = _layer_offsets(self.last.device)
+        pads = torch.full((N_AUDIO_LAYERS,), PAD_A, device=self.last.device) + offsets[:N_AUDIO_LAYERS]
+        return torch.cat([pads, self.last]).view(1, -1, 1)
+
     def feedback(self, step: Step, device: torch.device) -> torch.Tensor:
-        row = [audio_id(PAD_A, layer) for layer in range(N_AUDIO_LAYERS)] + [step.text]
-        return torch.tensor([row], device=device).unsqueeze(-1)
+        self.last = torch.tensor([step.text], device=device)
+        return self.next_input()
 
 
 def check_length(prompt_len: int, cfg: GenerationConfig, block_size: int) -> None:
@@ -103,30 +130,35 @@ def check_length(prompt_len: int, cfg: GenerationConfig, block_size: int) -> Non
         raise ValueError(f"max_tokens {cfg.max_tokens} exceeds the model's limit of {block_size + 1}")
 
 
+def last_logits(model: OmniLM, idx: torch.Tensor, start: int, parts: tuple[str, ...], **features) -> list[torch.Tensor]:
+    """Run `idx (B, 8, T)` from position `start`; each row's part of its last position's logits."""
+    return model.lm_head.rows(model(idx, start, **features)[:, -1], parts)
+
+
 def prefill(model: OmniLM, prompt: torch.Tensor, audio_features: torch.Tensor | None,
-            parts: tuple[str, ...], image_features: torch.Tensor | None = None) -> list[torch.Tensor]:
+            parts: tuple[str, ...], image_features: torch.Tensor | None = None,
+            share: bool = True) -> list[torch.Tensor]:
     """Run the prompt through the model; the last position's logits per row.
 
-    The two rows of the batch-of-two prompt differ only in their last position, so (unless the
-    official cost is wanted) the shared part runs once on row 0 and its cache is copied to row 1.
+    The two rows of the batch-of-two prompt differ only in their last position, so (with `share`,
+    unless the official cost is wanted) the shared part runs once on row 0 and its cache is copied to row 1.
     """
     B, _, T = prompt.shape
-    positions = torch.arange(T, device=prompt.device)
-    shared = B == 2 and not model.full_span and torch.equal(prompt[0, :, :-1], prompt[1, :, :-1]) and all(
+    shared = share and B == 2 and torch.equal(prompt[0, :, :-1], prompt[1, :, :-1]) and all(
         f is None or torch.equal(f[0], f[1]) for f in (audio_features, image_features))
     if not shared:
-        return model(prompt, positions, audio_features, parts, image_features)
+        return last_logits(model, prompt, 0, parts, audio_features=audio_features, image_features=image_features)
     row0 = [f[:1] if f is not None else None for f in (audio_features, image_features)]
-    model(prompt[:1, :, :-1], positions[:-1], row0[0], parts=(), image_features=row0[1])
+    model(prompt[:1, :, :-1], 0, row0[0], image_features=row0[1])
     model.copy_cache_row(0, 1, T - 1)
-    return model(prompt[:, :, -1:], positions[-1:], parts=parts)
+    return last_logits(model, prompt[:, :, -1:], T - 1, parts)
 
 
 @torch.inference_mode()
 def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextDecoder,
              cfg: GenerationConfig, audio_features: torch.Tensor | None = None,
              cancel: Callable[[], bool] = lambda: False,
-             image_features: torch.Tensor | None = None,
+             image_features: torch.Tensor | None = None, official_cost: bool = False,
              generator: torch.Generator | None = None) -> Iterator[Step]:
     """Yield one `Step` for the prefill and one per decode step until a stop rule fires.
 
@@ -135,26 +167,26 @@ def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextD
         audio_features: `(B, L, whisper_dim)` injected at positions 1..L during the prefill.
         cancel: polled before every decode step; True ends the iteration at once.
         image_features: `(B, 50, vision_dim)` CLIP tokens of an image question (prefill only).
+        official_cost: compute as the official code does (whole-cache attention, both prompt rows
+            prefilled); the tokens are the same.
         generator: the request's own random generator for sampling (None: torch's global RNG).
     """
     B, _, T = prompt.shape
     assert B == decoder.batch_size, f"prompt batch {B} != decoder batch {decoder.batch_size}"
     check_length(T, cfg, model.config.block_size)
-    device = prompt.device
-    model.setup_cache(B, model.config.block_size if model.full_span else cfg.max_tokens - 1)
-    logits = prefill(model, prompt, audio_features, decoder.parts, image_features)
+    max_len = model.config.block_size if official_cost else cfg.max_tokens - 1
+    model.setup_cache(B, max_len, full_span=official_cost)
+    logits = prefill(model, prompt, audio_features, decoder.parts, image_features, share=not official_cost)
     step = decoder.advance(logits, cfg, first=True, generator=generator)
     yield step
-    input_pos = torch.tensor([T], device=device)
-    for _ in range(cfg.max_tokens - T - 1):
+    for pos in range(T, cfg.max_tokens - 1):
         if cancel():
             return
-        logits = model(decoder.feedback(step, device), input_pos, parts=decoder.parts)
+        logits = last_logits(model, decoder.next_input(), pos, decoder.parts)
         step = decoder.advance(logits, cfg, first=False, generator=generator)
         if step is None:
             return
         yield step
-        input_pos += 1
 
 
 @torch.inference_mode()
@@ -162,22 +194,45 @@ def teacher_forced_agreement(model: OmniLM, prompt: torch.Tensor, decoder: Speec
                              steps: list[Step], audio_features: torch.Tensor | None = None) -> list[float]:
     """Feed a reference answer's tokens and report, per stream, how often this model's greedy pick
     matches the reference's next token (8 fractions; text counted up to the reference's EOT)."""
+    return fidelity(model, prompt, decoder, steps, audio_features)["top1"]
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder, steps: list[Step],
+                          audio_features: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Feed a reference answer's tokens; yield, per position, the `(7, 4160)` audio and `(152000,)`
+    text logits this model gives before seeing that position's reference step."""
     B, _, T = prompt.shape
     model.setup_cache(B, T + len(steps))
-    cfg = GenerationConfig(top_k=1)
-    hits, counts = [0] * (N_AUDIO_LAYERS + 1), [0] * (N_AUDIO_LAYERS + 1)
     logits = prefill(model, prompt, audio_features, decoder.parts)
-    text_open = True
-    for i, ref in enumerate(steps):
+    for i in range(len(steps)):
         if i:
-            feed = decoder.feedback(steps[i - 1], prompt.device)
-            logits = model(feed, torch.tensor([T + i - 1], device=prompt.device), parts=decoder.parts)
-        picked = decoder.advance(logits, cfg, first=True)  # first=True: the raw greedy pick, no stop rules
-        for layer in range(N_AUDIO_LAYERS):
-            hits[layer] += picked.audio[layer] == ref.audio[layer]
-            counts[layer] += 1
+            logits = last_logits(model, decoder.feedback(steps[i - 1], prompt.device), T + i - 1, decoder.parts)
+        audio_row = logits[0][PADDED_TEXT_VOCAB:] if decoder.parts[0] == "all" else logits[0]
+        yield audio_row.view(N_AUDIO_LAYERS, PADDED_AUDIO_VOCAB), logits[-1][:PADDED_TEXT_VOCAB]
+
+
+def fidelity(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder, steps: list[Step],
+             audio_features: torch.Tensor | None = None, reference: list | None = None) -> dict[str, list[float]]:
+    """Teacher-forced agreement with a reference answer, per stream (7 audio layers, then text):
+    `top1`, how often the greedy pick equals the reference token; with `reference` (the reference
+    model's own logits, as `teacher_forced_logits` yields them), `kl`, the mean KL(reference || this).
+    Text counts up to the reference's EOT."""
+    n = N_AUDIO_LAYERS + 1
+    hits, kl, counts = [0.0] * n, [0.0] * n, [0] * n
+    text_open = True
+    for i, (audio, text) in enumerate(teacher_forced_logits(model, prompt, decoder, steps, audio_features)):
+        rows = [(layer, audio[layer], steps[i].audio[layer]) for layer in range(N_AUDIO_LAYERS)]
         if text_open:
-            hits[-1] += picked.text == ref.text
-            counts[-1] += 1
-            text_open = ref.text != EOT
-    return [h / max(c, 1) for h, c in zip(hits, counts)]
+            rows.append((n - 1, text, steps[i].text))
+            text_open = steps[i].text != EOT
+        for stream, row, ref in rows:
+            hits[stream] += int(row.argmax()) == ref
+            counts[stream] += 1
+            if reference is not None:
+                ref_row = reference[i][0][stream] if stream < N_AUDIO_LAYERS else reference[i][1]
+                kl[stream] += float(torch.sum(ref_row.softmax(-1) * (ref_row.log_softmax(-1) - row.log_softmax(-1))))
+    out = {"top1": [h / max(c, 1) for h, c in zip(hits, counts)]}
+    if reference is not None:
+        out["kl"] = [k / max(c, 1) for k, c in zip(kl, counts)]
+    return out

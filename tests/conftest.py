@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random checkpoints built once per test session, and a CPU engine."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,18 @@ SAMPLE = ROOT / "data" / "samples" / "output1.wav"
 IMAGE = ROOT / "data" / "samples" / "image1.jpg"
 # Seed of the --likely-stop checkpoint whose answer to SAMPLE ends by EOA after emitting EOT.
 STOP_SEED = 1
+
+
+@pytest.fixture(scope="session", autouse=True)
+def product_choices_cache(tmp_path_factory):
+    """Keep the measured product choices of the tiny models out of the user's cache directory."""
+    previous = os.environ.get("MINI_OMNI_CACHE")
+    os.environ["MINI_OMNI_CACHE"] = str(tmp_path_factory.mktemp("mini-omni-cache"))
+    yield
+    if previous is None:
+        del os.environ["MINI_OMNI_CACHE"]
+    else:
+        os.environ["MINI_OMNI_CACHE"] = previous
 
 
 def pytest_collection_modifyitems(config, items):

@@ -87,7 +87,7 @@ def test_fused_qkv_matches_an_independent_computation(model):
     x = torch.randn(1, 9, TINY.n_embd)
     cos, sin = model.rope()
     with torch.no_grad():
-        ours = attn(x, cos[:9], sin[:9], None, 9)
+        ours = attn(x, cos[:9], sin[:9], None)
         ref = reference_attention(attn, x)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
@@ -99,10 +99,24 @@ def test_cached_incremental_decoding_equals_a_full_forward(model):
     with torch.no_grad():
         full = model(idx, audio_features=feats)  # no cache, causal over all 12
         model.setup_cache(2, 16)
-        steps = [model(idx[..., :5], torch.arange(5), audio_features=feats)]
+        steps = [model(idx[..., :5], 0, audio_features=feats)]
         for t in range(5, 12):
-            steps.append(model(idx[..., t:t + 1], torch.tensor([t])))
+            steps.append(model(idx[..., t:t + 1], t))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.lm_head(torch.cat(steps, dim=1)), model.lm_head(full), rtol=1e-4, atol=1e-4)
+
+
+def test_whole_cache_span_gives_the_filled_span_result(model):
+    """The official code attends over the whole preallocated cache (masked): same result, higher cost."""
+    torch.manual_seed(3)
+    idx = torch.randint(0, TINY.padded_vocab_size, (1, 8, 7))
+    with torch.no_grad():
+        model.setup_cache(1, 16)
+        filled = [model(idx[..., :4], 0)] + [model(idx[..., t:t + 1], t) for t in range(4, 7)]
+        model.setup_cache(1, 16, full_span=True)
+        assert model.transformer.h[0].attn.kv_cache.span(5) == 16
+        whole = [model(idx[..., :4], 0)] + [model(idx[..., t:t + 1], t) for t in range(4, 7)]
+    torch.testing.assert_close(torch.cat(whole, 1), torch.cat(filled, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_audio_features_replace_audio_streams_only(model):
@@ -119,7 +133,7 @@ def test_audio_features_replace_audio_streams_only(model):
 
 def test_forward_with_cache_needs_setup(model):
     with pytest.raises(RuntimeError, match="setup_cache"):
-        model(torch.zeros(1, 8, 2, dtype=torch.long), torch.arange(2))
+        model(torch.zeros(1, 8, 2, dtype=torch.long), 0)
 
 
 def test_setup_cache_reuses_a_big_enough_cache(model):
@@ -143,10 +157,9 @@ def test_shared_prefill_equals_the_batched_one(model):
         model.setup_cache(2, 16)
         shared = prefill(model, prompt, feats, ("all", "all"))
         shared_k = model.transformer.h[1].attn.kv_cache.k[:, :, :9].clone()
-        model.full_span = True  # the official way: both rows through every position
-        batched = prefill(model, prompt, feats, ("all", "all"))
+        # the official way: both rows through every position
+        batched = prefill(model, prompt, feats, ("all", "all"), share=False)
         batched_k = model.transformer.h[1].attn.kv_cache.k[:, :, :9]
-        model.full_span = False
     for a, b in zip(shared, batched):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared_k, batched_k, rtol=1e-5, atol=1e-5)

@@ -34,3 +34,22 @@ def test_our_chunks_are_the_official_ones_plus_the_tail(request, ckpt, sample_wa
     official = golden["official_a1a2_chunks"]
     assert all(len(c.pcm) == 16384 for c in chunks[:official])
     assert len(chunks) == official + 1 and 0 < len(chunks[-1].pcm) < 16384  # the tail: under one stride
+
+
+@pytest.mark.parametrize("plan", [("linear", "parts"), ("wxt", "parts"), ("wxt", "full"), ("linear", "full")])
+def test_every_measured_choice_gives_the_official_tokens(tiny_ckpt, monkeypatch, plan):
+    """Exact mode's products are chosen by timing on each machine; every choice must keep the tokens."""
+    import omni.runtime
+    from omni.linear import Products
+    from omni_engine import OmniEngine
+
+    chosen = Products((plan[0],) * 2, head=plan[1])
+    monkeypatch.setattr(omni.runtime, "tune_products", lambda groups: {name: chosen for name in groups})
+    engine = OmniEngine(tiny_ckpt, device="cpu")
+    assert engine.model.lm_head.products == chosen
+    root = Path(__file__).resolve().parent.parent
+    golden = GOLDEN["checkpoints"]["tiny"]
+    result = engine.run(root / GOLDEN["question_audio"], max_tokens=golden["max_tokens"])
+    assert result.streams == golden["streams"]["A1A2"]
+    text = engine.run(text=GOLDEN["question_text"], task="T1A2", max_tokens=golden["max_tokens"])
+    assert text.streams == golden["streams"]["T1A2"]

@@ -1,0 +1,301 @@
+"""Linear layers, head and embedding as parts chosen once at load (STYLE: a runtime choice is an object).
+
+- `DenseLinear` / `DenseHead`: fp32 (or the model dtype) with a `Products` plan: how the few-row
+  products of a decode step are written. `F.linear` (`x @ W.T`, the official formulation) and
+  `W @ x.T` are the same sums in another rounding order, but BLAS libraries stream W at very
+  different speeds for them, and which one wins depends on the CPU and the library build
+  (2.5x either way between two x86 servers). `tune_products` times both on the real weights.
+- `Int8Linear` / `Int8Head` / `Int8Embedding`: int8 weights with one scale per output channel;
+  activations quantized per row (per token), so a row's result never depends on its batch.
+
+`install(module, make)` swaps every `nn.Linear` of a module for the part `make` builds from it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .tokens import PADDED_TEXT_VOCAB, PADDED_VOCAB
+
+HEAD_PARTS = {"text": slice(0, PADDED_TEXT_VOCAB), "audio": slice(PADDED_TEXT_VOCAB, PADDED_VOCAB),
+              "all": slice(0, PADDED_VOCAB)}
+INT8_MAX = 127
+FORMULATIONS = ("linear", "wxt")  # "linear" first: the official formulation wins ties
+TUNED_ROWS = (1, 2)  # decode steps multiply 1 or 2 rows; more rows (prefill) always use F.linear
+TUNE_BYTES = 48 << 20  # weights read per timing pass and group: more than a big L3 cache, so it measures DRAM
+TUNE_ROUNDS = 4  # interleaved passes per candidate; the fastest pass counts (other load only slows one)
+TIE_MARGIN = 1.03  # a candidate must beat "linear" by 3% to replace it
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
+@dataclass(frozen=True)
+class Products:
+    """How a product with few rows is computed: `by_rows[n - 1]` for n rows, F.linear beyond.
+
+    "wxt" computes `W @ x.T` with x's transpose as a view (BLAS then streams W row-major); one
+    row is doubled first, since a 1-column `W @ x.T` is a plain (slow) matrix-vector product.
+    """
+
+    by_rows: tuple[str, ...] = ("linear",) * len(TUNED_ROWS)
+    head: str = "parts"  # "parts": each row multiplies its own head slice; "full": all rows the whole head
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.reshape(-1, x.size(-1))
+        n = rows.size(0)
+        if n > len(self.by_rows) or self.by_rows[n - 1] == "linear" or x.device.type != "cpu":
+            return F.linear(x, weight, bias)
+        cols = (rows if n > 1 else rows.repeat(2, 1)).t()  # a view: (K, n), column-major
+        # contiguous: a transposed result would pass its strides on and send the next product down a slow path
+        out = torch.mm(weight, cols).t()[:n].contiguous()
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*x.shape[:-1], weight.size(0))
+
+
+class DenseLinear(nn.Module):
+    """A Linear whose few-row products follow a measured `Products` plan; same parameter names."""
+
+    def __init__(self, linear: nn.Linear, products: Products) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.products = products
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.products(x, self.weight, self.bias)
+
+
+class DenseHead(nn.Module):
+    """The 181,120 x 896 output head (tied to the embedding) read per batch row.
+
+    A row read only for its audio (or text) logits needs only that slice of the head. Whether the
+    rows then multiply their slices one by one or all rows the whole head at once is `products.head`.
+    """
+
+    def __init__(self, weight: nn.Parameter, products: Products = Products()) -> None:
+        super().__init__()
+        self.weight = weight
+        self.products = products
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """All logits, `(..., C)` -> `(..., 181120)`."""
+        return self.products(x, self.weight)
+
+    def rows(self, x: torch.Tensor, parts: Sequence[str]) -> list[torch.Tensor]:
+        """`x (B, C)`, one part name per row -> one `(width,)` logits tensor per row."""
+        if self.products.head == "full" and len(parts) > 1:
+            logits = self.products(x, self.weight)  # (B, V)
+            return [logits[row, HEAD_PARTS[part]] for row, part in enumerate(parts)]
+        return [self.products(x[row:row + 1], self.weight[HEAD_PARTS[part]])[0] for row, part in enumerate(parts)]
+
+
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: `(N, K)` -> int8 `(N, K)` and fp32 scales `(N,)`."""
+    scale = weight.detach().float().abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX
+    return torch.round(weight.detach().float() / scale[:, None]).to(torch.int8), scale
+
+
+class Int8Linear(nn.Module):
+    """int8 weights (per output channel) times int8 activations quantized per row.
+
+    fbgemm's dynamic kernel quantizes its input with one range for the whole tensor. Each row is
+    scaled to unit max-abs and an anchor row holding +1 and -1 is appended, so that range is
+    always [-1, 1]: every row gets its own scale, and its result is bit-identical whatever
+    else is in the batch. The output rows are scaled back.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool) -> None:
+        super().__init__()
+        q, scale = _int8_rows(weight)
+        zero = torch.zeros(q.size(0), dtype=torch.long)
+        with warnings.catch_warnings():  # torch 2.13 marks quantized tensors deprecated; fbgemm still runs them
+            warnings.simplefilter("ignore")
+            packed = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+            self._packed = torch.ops.quantized.linear_prepack(packed, None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = weight.size(1), weight.size(0)
+        # Without VNNI, fbgemm multiplies u8 x s8 pairs into int16, which full-range inputs can overflow.
+        self.reduce_range = reduce_range
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.in_features * self.out_features + 4 * self.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # (n, 1)
+        anchor = rows.new_zeros(1, self.in_features)
+        anchor[0, :2] = torch.tensor([1.0, -1.0])
+        out = torch.ops.quantized.linear_dynamic(torch.cat([rows / amax, anchor]), self._packed, self.reduce_range)
+        out = out[:-1] * amax
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Head(nn.Module):
+    """The head as two int8 parts (text, audio), each row multiplying only the part it is read for."""
+
+    def __init__(self, weight: torch.Tensor, reduce_range: bool) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict({part: Int8Linear(weight[HEAD_PARTS[part]], None, reduce_range)
+                                    for part in ("text", "audio")})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.parts["text"](x), self.parts["audio"](x)], dim=-1)
+
+    def rows(self, x: torch.Tensor, parts: Sequence[str]) -> list[torch.Tensor]:
+        return [(self(x[row:row + 1]) if part == "all" else self.parts[part](x[row:row + 1]))[0]
+                for row, part in enumerate(parts)]
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows with one fp32 scale each (4x smaller than fp32)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        q, scale = _int8_rows(weight)
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.q[idx].float() * self.scale[idx].unsqueeze(-1)
+
+
+def install(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace every `nn.Linear` inside `module` by `make(linear)`, in place."""
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            setattr(module, name, make(child))
+        else:
+            install(child, make)
+
+
+# ---- choosing the products by measurement --------------------------------------------------------
+
+def cpu_info() -> dict[str, object]:
+    """CPU model and the instruction-set flags that decide which kernels are fast."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {"model": model, "flags": [flag for flag in CPU_FLAGS if flag in flags]}
+
+
+def has_vnni() -> bool:
+    return any(f in cpu_info()["flags"] for f in ("avx512_vnni", "avx_vnni"))
+
+
+def cache_dir() -> Path:
+    """Where per-machine choices are kept: $MINI_OMNI_CACHE, else the user's cache directory."""
+    if os.environ.get("MINI_OMNI_CACHE"):
+        return Path(os.environ["MINI_OMNI_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mini-omni"
+
+
+def _pass_seconds(formulation: str, rows: int, weights: Sequence[torch.Tensor], x: torch.Tensor) -> float:
+    plan = Products(by_rows=(formulation,) * len(TUNED_ROWS))
+    start = time.perf_counter()
+    for w in weights:
+        plan(x[:rows], w)
+    return time.perf_counter() - start
+
+
+def measure_products(weights: Sequence[torch.Tensor]) -> dict[str, dict[int, float]]:
+    """Fastest pass (seconds) of each formulation at 1 and 2 rows over `weights`, interleaved."""
+    x = torch.randn(max(TUNED_ROWS), weights[0].size(1), dtype=weights[0].dtype)
+    best = {f: {n: float("inf") for n in TUNED_ROWS} for f in FORMULATIONS}
+    for _ in range(TUNE_ROUNDS):
+        for n in TUNED_ROWS:
+            for f in FORMULATIONS:
+                best[f][n] = min(best[f][n], _pass_seconds(f, n, weights, x))
+    return best
+
+
+def choose_products(times: dict[str, dict[int, float]]) -> Products:
+    """The fastest formulation per row count ("linear" unless beaten by TIE_MARGIN), and the head layout
+    whose rows stream faster: both layouts read the same bytes, at 1-row or at 2-row speed."""
+    by_rows = tuple(min(FORMULATIONS, key=lambda f: times[f][n] * (1 if f == "linear" else TIE_MARGIN))
+                    for n in TUNED_ROWS)
+    one, two = (times[by_rows[i]][n] for i, n in enumerate(TUNED_ROWS))
+    return Products(by_rows, head="full" if two < one else "parts")
+
+
+def tune_products(groups: dict[str, Sequence[torch.Tensor]]) -> dict[str, Products]:
+    """A `Products` plan per group of same-shaped weights, for this machine: from the cache, or
+    measured on a sample of the real weights (a few tenths of a second in all) and cached.
+
+    `MINI_OMNI_PRODUCTS=linear|wxt` forces one formulation everywhere (head layout "parts").
+    """
+    forced = os.environ.get("MINI_OMNI_PRODUCTS")
+    if forced:
+        if forced not in FORMULATIONS:
+            raise ValueError(f"MINI_OMNI_PRODUCTS={forced!r}; choose one of {FORMULATIONS}")
+        return {name: Products((forced,) * len(TUNED_ROWS)) for name in groups}
+    samples = {name: _sample(ws) for name, ws in groups.items()}
+    key = json.dumps({**cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "groups": {n: [list(s[0].shape), len(s), str(s[0].dtype)] for n, s in samples.items()}},
+                     sort_keys=True)
+    path = cache_dir() / "products.json"
+    cached = _read_json(path)
+    if key not in cached:
+        start = time.perf_counter()
+        cached[key] = {name: _as_json(choose_products(measure_products(s))) for name, s in samples.items()}
+        cached[key]["seconds"] = round(time.perf_counter() - start, 3)  # what measuring cost, for the record
+        _write_json(path, cached)
+    return {name: Products(tuple(entry["by_rows"]), entry["head"])
+            for name, entry in cached[key].items() if name in groups}
+
+
+def _as_json(plan: Products) -> dict:
+    return {"by_rows": list(plan.by_rows), "head": plan.head}
+
+
+def _sample(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Distinct weights (or row blocks of one big weight), up to TUNE_BYTES, in the order a step reads them."""
+    out, size = [], 0
+    for w in weights:
+        w = w.detach()
+        rows = max(1, min(w.size(0), (TUNE_BYTES - size) // (w.size(1) * w.element_size())))
+        for start in range(0, w.size(0) - rows + 1, rows):
+            if size >= TUNE_BYTES:
+                return out
+            out.append(w[start:start + rows])
+            size += out[-1].numel() * w.element_size()
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write atomically; a read-only cache directory only costs the next load a new measurement."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError as e:
+        warnings.warn(f"could not cache the measured products in {path}: {e}", stacklevel=3)
