@@ -6,7 +6,7 @@ from .audio import (
     CHUNK_SECONDS, OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, PCM_SCALE, SAMPLE_RATE as INPUT_SAMPLE_RATE, load_audio,
 )
 from .codec import SAMPLES_PER_FRAME
-from .engine import OmniChunk, OmniEngine, OmniResult
+from .engine import OmniChunk, OmniEngine, OmniResult, prompt_length
 from .errors import AudioInputError, CheckpointDownloadError, CheckpointError, ImageInputError, OmniError
 from .image import fit_image
 from .sampling import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, GenerationConfig
@@ -16,5 +16,5 @@ __all__ = [
     "AudioInputError", "CHUNK_SECONDS", "CheckpointDownloadError", "CheckpointError", "DEFAULT_MAX_TOKENS",
     "DEFAULT_STREAM_STRIDE", "GenerationConfig", "INPUT_SAMPLE_RATE", "ImageInputError", "OUTPUT_SAMPLE_RATE",
     "OmniChunk", "OmniEngine", "OmniError", "OmniResult", "PCM_SAMPLE_WIDTH", "PCM_SCALE", "SAMPLES_PER_FRAME", "Task",
-    "fit_image", "load_audio",
+    "fit_image", "load_audio", "prompt_length",
 ]

@@ -16,7 +16,10 @@ ROUTES = (
                       "the spoken answer streams back. ?format= " + " | ".join(ENCODERS)),
     ("GET", "/health", "ready / loading / failed, model, device, queue"),
     ("GET", "/metrics", "Prometheus metrics"),
-    ("GET", "/requests/<id>", "the record of a recent answer (its text, timing), by its X-Request-Id"),
+    ("GET", "/requests/<id>", "the record of a recent answer (its text, timing), by its X-Request-Id, for the "
+                              "client sending its X-Request-Token"),
+    ("WebSocket", "/v1/realtime", "the OpenAI Realtime protocol (GA; beta with OpenAI-Beta: realtime=v1): live "
+                                  "spoken conversation, pcm16 24 kHz"),
 )
 
 

@@ -15,11 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from omni.audio import SAMPLE_RATE
-from omni.engine import prompt_length
-from omni.sampling import GenerationConfig
-from omni.tokens import Task
-from omni_engine import OmniChunk
+from omni import INPUT_SAMPLE_RATE, GenerationConfig, OmniChunk, Task, prompt_length
 from .asgi import Receive, Scope, Send, send_json, wsgi_environ
 from .formats import Summary
 from .realtime_protocol import BETA, GA
@@ -76,7 +72,7 @@ class ServiceRunner:
             GenerationConfig().max_tokens
         try:
             chunks = engine.stream(job.audio, text=job.text, task=task, image=job.image,
-                                   sample_rate=SAMPLE_RATE if job.audio is not None else None, cancel=job.cancel,
+                                   sample_rate=INPUT_SAMPLE_RATE if job.audio is not None else None, cancel=job.cancel,
                                    max_tokens=max(max_tokens, prompt + 1))
         except ValueError as e:
             return JobEnd(job.key, "failed", str(e))
@@ -86,7 +82,7 @@ class ServiceRunner:
             return JobEnd(job.key, "failed", f"the server is busy ({self.service.queue.max_waiting} requests "
                                              "already waiting)")
         ticket, record = admitted
-        record.input_seconds = round(job.audio.size / SAMPLE_RATE, 3) if job.audio is not None else 0.0
+        record.input_seconds = round(job.audio.size / INPUT_SAMPLE_RATE, 3) if job.audio is not None else 0.0
         if not self.service.wait_turn(ticket, record, job.cancel.is_set):
             return JobEnd(job.key, "cancelled")
         steps, text, status, error = 0, "", "cancelled", None

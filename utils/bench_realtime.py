@@ -18,17 +18,15 @@ import base64
 import json
 import queue
 import statistics
-import sys
 import threading
 import time
 import wave
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from realtime.signal import Resampler, float_to_pcm, pcm_to_float
 
-from realtime.signal import Resampler, float_to_pcm, pcm_to_float  # noqa: E402
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
 
 API_RATE = 24000
 CHUNK_S = 0.1  # seconds of audio per append
@@ -203,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-output-tokens", type=int, default=150, help="decode steps per answer (150 = ~12 s)")
     p.add_argument("--silence-ms", type=int, default=500, help="server VAD silence_duration_ms")
     p.add_argument("--samples", nargs="+", type=Path,
-                   default=sorted((ROOT / "data" / "samples").glob("output*.wav")))
+                   default=sorted(SAMPLES_DIR.glob("output*.wav")))
     p.add_argument("--json", type=Path, help="also write the turns and the summary here")
     args = p.parse_args(argv)
     questions = [load_question(path) for path in args.samples]

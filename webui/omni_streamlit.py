@@ -16,9 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `streamlit run webui/omni_streamlit.py` from anywhere
-
-from webui.client import Answer, Health, OmniClient, ServerError, add_server_arguments, server_options  # noqa: E402
+# `webui` is importable because ./setup.sh installs this project (pip install -e .).
+from webui.client import Answer, Health, OmniClient, ServerError, add_server_arguments, server_options
 
 INSTALL_HINT = ("the Streamlit page needs streamlit and streamlit-webrtc: pip install streamlit==1.67.0 "
                 "streamlit-webrtc==0.79.0 (or pip install -r requirements.txt)")
