@@ -133,6 +133,7 @@ class Metrics(Protocol):
     def response_done(self, status: str) -> None: ...
     def first_audio(self, seconds: float) -> None: ...
     def barge_in(self) -> None: ...
+    def truncated(self) -> None: ...
 
 
 @dataclass
@@ -457,6 +458,8 @@ class RealtimeSession:
             raise ProtocolError(f"audio_end_ms {ms} is beyond the item's {item.audio_ms} ms of audio",
                                 param="audio_end_ms")
         item.audio_ms = ms
+        if self.metrics:
+            self.metrics.truncated()
         return [self._event("conversation.item.truncated", item_id=item.id,
                             content_index=event.get("content_index", 0), audio_end_ms=ms)]
 

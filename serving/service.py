@@ -107,6 +107,8 @@ class RealtimeMetrics:
                                        buckets=TTFC_BUCKETS, registry=registry)
         self.barge_ins = Counter("omni_realtime_barge_ins", "Answers interrupted by the user's speech",
                                  registry=registry)
+        self.truncations = Counter("omni_realtime_truncations", "Answers the client cut short where its listener "
+                                   "stopped hearing them (conversation.item.truncate)", registry=registry)
         self.cancel_steps_h = Histogram("omni_realtime_cancel_steps",
                                         "Decode steps the engine started after a cancel (0: stopped at its next check)",
                                         buckets=CANCEL_STEP_BUCKETS, registry=registry)
@@ -119,6 +121,9 @@ class RealtimeMetrics:
 
     def barge_in(self) -> None:
         self.barge_ins.inc()
+
+    def truncated(self) -> None:
+        self.truncations.inc()
 
     def cancel_steps(self, steps: int) -> None:
         self.cancel_steps_h.observe(steps)

@@ -295,8 +295,11 @@ def _check_timeline(probe: dict, server: Server, q2_offset_s: float) -> None:
     assert silent_at is not None and silent_at <= q2_start + STOP_WITHIN_MS, \
         f"the first answer still played {STOP_WITHIN_MS} ms after the second question began"
     assert second and second[0][0] > q2_end, "no answer to the second question was heard"
-    assert _metric(server, "omni_realtime_barge_ins_total") >= 1
-    assert _metric(server, "omni_realtime_responses_total", '{status="cancelled"}') == 1
+    # The server learns of the interruption either way: it cancels the first answer if it is still generating
+    # (the engine slower than real time), or, once generated, the page truncates it where playback stopped.
+    cancelled = _metric(server, "omni_realtime_responses_total", '{status="cancelled"}')
+    assert (_metric(server, "omni_realtime_barge_ins_total") >= 1 and cancelled == 1) or (
+        cancelled == 0 and _metric(server, "omni_realtime_truncations_total") >= 1)
     print(f"end of the first question -> its answer heard: {heard[0][0] - q1_end} ms; second question's onset "
           f"-> first answer silent: {silent_at - q2_start} ms; end of the second question -> its answer heard: "
           f"{second[0][0] - q2_end} ms")
