@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import NETNS_ENV
 from tests.http_client import ROOT, Server
 from tests.web_pages import CHROMIUM, chromium_args, streamlit_page
 
-INSIDE = "MINI_OMNI_LIVE_NETNS"  # set inside the namespace: its media address
+INSIDE = NETNS_ENV  # set inside the namespace: its media address
 CKPT = "MINI_OMNI_LIVE_CKPT"  # the outer run's tiny checkpoints, so the inner run builds none
 VISION_CKPT = "MINI_OMNI_LIVE_VISION_CKPT"
 MEDIA_ADDR = "10.231.7.1"  # on a veth inside the test's own namespace: reachable from nowhere else
@@ -109,8 +110,7 @@ def test_hands_free_page_in_its_own_network_namespace(tiny_ckpt, vision_ckpt, tm
 
 @pytest.fixture(scope="module")
 def inside():
-    if not os.environ.get(INSIDE):
-        pytest.skip("runs inside its own network namespace (see the test above)")
+    assert os.environ.get(INSIDE), "runs only inside its own network namespace (see the test above)"
 
 
 def _microphone_file(path: Path) -> tuple[float, float]:
@@ -169,6 +169,7 @@ def _live_page(ckpt: Path, tmp_path: Path, mic: Path, max_tokens: int):
         server.stop()
 
 
+@pytest.mark.netns_inner
 def test_hands_free_conversation(inside, tmp_path):
     mic = tmp_path / "microphone.wav"
     q1_at, q2_at = _microphone_file(mic)
@@ -181,6 +182,7 @@ def test_hands_free_conversation(inside, tmp_path):
     print("\nscreenshots:", *shots, sep="\n  ")
 
 
+@pytest.mark.netns_inner
 def test_hands_free_camera_frame_goes_with_the_question(inside, tmp_path):
     """A Mini-Omni2 server: the page adds Chromium's fake camera to the stream, and the server takes the frame
     from the start of the question (the page shows it only once the server has created the image item)."""
