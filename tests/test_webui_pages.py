@@ -27,6 +27,7 @@ RECORD_S = 1.5  # how long the test speaks into the fake microphone
 ANSWER_TIMEOUT_MS = 120_000
 AAC_SLACK_S = 3 * 1024 / 24000  # Gradio streams AAC: encoder priming and padding, up to three 1024-sample frames
 SPEECH_RMS = 100  # int16 RMS above which a recording holds sound, not silence
+CAMERA_WAIT_MS = 60_000  # for the fake camera's first frame, and for its snapshot after the clicks
 
 
 @pytest.fixture(scope="module")
@@ -305,10 +306,26 @@ def v2_streamlit(v2_server, tmp_path_factory):
     page.stop()
 
 
+CAMERA_PLAYING = """() => {
+  const video = document.querySelector('[data-testid=stCameraInput] video');
+  return video !== null && video.readyState >= 2 && video.videoWidth > 0;
+}"""
+CAMERA_CLICKS = 3
+
+
 def test_streamlit_sends_a_camera_snapshot_to_a_model_that_sees(tab, v2_server, v2_streamlit, tmp_path):
     _open_streamlit(tab, v2_streamlit.url)
     assert "it can see" in tab.inner_text("[data-testid=stCaptionContainer]")
-    tab.locator("[data-testid=stCameraInputButton]").click()  # the fake camera's test pattern
+    # The button takes a photo only once the camera's video plays: wait for its first frame, then click
+    # (again, a bounded number of times, if the page re-rendered the widget under the click).
+    tab.wait_for_function(CAMERA_PLAYING, timeout=CAMERA_WAIT_MS)
+    for _ in range(CAMERA_CLICKS):
+        tab.locator("[data-testid=stCameraInputButton]").click()  # the fake camera's test pattern
+        try:
+            tab.locator("[data-testid=stCameraInput] img").wait_for(timeout=CAMERA_WAIT_MS // CAMERA_CLICKS)
+            break
+        except playwright.TimeoutError:
+            continue
     snapshot_url = tab.locator("[data-testid=stCameraInput] img").get_attribute("src")
     snapshot = base64.b64decode(snapshot_url.removeprefix("data:image/jpeg;base64,"))
     print("\nstreamlit page, Mini-Omni2 with a camera snapshot:",
