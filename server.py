@@ -2,7 +2,7 @@
 the OpenAI Realtime protocol over a WebSocket, on the same host and port.
 
     python server.py [--ckpt-dir DIR] [--host 127.0.0.1] [--port 60808] [--device auto] [--mode exact|fast|baseline]
-                     [--max-queue 4] [--max-sessions 4] [--max-bytes N] [--api-key KEY] [--allow-origin ORIGIN]
+                     [--max-batch N] [--max-queue 4] [--max-sessions 4] [--max-bytes N] [--api-key KEY] [--allow-origin ORIGIN]
                      [--allow-host NAME]
 
 `GET /` lists the routes; `--help` explains every flag (`--mode exact`, the default, gives the official tokens).
@@ -21,7 +21,7 @@ from serving.realtime_ws import DEFAULT_MAX_SESSIONS, RealtimeEndpoint
 from serving.security import ANY_ORIGIN, API_KEY_ENV, AccessPolicy, is_loopback_bind
 from serving.service import EngineService
 
-THREADS_BESIDE_QUEUE = 4  # the running request, /health, /metrics and a spare beside the waiting ones
+THREADS_BESIDE_QUEUE = 3  # /health, /metrics and a spare beside the running and waiting requests
 CONNECTION_LIMIT = 100  # open connections beyond which uvicorn answers 503
 WS_MAX_FRAME = 8 * 1024 * 1024  # largest WebSocket message: 30 s of pcm16 24 kHz is 1.4 MB, 1.9 MB in base64
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; a longer URL is refused
@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=60808)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"], help=MODE_HELP)
-    p.add_argument("--max-queue", type=int, default=4, help="requests that may wait behind the running one")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="requests decoded together in one batch (default: 4 on CPU, 32 on a GPU)")
+    p.add_argument("--max-queue", type=int, default=4, help="requests that may wait behind the running ones")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,
                    help="open /v1/realtime sessions at most; more are refused at the handshake")
@@ -69,15 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from omni_engine import OmniEngine
+    from omni.engine import DEFAULT_MAX_BATCH
 
     log = logging.getLogger("omni.server")
     if swept := sweep_stale_temp_dirs():
         log.info("removed %d temporary directories left by a stopped server", swept)
-    service = EngineService(lambda: OmniEngine(args.ckpt_dir, device=args.device, mode=args.mode), args.max_queue)
+    service = EngineService(lambda: OmniEngine(args.ckpt_dir, device=args.device, mode=args.mode,
+                                                     max_batch=args.max_batch), args.max_queue)
     service.start()
     policy = AccessPolicy(args.api_key, frozenset(args.allow_origin), frozenset(args.allow_host))
     http = WsgiBridge(create_app(service, args.max_bytes, policy), args.max_bytes,
-                      args.max_queue + THREADS_BESIDE_QUEUE)
+                      args.max_queue + (args.max_batch or max(DEFAULT_MAX_BATCH.values())) + THREADS_BESIDE_QUEUE)
     realtime = RealtimeEndpoint(service, args.max_sessions, access=policy_check(policy))
     app = combine(http, {"/v1/realtime": realtime})
     warn_if_exposed(args, log)

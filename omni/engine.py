@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ from .clip import VisionTower, load_vision_tower
 from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, FrameScheduler, SnacCodec
 from .config import CONFIG_FILE, ModelConfig
 from .errors import CheckpointError
-from .generate import SpeechDecoder, Step, TextDecoder, check_length, generate, to_streams
+from .batch import Job, Scheduler, Setup, drain
+from .generate import Sequence, SpeechDecoder, Step, TextDecoder, check_length, to_streams
 from .runtime import prepare_lm, prepare_whisper, resolve_mode
 from .sampling import GenerationConfig
 from .image import ImageSource, load_image
@@ -35,6 +37,10 @@ WARMUP_SECONDS = 1.0
 WARMUP_TONE_HZ = 220.0
 WARMUP_LEVEL = 0.3
 WARMUP_STEPS = 12  # enough decode steps for one audio chunk
+# Requests decoding together (`max_batch`), by device: on a 2-core CPU a decode step of 4 requests
+# costs little more than one (memory-bound); a GPU has room for dozens (README, "Many at once").
+DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 32}
+FALLBACK_MAX_BATCH = 4
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level BPE decode shows for a cut UTF-8 sequence
 
 Cancel = threading.Event | Callable[[], bool] | None
@@ -55,6 +61,7 @@ class Timings:
     """Where one request's time went, in seconds, recorded by the engine as it answers."""
 
     audio_decode: float = 0.0
+    queue_wait: float = 0.0  # submitted to the scheduler -> its first unit of work
     image_load: float = 0.0
     mel: float = 0.0
     encoder: float = 0.0
@@ -134,13 +141,15 @@ class TextStream:
 class OmniEngine:
     """A loaded Mini-Omni model that answers audio or text questions with speech and/or text.
 
-    Device and dtype are decided here, once. One request runs at a time (a lock); each request
-    starts from the same state, so any answer equals the one a fresh engine would give.
+    Device and dtype are decided here, once. Requests from any number of threads are answered
+    together: up to `max_batch` decode in one batch (`omni.batch`), the rest wait in arrival order.
+    Each request has its own cache, position and random generators, so its answer equals the one it
+    gets alone on a fresh engine.
     """
 
     def __init__(self, ckpt_dir: str | Path = "checkpoint", device: str | torch.device = "auto",
                  dtype: str | torch.dtype | None = None, family: str = "mini-omni", mode: str = "exact",
-                 trim_encoder: bool = False) -> None:
+                 trim_encoder: bool = False, max_batch: int | None = None) -> None:
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self.runtime = resolve_mode(mode, self._device)
@@ -160,7 +169,7 @@ class OmniEngine:
         prepare_whisper(self.whisper, self.runtime)
         self.codec = SnacCodec.from_dir(snac_dir(self.ckpt_dir), self._device)
         self.vision = self._load_vision() if self.config.vision_adapter_dim else None
-        self._lock = threading.Lock()
+        self.scheduler = Scheduler(self.model, max_batch or DEFAULT_MAX_BATCH.get(self._device.type, FALLBACK_MAX_BATCH))
         self.last_timings: Timings | None = None  # where the latest request's time went
 
     def _load_vision(self) -> VisionTower:
@@ -294,25 +303,40 @@ class OmniEngine:
     def prepare(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None,
                 pixels: torch.Tensor | None = None, timings: Timings | None = None) -> Prepared:
         """The prompt, injected features and decoding policy of a request (`pixels`: a preprocessed image)."""
+        return drain(self._prepare_units(task, samples, text_ids, pixels, timings or Timings()))
+
+    @torch.inference_mode()
+    def _prepare_units(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None,
+                       pixels: torch.Tensor | None, timings: Timings) -> Generator[None, None, Prepared]:
+        """`prepare` in units of work (the Whisper encoder a block at a time), for the scheduler."""
         if samples is None:
             prompt = build_prompt(task, text_ids=text_ids).unsqueeze(0).to(self._device)
             return Prepared(prompt, self._decoder(task, 1))
         n_frames = feature_frames(samples.size)
         length = trimmed_length(samples.size) if self.trim_encoder else N_SAMPLES
-        timings = timings if timings is not None else Timings()
         with self._timed(timings, "mel"):
             mel = log_mel(pad_or_trim(samples, length), self._device)
         rows = (Task.A1A2, Task.A1T2) if task == Task.A1A2 else (task,)
         image_features = None
-        with torch.inference_mode():
-            with self._timed(timings, "encoder"):
-                features = self.whisper(mel.unsqueeze(0))[:, :n_frames]  # (1, L, 768)
-            if pixels is not None:
-                with self._timed(timings, "clip"):
-                    image_features = self.vision(pixels.unsqueeze(0).to(self._device)).expand(len(rows), -1, -1)
+        features = (yield from self._timed_units(self.whisper.stages(mel.unsqueeze(0)), timings, "encoder"))
+        features = features[:, :n_frames]  # (1, L, 768)
+        if pixels is not None:
+            yield
+            with self._timed(timings, "clip"):
+                image_features = self.vision(pixels.unsqueeze(0).to(self._device)).expand(len(rows), -1, -1)
         build = build_image_prompt if pixels is not None else build_prompt
         prompt = torch.stack([build(row, n_frames) for row in rows]).to(self._device)
         return Prepared(prompt, self._decoder(task, len(rows)), features.expand(len(rows), -1, -1), image_features)
+
+    def _timed_units(self, units: Generator[None, None, Any], timings: Timings, name: str) -> Generator[None, None, Any]:
+        """Pass `units` on, adding the time of each unit (not of the pauses between) to `timings.<name>`."""
+        while True:
+            with self._timed(timings, name):
+                try:
+                    next(units)
+                except StopIteration as done:
+                    return done.value
+            yield
 
     def _decoder(self, task: Task, rows: int) -> SpeechDecoder | TextDecoder:
         full_head = self.runtime.official_cost
@@ -320,49 +344,71 @@ class OmniEngine:
 
     def _answer(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None, pixels: torch.Tensor | None,
                 cfg: GenerationConfig, cancel: Callable[[], bool], timings: Timings) -> Iterator[OmniChunk]:
-        with self._lock:
-            self.last_timings = timings
-            # The request's own randomness: a generator for sampling, seeds for SNAC's noise; torch's
-            # global RNG is left as it was, so a seeded answer is the same whatever ran before it.
-            sampler = torch.Generator(self._device).manual_seed(cfg.seed) if cfg.seed is not None else None
-            noise_seeds = itertools.count(cfg.seed) if cfg.seed is not None else itertools.repeat(None)
-            inputs = self.prepare(task, samples, text_ids, pixels, timings)
-            frames = FrameScheduler(cfg.stream_stride, cfg.first_stride) if task.speaks else None
-            text = TextStream(self.tokenizer)
-            pending: list[Step] = []
-            steps = generate(self.model, inputs.prompt, inputs.decoder, cfg, inputs.audio_features, cancel,
-                             inputs.image_features, self.runtime.official_cost, sampler)
-            for step in _timed_steps(steps, timings):
-                pending.append(step)
-                text.push(step.text)
-                ready = frames.push(step.audio) if frames is not None else None
-                if ready or frames is None:
-                    pcm = self._decode_audio(ready, timings, next(noise_seeds))
-                    yield OmniChunk(pcm, text.delta(), tuple(pending))
-                    pending = []
-            if cancel():
-                return
-            tail = self._decode_audio(frames.flush(), timings, next(noise_seeds)) if frames is not None else b""
-            last_text = text.delta(final=True)
-            if tail or last_text or pending:
-                yield OmniChunk(tail, last_text, tuple(pending))
+        self.last_timings = timings
+        answer = _Answer(self, task, cfg, timings)
+        setup = self._setup(task, samples, text_ids, pixels, cfg, timings)
+        job = self.scheduler.submit(Job(setup, answer.step, answer.end, cancel, timings.decode_steps.append))
+        text = TextStream(self.tokenizer)
+        try:
+            while (piece := answer.pieces.get()) is not None:
+                if isinstance(piece, BaseException):
+                    raise piece
+                pcm, steps, final = piece
+                for step in steps:
+                    text.push(step.text)
+                delta = text.delta(final)
+                if not final or pcm or delta or steps:
+                    yield OmniChunk(pcm, delta, steps)
+        finally:
+            job.close()
+
+    def _setup(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None, pixels: torch.Tensor | None,
+               cfg: GenerationConfig, timings: Timings) -> Setup:
+        """A request's work before its first decode step, in units: encoder blocks, prefill chunks."""
+        queued = time.perf_counter()
+        yield
+        timings.queue_wait = time.perf_counter() - queued
+        inputs = yield from self._prepare_units(task, samples, text_ids, pixels, timings)
+        # The request's own randomness: a generator for sampling (SNAC's noise seeds: `_Answer`);
+        # torch's global RNG is left as it was, so a seeded answer is the same whatever ran before it.
+        sampler = torch.Generator(self._device).manual_seed(cfg.seed) if cfg.seed is not None else None
+        sequence = Sequence(self.model, inputs.prompt, inputs.decoder, cfg, inputs.audio_features,
+                            inputs.image_features, self.runtime.official_cost, sampler)
+        yield from self._timed_units(sequence.prefill(), timings, "prefill")
+        return sequence
 
 
-def _timed_steps(steps: Iterator[Step], timings: Timings) -> Iterator[Step]:
-    """Pass the steps on, recording how long each took to produce (the first one: the prefill).
-    Each step ends in reading its tokens on the host, so the device has finished it."""
-    first = True
-    while True:
-        start = time.perf_counter()
-        step = next(steps, None)
-        if step is None:
-            return
-        elapsed = time.perf_counter() - start
-        if first:
-            timings.prefill, first = elapsed, False
-        else:
-            timings.decode_steps.append(elapsed)
-        yield step
+class _Answer:
+    """The scheduler-side half of one answer: turns its steps into audio as frames complete and
+    hands (pcm, steps, final) pieces to the consumer's thread; then None, or the error."""
+
+    def __init__(self, engine: OmniEngine, task: Task, cfg: GenerationConfig, timings: Timings) -> None:
+        self.engine, self.timings = engine, timings
+        self.frames = FrameScheduler(cfg.stream_stride, cfg.first_stride) if task.speaks else None
+        self.noise_seeds = itertools.count(cfg.seed) if cfg.seed is not None else itertools.repeat(None)
+        self.pending: list[Step] = []
+        self.pieces: queue.SimpleQueue = queue.SimpleQueue()
+
+    def step(self, step: Step) -> None:
+        self.pending.append(step)
+        ready = self.frames.push(step.audio) if self.frames is not None else None
+        if ready or self.frames is None:
+            pcm = self.engine._decode_audio(ready, self.timings, next(self.noise_seeds))
+            self.pieces.put((pcm, tuple(self.pending), False))
+            self.pending = []
+
+    def end(self, error: BaseException | None, cancelled: bool) -> None:
+        try:
+            if error is not None:
+                self.pieces.put(error)
+            elif not cancelled:  # the tail the official code drops
+                frames = self.frames.flush() if self.frames is not None else None
+                tail = self.engine._decode_audio(frames, self.timings, next(self.noise_seeds))
+                self.pieces.put((tail, tuple(self.pending), True))
+        except Exception as e:  # noqa: BLE001 - reported to the consumer, like any failure of its answer
+            self.pieces.put(e)
+        finally:
+            self.pieces.put(None)
 
 
 def prompt_length(task: Task, samples: np.ndarray | None, text_ids: list[int] | None, image: bool = False) -> int:

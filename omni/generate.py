@@ -14,11 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import OmniLM
+from .model import OmniLM, Segment
 from .sampling import GenerationConfig, sample
 from .tokens import (
     EOA, EOT, N_AUDIO_LAYERS, PAD_A, PAD_T, PADDED_AUDIO_VOCAB, PADDED_TEXT_VOCAB, STOP_LAYER, audio_id,
 )
+
+# Prompt positions run per prefill chunk: a newcomer's prefill then delays the running requests'
+# decode steps by about one step each. The chunking is fixed, so a request's numbers never depend on load.
+PREFILL_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -130,37 +134,97 @@ def check_length(prompt_len: int, cfg: GenerationConfig, block_size: int) -> Non
         raise ValueError(f"max_tokens {cfg.max_tokens} exceeds the model's limit of {block_size + 1}")
 
 
-def last_logits(model: OmniLM, idx: torch.Tensor, start: int, parts: tuple[str, ...], **features) -> list[torch.Tensor]:
-    """Run `idx (B, 8, T)` from position `start`; each row's part of its last position's logits."""
-    return model.lm_head.rows(model(idx, start, **features)[:, -1], parts)
+class Sequence:
+    """One request's decoding state: prompt, own KV cache, position, policy and random generator.
 
-
-def prefill(model: OmniLM, prompt: torch.Tensor, audio_features: torch.Tensor | None,
-            parts: tuple[str, ...], image_features: torch.Tensor | None = None,
-            share: bool = True) -> list[torch.Tensor]:
-    """Run the prompt through the model; the last position's logits per row.
-
-    The two rows of the batch-of-two prompt differ only in their last position, so (with `share`,
-    unless the official cost is wanted) the shared part runs once on row 0 and its cache is copied to row 1.
+    `prefill()` runs the prompt in chunks and ends with the first `Step`; after that, `decode_step`
+    advances any number of sequences together, each from its own position. Nothing in a sequence
+    depends on the others it is batched with (per-row activation scales in fast mode; in exact mode
+    only BLAS rounding can differ with the batch's row count).
     """
-    B, _, T = prompt.shape
-    shared = share and B == 2 and torch.equal(prompt[0, :, :-1], prompt[1, :, :-1]) and all(
-        f is None or torch.equal(f[0], f[1]) for f in (audio_features, image_features))
-    if not shared:
-        return last_logits(model, prompt, 0, parts, audio_features=audio_features, image_features=image_features)
-    row0 = [f[:1] if f is not None else None for f in (audio_features, image_features)]
-    model(prompt[:1, :, :-1], 0, row0[0], image_features=row0[1])
-    model.copy_cache_row(0, 1, T - 1)
-    return last_logits(model, prompt[:, :, -1:], T - 1, parts)
+
+    def __init__(self, model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextDecoder,
+                 cfg: GenerationConfig, audio_features: torch.Tensor | None = None,
+                 image_features: torch.Tensor | None = None, official_cost: bool = False,
+                 generator: torch.Generator | None = None) -> None:
+        B, _, T = prompt.shape
+        assert B == decoder.batch_size, f"prompt batch {B} != decoder batch {decoder.batch_size}"
+        check_length(T, cfg, model.config.block_size)
+        self.model, self.prompt, self.decoder, self.cfg = model, prompt, decoder, cfg
+        self.features = (audio_features, image_features)
+        self.official_cost = official_cost
+        self.generator = generator
+        max_len = model.config.block_size if official_cost else cfg.max_tokens - 1
+        self.cache = model.new_cache(B, max_len, full_span=official_cost)
+        self.pos = T  # the position the next decode step fills
+        self.first: Step | None = None  # the prefill's step, once `prefill()` has run
+
+    @property
+    def rows(self) -> int:
+        return self.decoder.batch_size
+
+    @property
+    def finished(self) -> bool:
+        """No room for another decode step (the official `max_returned_tokens`)."""
+        return self.pos >= self.cfg.max_tokens - 1
+
+    @torch.inference_mode()
+    def prefill(self, chunk: int = PREFILL_CHUNK) -> Iterator[None]:
+        """Run the prompt through the model, `chunk` positions at a time, yielding after each chunk
+        (a scheduler runs other requests' decode steps in between); sets `self.first`.
+
+        The two rows of the batch-of-two prompt differ only in their last position, so (unless the
+        official cost is wanted) the shared part runs on row 0 and its cache is copied to row 1.
+        The official cost runs the whole prompt, both rows, in one piece.
+        """
+        model, prompt = self.model, self.prompt
+        B, _, T = prompt.shape
+        audio, image = self.features
+        x = model.embed(prompt, audio, image)  # (B, T, C)
+        shared = not self.official_cost and B == 2 and torch.equal(prompt[0, :, :-1], prompt[1, :, :-1]) and all(
+            f is None or torch.equal(f[0], f[1]) for f in self.features)
+        if self.official_cost:
+            chunk = T
+        body_rows = 1 if shared else B
+        body_end = T - 1 if shared else T
+        for start in range(0, body_end, chunk):
+            end = min(start + chunk, body_end)
+            h = model.run(x[:body_rows, start:end], [Segment(slice(0, body_rows), self.cache, start)])
+            if end < T:
+                yield
+        if shared:
+            self.cache.copy_row(0, 1, T - 1)
+            h = model.run(x[:, T - 1:], [Segment(slice(0, B), self.cache, T - 1)])
+        logits = model.lm_head.rows(h[:, -1], self.decoder.parts)
+        self.first = self.decoder.advance(logits, self.cfg, first=True, generator=self.generator)
 
 
 @torch.inference_mode()
+def decode_step(model: OmniLM, sequences: list[Sequence]) -> list[Step | None]:
+    """One decode step of every sequence at once: all their rows through the linear layers and the
+    head together, attention per sequence. Returns each one's next `Step` (None: it stopped)."""
+    assert all(not s.finished for s in sequences), "a finished sequence cannot take another step"
+    idx = torch.cat([s.decoder.next_input() for s in sequences])  # (N, 8, 1)
+    segments, row = [], 0
+    for s in sequences:
+        segments.append(Segment(slice(row, row + s.rows), s.cache, s.pos))
+        row += s.rows
+    h = model.run(model.embed(idx), segments)[:, -1]  # (N, C)
+    logits = model.lm_head.rows(h, [part for s in sequences for part in s.decoder.parts])
+    steps = []
+    for s, seg in zip(sequences, segments):
+        steps.append(s.decoder.advance(logits[seg.rows], s.cfg, first=False, generator=s.generator))
+        s.pos += 1
+    return steps
+
+
 def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextDecoder,
              cfg: GenerationConfig, audio_features: torch.Tensor | None = None,
              cancel: Callable[[], bool] = lambda: False,
              image_features: torch.Tensor | None = None, official_cost: bool = False,
              generator: torch.Generator | None = None) -> Iterator[Step]:
-    """Yield one `Step` for the prefill and one per decode step until a stop rule fires.
+    """One request alone: one `Step` for the prefill and one per decode step until a stop rule fires
+    (the engine's scheduler runs the same `Sequence` steps, batched with other requests).
 
     Args:
         prompt: `(B, 8, T)` global ids, B = `decoder.batch_size`.
@@ -168,22 +232,15 @@ def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextD
         cancel: polled before every decode step; True ends the iteration at once.
         image_features: `(B, 50, vision_dim)` CLIP tokens of an image question (prefill only).
         official_cost: compute as the official code does (whole-cache attention, both prompt rows
-            prefilled); the tokens are the same.
+            prefilled in one piece); the tokens are the same.
         generator: the request's own random generator for sampling (None: torch's global RNG).
     """
-    B, _, T = prompt.shape
-    assert B == decoder.batch_size, f"prompt batch {B} != decoder batch {decoder.batch_size}"
-    check_length(T, cfg, model.config.block_size)
-    max_len = model.config.block_size if official_cost else cfg.max_tokens - 1
-    model.setup_cache(B, max_len, full_span=official_cost)
-    logits = prefill(model, prompt, audio_features, decoder.parts, image_features, share=not official_cost)
-    step = decoder.advance(logits, cfg, first=True, generator=generator)
-    yield step
-    for pos in range(T, cfg.max_tokens - 1):
-        if cancel():
-            return
-        logits = last_logits(model, decoder.next_input(), pos, decoder.parts)
-        step = decoder.advance(logits, cfg, first=False, generator=generator)
+    seq = Sequence(model, prompt, decoder, cfg, audio_features, image_features, official_cost, generator)
+    for _ in seq.prefill():
+        pass
+    yield seq.first
+    while not seq.finished and not cancel():
+        step = decode_step(model, [seq])[0]
         if step is None:
             return
         yield step
@@ -203,11 +260,12 @@ def teacher_forced_logits(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDe
     """Feed a reference answer's tokens; yield, per position, the `(7, 4160)` audio and `(152000,)`
     text logits this model gives before seeing that position's reference step."""
     B, _, T = prompt.shape
-    model.setup_cache(B, T + len(steps))
-    logits = prefill(model, prompt, audio_features, decoder.parts)
+    cache = model.new_cache(B, T + len(steps))
+    h = model(prompt, 0, audio_features, cache=cache)
     for i in range(len(steps)):
         if i:
-            logits = last_logits(model, decoder.feedback(steps[i - 1], prompt.device), T + i - 1, decoder.parts)
+            h = model(decoder.feedback(steps[i - 1], prompt.device), T + i - 1, cache=cache)
+        logits = model.lm_head.rows(h[:, -1], decoder.parts)
         audio_row = logits[0][PADDED_TEXT_VOCAB:] if decoder.parts[0] == "all" else logits[0]
         yield audio_row.view(N_AUDIO_LAYERS, PADDED_AUDIO_VOCAB), logits[-1][:PADDED_TEXT_VOCAB]
 

@@ -29,6 +29,7 @@ from .tokens import PADDED_TEXT_VOCAB, PADDED_VOCAB
 
 HEAD_PARTS = {"text": slice(0, PADDED_TEXT_VOCAB), "audio": slice(PADDED_TEXT_VOCAB, PADDED_VOCAB),
               "all": slice(0, PADDED_VOCAB)}
+SPLIT_PARTS = ("text", "audio")  # "all" is both, in this order
 INT8_MAX = 127
 FORMULATIONS = ("linear", "wxt")  # "linear" first: the official formulation wins ties
 TUNED_ROWS = (1, 2)  # decode steps multiply 1 or 2 rows; more rows (prefill) always use F.linear
@@ -96,7 +97,21 @@ class DenseHead(nn.Module):
         if self.products.head == "full" and len(parts) > 1:
             logits = self.products(x, self.weight)  # (B, V)
             return [logits[row, HEAD_PARTS[part]] for row, part in enumerate(parts)]
-        return [self.products(x[row:row + 1], self.weight[HEAD_PARTS[part]])[0] for row, part in enumerate(parts)]
+        return by_part(x, parts, lambda rows, part: self.products(rows, self.weight[HEAD_PARTS[part]]))
+
+
+def by_part(x: torch.Tensor, parts: Sequence[str], multiply: Callable[[torch.Tensor, str], torch.Tensor]
+            ) -> list[torch.Tensor]:
+    """Each row's logits for its head part, `x (B, C)` -> B tensors, with one product per part for
+    all the rows that read it: a batch of many requests reads each part of the head once. A row read
+    for "all" joins both the text and the audio product."""
+    wanted = {part: [row for row, p in enumerate(parts) if p in (part, "all")] for part in SPLIT_PARTS}
+    logits = {part: multiply(x[rows], part) for part, rows in wanted.items() if rows}
+    out = []
+    for row, part in enumerate(parts):
+        mine = [logits[p][wanted[p].index(row)] for p in SPLIT_PARTS if part in (p, "all")]
+        out.append(mine[0] if len(mine) == 1 else torch.cat(mine))
+    return out
 
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +170,7 @@ class Int8Head(nn.Module):
         return torch.cat([self.parts["text"](x), self.parts["audio"](x)], dim=-1)
 
     def rows(self, x: torch.Tensor, parts: Sequence[str]) -> list[torch.Tensor]:
-        return [(self(x[row:row + 1]) if part == "all" else self.parts[part](x[row:row + 1]))[0]
-                for row, part in enumerate(parts)]
+        return by_part(x, parts, lambda rows, part: self.parts[part](rows))
 
 
 class Int8Embedding(nn.Module):

@@ -6,6 +6,8 @@ loads strictly. Token tensors are `[B, 8, T]` (streams 0-6 audio layers, 7 text)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,18 +45,21 @@ class SwiGLU(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values, one KV head per query group: `(B, G, S, hs)`.
+    """One layer's preallocated keys and values, one KV head per query group: `(B, G, S, hs)`.
 
     Attention reads `span(end)` of it: the filled positions, or with `full_span` the whole
     preallocated length, as the official code does (masked; the same result at a higher cost).
+    Without `full_span` the buffers are left unwritten (`torch.empty`): nothing past the filled span
+    is ever read, so a request's memory grows with the positions it fills, not with `max_len`.
     """
 
     def __init__(self, batch_size: int, groups: int, max_len: int, head_size: int,
                  device: torch.device, dtype: torch.dtype, full_span: bool = False) -> None:
         super().__init__()
         shape = (batch_size, groups, max_len, head_size)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        alloc = torch.zeros if full_span else torch.empty  # masked positions must hold numbers, not NaN
+        self.register_buffer("k", alloc(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", alloc(shape, device=device, dtype=dtype), persistent=False)
         self.full_span = full_span
 
     def span(self, end: int) -> int:
@@ -65,6 +70,8 @@ class KVCache(nn.Module):
         """Write `k, v (B, G, T, hs)` of the first `B` rows at positions `start..start+T-1`; return
         those rows' keys and values over `span(start + T)`."""
         B, _, T, _ = k.shape
+        if start + T > self.k.size(2):
+            raise ValueError(f"positions {start}..{start + T - 1} do not fit a cache of {self.k.size(2)}")
         self.k[:B, :, start:start + T] = k
         self.v[:B, :, start:start + T] = v
         end = self.span(start + T)
@@ -73,6 +80,39 @@ class KVCache(nn.Module):
     def copy_row(self, src: int, dst: int, length: int) -> None:
         self.k[dst, :, :length] = self.k[src, :, :length]
         self.v[dst, :, :length] = self.v[src, :, :length]
+
+
+class Cache(nn.ModuleList):
+    """One request's KV cache: a `KVCache` per layer. Each request owns one, so requests of any
+    length and position can share a decode step (`OmniLM.run` with one `Segment` per request)."""
+
+    @property
+    def rows(self) -> int:
+        return self[0].k.size(0)
+
+    @property
+    def max_len(self) -> int:
+        return self[0].k.size(2)
+
+    def bytes_per_position(self) -> int:
+        """Memory one more position costs this request (all rows and layers, keys and values)."""
+        k = self[0].k
+        return 2 * len(self) * k.size(0) * k.size(1) * k.size(3) * k.element_size()
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Give batch row `dst` the first `length` cached positions of row `src`."""
+        for layer in self:
+            layer.copy_row(src, dst, length)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Batch rows `rows` belong to one request: its cache, and the position of its first column
+    (`cache` None: causal attention over the given positions only, from position 0)."""
+
+    rows: slice
+    cache: Cache | None = None
+    start: int = 0
 
 
 def build_rope(seq_len: int, n_elem: int, base: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,31 +142,38 @@ class CausalSelfAttention(nn.Module):
         self.attn = nn.Linear(config.n_embd, config.qkv_size, bias=config.add_qkv_bias)
         self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
         self.config = config
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None) -> torch.Tensor:
-        """`x (B, T, C)` at positions `start..start+T-1` through the cache, or causal without one (None)."""
+    def forward(self, x: torch.Tensor, segments: list[tuple[slice, KVCache | None, int, torch.Tensor, torch.Tensor]]
+                ) -> torch.Tensor:
+        """`x (B, T, C)`; each segment's rows attend through their own cache layer from their own
+        position (`(rows, cache, start, cos, sin)`, cos/sin already cut to its positions)."""
         c = self.config
         B, T, _ = x.shape
         qkv = self.attn(x).view(B, T, c.n_query_groups, c.q_per_kv + 2, c.head_size)
         qkv = qkv.permute(0, 2, 3, 1, 4)  # (B, G, q_per_kv + 2, T, hs)
+        ys = [self._attend(qkv[rows], cache, start, cos, sin) for rows, cache, start, cos, sin in segments]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
+
+    def _attend(self, qkv: torch.Tensor, cache: KVCache | None, start: int, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """One request's rows `qkv (b, G, q_per_kv + 2, T, hs)` -> attention output `(b, nh, T, hs)`."""
+        c = self.config
+        b, _, _, T, _ = qkv.shape
         q, k, v = qkv.split((c.q_per_kv, 1, 1), dim=2)
-        q = apply_rope(q.reshape(B, c.n_head, T, c.head_size), cos, sin)  # (B, nh, T, hs)
-        k = apply_rope(k.reshape(B, c.n_query_groups, T, c.head_size), cos, sin)  # (B, G, T, hs)
-        v = v.reshape(B, c.n_query_groups, T, c.head_size)
+        q = apply_rope(q.reshape(b, c.n_head, T, c.head_size), cos, sin)  # (b, nh, T, hs)
+        k = apply_rope(k.reshape(b, c.n_query_groups, T, c.head_size), cos, sin)  # (b, G, T, hs)
+        v = v.reshape(b, c.n_query_groups, T, c.head_size)
         mask = None
-        if start is not None:
-            if self.kv_cache is None:
-                raise RuntimeError("call setup_cache() first")
-            k, v = self.kv_cache.update(start, k, v)
-            positions = torch.arange(start, start + T, device=x.device)
-            mask = torch.arange(k.size(2), device=x.device)[None, :] <= positions[:, None]  # (T, S)
-        k = k.repeat_interleave(c.q_per_kv, dim=1)  # (B, nh, S, hs)
+        if cache is not None:
+            k, v = cache.update(start, k, v)
+            positions = torch.arange(start, start + T, device=qkv.device)
+            mask = torch.arange(k.size(2), device=qkv.device)[None, :] <= positions[:, None]  # (T, S)
+        k = k.repeat_interleave(c.q_per_kv, dim=1)  # (b, nh, S, hs)
         v = v.repeat_interleave(c.q_per_kv, dim=1)
-        y = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(c.head_size), is_causal=mask is None
         )
-        return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
 
 
 class Block(nn.Module):
@@ -139,8 +186,8 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = SwiGLU(config.n_embd, config.intermediate_size, config.n_embd)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None) -> torch.Tensor:
-        x = self.attn(self.norm_1(x), cos, sin, start) + x
+    def forward(self, x: torch.Tensor, segments: list) -> torch.Tensor:
+        x = self.attn(self.norm_1(x), segments) + x
         return self.mlp(self.norm_2(x)) + x
 
 
@@ -173,30 +220,17 @@ class OmniLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
-    def setup_cache(self, batch_size: int, max_len: int, full_span: bool = False) -> None:
-        """Allocate KV caches for `max_len` positions; a no-op if the current ones fit.
+    def new_cache(self, batch_size: int, max_len: int, full_span: bool = False) -> Cache:
+        """A KV cache for one request: `batch_size` rows, `max_len` positions.
 
         `full_span`: attention reads the whole cache, masked (the official cost), not only the filled part.
         """
         if max_len > self.config.block_size:
             raise ValueError(f"max_len {max_len} exceeds the model's block size {self.config.block_size}")
-        cache = self.transformer.h[0].attn.kv_cache
-        if (cache is not None and cache.k.size(0) == batch_size and cache.full_span == full_span
-                and (cache.k.size(2) == max_len if full_span else cache.k.size(2) >= max_len)):
-            return
         ref = self.transformer.ln_f.weight  # device and dtype of the activations
-        for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_query_groups, max_len,
-                                          self.config.head_size, ref.device, ref.dtype, full_span)
-
-    def copy_cache_row(self, src: int, dst: int, length: int) -> None:
-        """Give batch row `dst` the first `length` cached positions of row `src`."""
-        for block in self.transformer.h:
-            block.attn.kv_cache.copy_row(src, dst, length)
-
-    def clear_cache(self) -> None:
-        for block in self.transformer.h:
-            block.attn.kv_cache = None
+        c = self.config
+        return Cache(KVCache(batch_size, c.n_query_groups, max_len, c.head_size, ref.device, ref.dtype, full_span)
+                     for _ in range(c.n_layer))
 
     def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.transformer.ln_f.weight.device
@@ -226,24 +260,35 @@ class OmniLM(nn.Module):
             x = x + emb[:, stream]
         return x / N_STREAMS
 
-    def forward(self, idx: torch.Tensor, start: int | None = None, audio_features: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Args:
+    def forward(self, idx: torch.Tensor, start: int = 0, audio_features: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
+        """One request's rows.
+
+        Args:
             idx: `(B, 8, T)` global token ids.
-            start: the position of `idx[..., 0]`; the T positions go into the KV cache. None runs
-                causally without a cache.
+            start: the position of `idx[..., 0]`.
             audio_features: `(B, L, whisper_dim)` Whisper encoder output injected at positions 1..L.
             image_features: `(B, 50, vision_dim)` CLIP tokens of a Mini-Omni2 image question; they
                 take positions 1..50 and move the audio features to 52..51+L.
+            cache: the request's cache; the T positions go into it. None: causal over `idx` alone.
         Returns:
             `(B, T, C)` final-normed hidden states; `lm_head(h)` gives all logits and
             `lm_head.rows(h[:, -1], parts)` each row's part of them.
         """
-        T = idx.size(-1)
-        cos, sin = self.rope()
-        offset = 0 if start is None else start
-        cos, sin = cos[offset:offset + T], sin[offset:offset + T]
         x = self.embed(idx, audio_features, image_features)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, start)
+        return self.run(x, [Segment(slice(0, idx.size(0)), cache, start)])
+
+    def run(self, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """Embedded inputs `x (B, T, C)` of several requests through the blocks: the linear layers
+        see all rows at once (one read of the weights), attention each segment on its own.
+        Returns `(B, T, C)` final-normed hidden states."""
+        T = x.size(1)
+        cos, sin = self.rope()
+        for seg in segments:
+            if seg.cache is not None and seg.cache.rows < seg.rows.stop - seg.rows.start:
+                raise ValueError(f"a cache of {seg.cache.rows} rows cannot hold rows {seg.rows}")
+        cut = [(seg.rows, seg.cache, seg.start, cos[seg.start:seg.start + T], sin[seg.start:seg.start + T])
+               for seg in segments]
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, [(rows, None if cache is None else cache[i], start, c, s) for rows, cache, start, c, s in cut])
         return self.transformer.ln_f(x)

@@ -7,12 +7,14 @@ op order matches its forward, so features equal the official ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .batch import drain
 from .errors import CheckpointError
 
 ENCODER_PREFIX = "encoder."
@@ -74,11 +76,17 @@ class WhisperEncoder(nn.Module):
         return self.ln_post.weight.numel()
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return drain(self.stages(mel))
+
+    def stages(self, mel: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """`forward` in units, yielding after the convolutions and after each block (a scheduler runs
+        other requests' decode steps in between); returns the features."""
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)  # (B, n_ctx, n_state); n_ctx = 1500 for 30 s
         assert x.size(1) <= self.positional_embedding.size(0), f"mel gives {tuple(x.shape)}, more than 30 s"
         x = x + self.positional_embedding[: x.size(1)]
         for block in self.blocks:
+            yield
             x = block(x)
         return self.ln_post(x)
 

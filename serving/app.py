@@ -68,7 +68,7 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
     def health():
         engine = service.engine
         body = {"status": service.status, "queue_depth": service.queue.depth, "max_queue": service.queue.max_waiting,
-                "busy": service.queue.busy}
+                "busy": service.queue.busy, "running": service.queue.running, "max_batch": service.queue.max_running}
         if engine is not None:
             body.update(family=engine.family, mode=engine.mode, device=str(engine.device),
                         dtype=str(engine.dtype).removeprefix("torch."),

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from omni import OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, OmniChunk, OmniEngine
 from .formats import Event, Summary
@@ -33,18 +34,20 @@ CANCEL_STEP_BUCKETS = (0, 1, 2, 4, 8, 16)
 
 
 class TurnQueue:
-    """FIFO turns for one engine: at most `max_waiting` requests wait behind the running one."""
+    """FIFO turns for one engine: up to `max_running` requests run at once (the engine decodes them
+    in one batch), and at most `max_waiting` wait behind them."""
 
-    def __init__(self, max_waiting: int) -> None:
+    def __init__(self, max_waiting: int, max_running: int = 1) -> None:
         self.max_waiting = max_waiting
+        self.max_running = max_running
         self._cond = threading.Condition()
         self._waiting: deque[object] = deque()
-        self._running: object | None = None
+        self._running: set[object] = set()
 
     def enter(self) -> object | None:
         """A ticket, or None when the queue is full."""
         with self._cond:
-            if len(self._waiting) >= self.max_waiting + (self._running is None):
+            if len(self._waiting) >= self.max_waiting + max(0, self.max_running - len(self._running)):
                 return None
             ticket = object()
             self._waiting.append(ticket)
@@ -53,21 +56,27 @@ class TurnQueue:
     def wait_turn(self, ticket: object, cancel: Callable[[], bool]) -> bool:
         """Block until `ticket` runs; False (and the ticket given up) if `cancel()` turns true first."""
         with self._cond:
-            while not (self._running is None and self._waiting[0] is ticket):
+            while not (len(self._running) < self.max_running and self._waiting[0] is ticket):
                 if cancel():
                     self._waiting.remove(ticket)
                     self._cond.notify_all()
                     return False
                 self._cond.wait(TURN_POLL_S)
-            self._running = self._waiting.popleft()
+            self._running.add(self._waiting.popleft())
+            self._cond.notify_all()
             return True
 
     def leave(self, ticket: object) -> None:
         with self._cond:
-            if self._running is ticket:
-                self._running = None
+            if ticket in self._running:
+                self._running.remove(ticket)
             elif ticket in self._waiting:
                 self._waiting.remove(ticket)
+            self._cond.notify_all()
+
+    def set_max_running(self, n: int) -> None:
+        with self._cond:
+            self.max_running = n
             self._cond.notify_all()
 
     @property
@@ -75,8 +84,12 @@ class TurnQueue:
         return len(self._waiting)
 
     @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
     def busy(self) -> bool:
-        return self._running is not None
+        return bool(self._running)
 
 
 class Metrics:
@@ -89,11 +102,41 @@ class Metrics:
                              buckets=RTF_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("omni_queue_depth", "Requests waiting for the engine", registry=self.registry)
         self.in_flight = Gauge("omni_in_flight", "Requests being answered", registry=self.registry)
+        self.queue_wait = Histogram("omni_queue_wait_seconds", "Admission to the start of the answer",
+                                    buckets=TTFC_BUCKETS, registry=self.registry)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
         self.realtime = RealtimeMetrics(self.registry)
         self.realtime_sessions = Gauge("omni_realtime_sessions", "Open /v1/realtime sessions", registry=self.registry)
         self.realtime_refused = Counter("omni_realtime_refused", "Refused /v1/realtime handshakes by HTTP status",
                                         ["status"], registry=self.registry)
+
+
+    def watch(self, engine: OmniEngine) -> None:
+        """Also report the engine's batching: requests decoding together, steps and step time by batch size."""
+        self.registry.register(BatchCollector(engine))
+
+
+class BatchCollector:
+    """Reads the engine scheduler's counters at each scrape (prometheus_client's custom collector)."""
+
+    def __init__(self, engine: OmniEngine) -> None:
+        self.scheduler = engine.scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.scheduler.stats
+        yield GaugeMetricFamily("omni_batch_requests", "Requests in the engine's batch (setting up or decoding)",
+                                value=stats.active)
+        yield GaugeMetricFamily("omni_max_batch", "Requests the engine decodes together at most (--max-batch)",
+                                value=self.scheduler.max_batch)
+        steps = CounterMetricFamily("omni_decode_steps", "Decode steps by batch size (requests in the step)",
+                                    labels=["batch"])
+        seconds = CounterMetricFamily("omni_decode_step_seconds", "Time in decode steps by batch size",
+                                      labels=["batch"])
+        for batch, n in sorted(stats.steps.items()):
+            steps.add_metric([str(batch)], n)
+            seconds.add_metric([str(batch)], stats.step_seconds[batch])
+        yield steps
+        yield seconds
 
 
 class RealtimeMetrics:
@@ -146,7 +189,8 @@ class Record:
 
 
 class EngineService:
-    """Loads the engine in the background; answers requests one at a time in arrival order."""
+    """Loads the engine in the background; admits requests in arrival order, as many at once as the
+    engine batches (`--max-batch`), with a bounded queue behind them."""
 
     def __init__(self, load: Callable[[], OmniEngine], max_queue: int) -> None:
         self._load = load
@@ -155,11 +199,9 @@ class EngineService:
         self.queue = TurnQueue(max_queue)
         self.metrics = Metrics()
         self.records: OrderedDict[str, Record] = OrderedDict()
-        self.current: Record | None = None
         self._records_lock = threading.Lock()
-        # Every engine call runs on this one thread, whichever server thread serves the request:
-        # torch then keeps one thread pool and the allocator one arena, instead of one per server thread.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # Loading and warming run here; answers run on the engine's own scheduler thread.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-load")
 
     def start(self) -> Future:
         """Load and warm the engine in the background, on the engine's own thread."""
@@ -169,6 +211,8 @@ class EngineService:
         try:
             engine = self._load()
             engine.warmup()
+            self.queue.set_max_running(engine.scheduler.max_batch)
+            self.metrics.watch(engine)
             self.engine = engine
             log.info("ready: %s on %s (%s)", engine.family, engine.device, engine.dtype)
         except Exception as e:  # any load failure is reported by /health instead of killing the server
@@ -201,8 +245,8 @@ class EngineService:
         if not self.queue.wait_turn(ticket, disconnected):
             self.finish(ticket, record)
             return False
-        self.current = record
         record.outcome = "running"
+        self.metrics.queue_wait.observe(time.perf_counter() - record.started)
         self.metrics.queue_depth.set(self.queue.depth)
         return True
 
@@ -225,8 +269,6 @@ class EngineService:
                 return
             record.finished = True
         self.queue.leave(ticket)
-        if self.current is record:
-            self.current = None
         if record.outcome in ("running", "queued"):  # the body was dropped mid-way
             record.outcome = "cancelled"
         self.metrics.in_flight.dec()
@@ -241,7 +283,7 @@ class EngineService:
                   start: float) -> Iterator[Event]:
         gen_start = time.perf_counter()
         try:
-            while (chunk := self._worker.submit(next, chunks, None).result()) is not None:
+            while (chunk := next(chunks, None)) is not None:
                 self._count(record, chunk, start)
                 yield chunk
         except Exception as e:  # the response has started: report in-band and in the record
@@ -250,7 +292,7 @@ class EngineService:
             yield Summary("error", record.text, record.steps, record.audio_seconds, record.error)
             return
         finally:
-            self._worker.submit(chunks.close).result()  # frees the engine at once, also when the client left
+            chunks.close()  # the engine drops the request at its next step, also when the client left
         if disconnected():
             record.outcome = "cancelled"
             return

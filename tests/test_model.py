@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from omni.config import ModelConfig
-from omni.model import OmniLM
+from omni.model import OmniLM, Segment
 
 TINY = ModelConfig(n_embd=64, n_layer=2, n_head=4, n_query_groups=2, head_size=16, intermediate_size=96,
                    whisper_adapter_dim=32)
@@ -87,7 +87,7 @@ def test_fused_qkv_matches_an_independent_computation(model):
     x = torch.randn(1, 9, TINY.n_embd)
     cos, sin = model.rope()
     with torch.no_grad():
-        ours = attn(x, cos[:9], sin[:9], None)
+        ours = attn(x, [(slice(0, 1), None, 0, cos[:9], sin[:9])])
         ref = reference_attention(attn, x)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
@@ -98,10 +98,10 @@ def test_cached_incremental_decoding_equals_a_full_forward(model):
     feats = torch.randn(2, 4, TINY.whisper_adapter_dim)
     with torch.no_grad():
         full = model(idx, audio_features=feats)  # no cache, causal over all 12
-        model.setup_cache(2, 16)
-        steps = [model(idx[..., :5], 0, audio_features=feats)]
+        cache = model.new_cache(2, 16)
+        steps = [model(idx[..., :5], 0, audio_features=feats, cache=cache)]
         for t in range(5, 12):
-            steps.append(model(idx[..., t:t + 1], t))
+            steps.append(model(idx[..., t:t + 1], t, cache=cache))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model.lm_head(torch.cat(steps, dim=1)), model.lm_head(full), rtol=1e-4, atol=1e-4)
 
@@ -111,11 +111,11 @@ def test_whole_cache_span_gives_the_filled_span_result(model):
     torch.manual_seed(3)
     idx = torch.randint(0, TINY.padded_vocab_size, (1, 8, 7))
     with torch.no_grad():
-        model.setup_cache(1, 16)
-        filled = [model(idx[..., :4], 0)] + [model(idx[..., t:t + 1], t) for t in range(4, 7)]
-        model.setup_cache(1, 16, full_span=True)
-        assert model.transformer.h[0].attn.kv_cache.span(5) == 16
-        whole = [model(idx[..., :4], 0)] + [model(idx[..., t:t + 1], t) for t in range(4, 7)]
+        cache = model.new_cache(1, 16)
+        filled = [model(idx[..., :4], 0, cache=cache)] + [model(idx[..., t:t + 1], t, cache=cache) for t in range(4, 7)]
+        cache = model.new_cache(1, 16, full_span=True)
+        assert cache[0].span(5) == 16
+        whole = [model(idx[..., :4], 0, cache=cache)] + [model(idx[..., t:t + 1], t, cache=cache) for t in range(4, 7)]
     torch.testing.assert_close(torch.cat(whole, 1), torch.cat(filled, 1), rtol=1e-5, atol=1e-5)
 
 
@@ -131,35 +131,58 @@ def test_audio_features_replace_audio_streams_only(model):
         torch.testing.assert_close(x[0, t], (audio + e[7, t]) / 8, rtol=1e-5, atol=1e-5)
 
 
-def test_forward_with_cache_needs_setup(model):
-    with pytest.raises(RuntimeError, match="setup_cache"):
-        model(torch.zeros(1, 8, 2, dtype=torch.long), 0)
+def test_a_cache_refuses_positions_beyond_its_length(model):
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        model(torch.zeros(1, 8, 5, dtype=torch.long), 0, cache=cache)
+    with pytest.raises(ValueError, match="block size"):
+        model.new_cache(1, TINY.block_size + 1)
 
 
-def test_setup_cache_reuses_a_big_enough_cache(model):
-    model.setup_cache(1, 32)
-    cache = model.transformer.h[0].attn.kv_cache
-    model.setup_cache(1, 16)
-    assert model.transformer.h[0].attn.kv_cache is cache
-    model.clear_cache()
-    assert model.transformer.h[0].attn.kv_cache is None
+def test_a_cache_costs_memory_per_position(model):
+    cache = model.new_cache(2, 16)
+    assert cache.rows == 2 and cache.max_len == 16
+    # keys and values, every layer, both rows, one head per query group, fp32
+    assert cache.bytes_per_position() == 2 * TINY.n_layer * 2 * TINY.n_query_groups * TINY.head_size * 4
 
 
-def test_shared_prefill_equals_the_batched_one(model):
-    from omni.generate import prefill
+def test_requests_at_different_positions_share_a_step(model):
+    """`run` with one segment per request gives each request's rows what it gets alone."""
+    torch.manual_seed(4)
+    a = torch.randint(0, TINY.padded_vocab_size, (2, 8, 9))
+    b = torch.randint(0, TINY.padded_vocab_size, (1, 8, 5))
+    with torch.no_grad():
+        alone = []
+        for prompt in (a, b):
+            cache = model.new_cache(prompt.size(0), 16)
+            model(prompt[..., :-1], 0, cache=cache)
+            alone.append(model(prompt[..., -1:], prompt.size(-1) - 1, cache=cache))
+        caches = [model.new_cache(p.size(0), 16) for p in (a, b)]
+        for prompt, cache in zip((a, b), caches):
+            model(prompt[..., :-1], 0, cache=cache)
+        x = model.embed(torch.cat([a[..., -1:], b[..., -1:]]))
+        together = model.run(x, [Segment(slice(0, 2), caches[0], 8), Segment(slice(2, 3), caches[1], 4)])
+    torch.testing.assert_close(together[:2], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together[2:], alone[1], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_chunked_prefill_equals_the_official_one(model):
+    """The batch-of-two prompt's shared part runs once, in chunks, and its cache is copied to row 1:
+    the same logits and cache as both rows through every position at once (the official cost)."""
+    from omni.generate import Sequence, SpeechDecoder
+    from omni.sampling import GenerationConfig
 
     torch.manual_seed(2)
     row = torch.randint(0, TINY.padded_vocab_size, (1, 8, 9))
     prompt = row.repeat(2, 1, 1)
     prompt[1, :7, -1] = 152000 + 4097  # the rows differ only in their last audio tokens, as in A1A2
     feats = torch.randn(1, 4, TINY.whisper_adapter_dim).expand(2, -1, -1)
+    cfg = GenerationConfig(max_tokens=16)
     with torch.no_grad():
-        model.setup_cache(2, 16)
-        shared = prefill(model, prompt, feats, ("all", "all"))
-        shared_k = model.transformer.h[1].attn.kv_cache.k[:, :, :9].clone()
-        # the official way: both rows through every position
-        batched = prefill(model, prompt, feats, ("all", "all"), share=False)
-        batched_k = model.transformer.h[1].attn.kv_cache.k[:, :, :9]
-    for a, b in zip(shared, batched):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(shared_k, batched_k, rtol=1e-5, atol=1e-5)
+        shared = Sequence(model, prompt, SpeechDecoder(batch=True), cfg, feats)
+        chunks = sum(1 for _ in shared.prefill(chunk=3))
+        official = Sequence(model, prompt, SpeechDecoder(batch=True), cfg, feats, official_cost=True)
+        assert sum(1 for _ in official.prefill()) == 0  # one piece
+    assert chunks == 3  # 8 shared positions in chunks of 3, then the last position of both rows
+    assert shared.first == official.first
+    torch.testing.assert_close(shared.cache[1].k[:, :, :9], official.cache[1].k[:, :, :9], rtol=1e-5, atol=1e-5)

@@ -46,8 +46,8 @@ def test_fast_mode_cache_matches_a_full_forward(fast_engine):
     idx = torch.randint(0, model.config.padded_vocab_size, (2, 8, 10))
     with torch.inference_mode():
         full = model.lm_head(model(idx))
-        model.setup_cache(2, 16)
-        steps = [model(idx[..., :4], 0)] + [model(idx[..., t:t + 1], t) for t in range(4, 10)]
+        cache = model.new_cache(2, 16)
+        steps = [model(idx[..., :4], 0, cache=cache)] + [model(idx[..., t:t + 1], t, cache=cache) for t in range(4, 10)]
         cached = model.lm_head(torch.cat(steps, 1))
     cosine = torch.nn.functional.cosine_similarity(cached, full, dim=-1)
     assert cosine.min() > 0.999, cosine.min()

@@ -241,7 +241,7 @@ def test_metrics(server):
 
 def test_full_queue_answers_503(tiny_ckpt, tmp_path, sample_bytes):
     (tmp_path / "tmp").mkdir()
-    srv = Server(tiny_ckpt, tmp_path / "tmp", "--max-queue", "1")
+    srv = Server(tiny_ckpt, tmp_path / "tmp", "--max-queue", "1", "--max-batch", "1")
     try:
         running = srv.open_chat(sample_bytes, max_tokens=LONG)
         assert running[1].status == 200 and len(running[1].read(16384)) == 16384

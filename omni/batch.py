@@ -1,0 +1,207 @@
+"""Continuous batching: one thread runs every active request's model work, decode steps batched.
+
+Each request is a `Job`: a setup generator (its encoder, prompt and prefill, in units that yield
+between them) that returns a `Sequence`, then that sequence's decode steps. The scheduler's loop
+interleaves them: per turn, one unit of the oldest request still setting up, then one decode step
+of every request that is decoding, all rows together (`decode_step`). A request joins the batch
+when its prefill ends and leaves it the step it stops, is cancelled or is dropped by its consumer.
+
+All model work runs on the scheduler's thread, whichever threads ask: torch keeps one thread pool,
+and a request's steps never wait for another request's consumer. The thread exits when there is no
+work, so an engine that is no longer used holds no thread.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from .generate import Sequence, Step, decode_step
+from .model import OmniLM
+
+Setup = Generator[None, None, Sequence]
+T = TypeVar("T")
+
+
+def drain(units: Generator[None, None, T]) -> T:
+    """Run work written in units (a generator that yields between them) to the end; its result."""
+    while True:
+        try:
+            next(units)
+        except StopIteration as done:
+            return done.value
+
+
+@dataclass
+class Job:
+    """One request inside the scheduler.
+
+    `on_step` gets each `Step` (first the prefill's); `on_end` is called once when the request has
+    ended: with the exception that ended it, or None, and whether a cancel ended it. Both run on the
+    scheduler's thread. `cancel` is polled before every decode step; `close()` drops the job.
+    """
+
+    setup: Setup
+    on_step: Callable[[Step], None]
+    on_end: Callable[[BaseException | None, bool], None]
+    cancel: Callable[[], bool] = lambda: False
+    on_decode_time: Callable[[float], None] = lambda seconds: None
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # when the scheduler first ran a unit of it
+    sequence: Sequence | None = None
+    closed: bool = False
+
+    def close(self) -> None:
+        """The consumer is gone: leave the batch at the next step (any thread may call this)."""
+        self.closed = True
+
+
+@dataclass
+class BatchStats:
+    """Decode steps by batch size (requests decoding together), and queue waits."""
+
+    steps: dict[int, int] = field(default_factory=dict)
+    step_seconds: dict[int, float] = field(default_factory=dict)
+    rows: dict[int, int] = field(default_factory=dict)  # batch size -> model rows of its latest step
+    queue_wait_seconds: float = 0.0
+    queue_waits: int = 0
+    active: int = 0  # requests in the scheduler now (setting up or decoding)
+
+    def step(self, batch: int, rows: int, seconds: float) -> None:
+        self.steps[batch] = self.steps.get(batch, 0) + 1
+        self.step_seconds[batch] = self.step_seconds.get(batch, 0.0) + seconds
+        self.rows[batch] = rows
+
+    def mean_step_seconds(self) -> dict[int, float]:
+        return {b: self.step_seconds[b] / n for b, n in sorted(self.steps.items())}
+
+
+class Scheduler:
+    """Runs up to `max_batch` requests at once on `model`; more wait in arrival order."""
+
+    def __init__(self, model: OmniLM, max_batch: int) -> None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        self.model = model
+        self.max_batch = max_batch
+        self.stats = BatchStats()
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            self._waiting.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="omni-scheduler", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return job
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug here must not leave consumers waiting forever
+            self._fail_all(e)
+            raise
+
+    def _loop(self) -> None:
+        while self._admit():
+            self._drop_stopped()
+            setting_up = [job for job in self._active if job.sequence is None]
+            if setting_up:
+                self._setup_unit(setting_up[0])
+            decoding = [job for job in self._active if job.sequence is not None]
+            if decoding:
+                self._decode(decoding)
+
+    def _admit(self) -> bool:
+        """Move waiting jobs into the batch; False (and the thread gone) when there is no work."""
+        with self._cond:
+            while self._waiting and len(self._active) < self.max_batch:
+                job = self._waiting.popleft()
+                job.started = time.perf_counter()
+                self.stats.queue_wait_seconds += job.started - job.submitted
+                self.stats.queue_waits += 1
+                self._active.append(job)
+            self.stats.active = len(self._active)
+            if not self._active:
+                self._thread = None
+                return False
+            return True
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            jobs, self._active, self._thread = [*self._active, *self._waiting], [], None
+            self._waiting.clear()
+        for job in jobs:
+            job.on_end(error, False)
+
+    def _drop_stopped(self) -> None:
+        for job in [job for job in self._active if job.closed]:
+            self._end(job)
+
+    def _end(self, job: Job, error: BaseException | None = None, cancelled: bool = False) -> None:
+        self._active.remove(job)
+        job.setup.close()
+        job.on_end(error, cancelled)
+
+    def _emit(self, job: Job, step: Step) -> None:
+        """Hand a step to its request (which may decode audio with it); end the request when it is done."""
+        try:
+            job.on_step(step)
+        except Exception as e:  # noqa: BLE001 - its audio failed: this request ends, the others go on
+            self._end(job, e)
+            return
+        if job.sequence.finished:
+            self._end(job)
+
+    def _setup_unit(self, job: Job) -> None:
+        """One unit of a newcomer's setup; when it completes, the prefill's step goes out."""
+        try:
+            next(job.setup)
+            return
+        except StopIteration as done:
+            job.sequence = done.value
+        except Exception as e:  # noqa: BLE001 - the request fails, the others go on
+            self._end(job, e)
+            return
+        self._emit(job, job.sequence.first)
+
+    def _decode(self, jobs: list[Job]) -> None:
+        """Poll each job's cancel, then one step of those still going, all together."""
+        going = []
+        for job in jobs:
+            if job.cancel():
+                self._end(job, cancelled=True)
+            else:
+                going.append(job)
+        if not going:
+            return
+        start = time.perf_counter()
+        try:
+            steps = decode_step(self.model, [job.sequence for job in going])
+        except Exception as e:  # noqa: BLE001 - a failed step fails the requests in it
+            for job in going:
+                self._end(job, e)
+            return
+        seconds = time.perf_counter() - start
+        self.stats.step(len(going), sum(job.sequence.rows for job in going), seconds)
+        for job, step in zip(going, steps):
+            job.on_decode_time(seconds)
+            if step is None:
+                self._end(job)
+            else:
+                self._emit(job, step)
