@@ -184,7 +184,12 @@ class Scheduler:
         """Poll each job's cancel, then one step of those still going, all together."""
         going = []
         for job in jobs:
-            if job.cancel():
+            try:
+                cancelled = job.cancel()
+            except Exception as e:  # noqa: BLE001 - a broken cancel callable ends its own request only
+                self._end(job, e)
+                continue
+            if cancelled:
                 self._end(job, cancelled=True)
             else:
                 going.append(job)
