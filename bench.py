@@ -3,6 +3,7 @@
     python bench.py [--ckpt-dir DIR] [--device cpu|cuda] [--modes baseline,exact,fast] [--runs N] [--rounds R] [--json out.json]
     python bench.py --fidelity --ckpt-dir DIR     # fast mode's agreement with exact only, on any checkpoint
     python bench.py --image data/samples/image1.jpg --modes exact    # Mini-Omni2: the image's extra cost
+    python bench.py --modes exact,fast --concurrency 1,2,4,8 --steps 120   # many conversations at once
 
 Each mode runs in its own process (so peak memory is its own); `--rounds` repeats the modes in turn
 and takes medians, so a machine shared with other work slows every mode alike. `baseline` is the
@@ -15,6 +16,10 @@ bandwidth on its own step's tensors (a streaming read, best of several passes) a
 decode step as a multiple of the floor. Fidelity: fast (and baseline) are fed exact's greedy answer
 (teacher forcing); per stream, how often their greedy pick equals exact's token (top-1) and the
 mean KL divergence of their distribution from exact's.
+`--concurrency N,...`: N answers asked at the same moment, decoded in one batch; per N the decode
+step time (all N in the step), each answer's real-time factor after its first chunk, seconds of
+answer audio per wall second over all N, and first chunk p50/p90 (the later arrivals wait for the
+earlier ones' encoder and prefill).
 Without --ckpt-dir a full-size random checkpoint is made once and cached (Mini-Omni2 with --image).
 """
 from __future__ import annotations
@@ -168,6 +173,57 @@ def timing(engine, args: argparse.Namespace, audio: dict, samples) -> dict:
     return result
 
 
+def concurrent_answers(engine, audio: dict, max_tokens: int, n: int) -> dict:
+    """`n` answers to the question asked at the same moment, each consumed on its own thread."""
+    import threading
+
+    before = {b: (c, engine.scheduler.stats.step_seconds[b]) for b, c in engine.scheduler.stats.steps.items()}
+    runs: list[dict] = []
+
+    def answer() -> None:
+        start = time.perf_counter()
+        first = last = None
+        pcm = first_pcm = 0
+        for chunk in engine.stream(**audio, max_tokens=max_tokens):
+            if chunk.pcm:
+                last = time.perf_counter() - start
+                if first is None:
+                    first, first_pcm = last, len(chunk.pcm)
+                pcm += len(chunk.pcm)
+        after_first_s = (pcm - first_pcm) / 2 / OUTPUT_SAMPLE_RATE
+        runs.append({"first_chunk_s": first, "audio_s": pcm / 2 / OUTPUT_SAMPLE_RATE,
+                     "rtf": (last - first) / after_first_s if after_first_s else float("nan")})
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=answer) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    stats = engine.scheduler.stats
+    c0, s0 = before.get(n, (0, 0.0))
+    full_steps = stats.steps.get(n, 0) - c0
+    first = [r["first_chunk_s"] for r in runs]
+    return {"answers": n, "step_ms": (stats.step_seconds.get(n, 0.0) - s0) / full_steps * 1000 if full_steps else None,
+            "full_batch_steps": full_steps, "rtf_p50": p([r["rtf"] for r in runs], 0.5),
+            "rtf_worst": max(r["rtf"] for r in runs), "audio_per_wall_s": sum(r["audio_s"] for r in runs) / wall,
+            "first_chunk_p50_s": p(first, 0.5), "first_chunk_p90_s": p(first, 0.9), "wall_s": wall}
+
+
+def concurrency(engine, args: argparse.Namespace, audio: dict, samples) -> list[dict]:
+    from omni.engine import prompt_length
+    from omni.tokens import Task
+
+    max_tokens = prompt_length(Task.A1A2, samples, None) + 1 + args.steps
+    out = []
+    for n in args.concurrency:
+        concurrent_answers(engine, audio, max_tokens, n)  # warm: the first batch of each size pays first-call costs
+        out.append(concurrent_answers(engine, audio, max_tokens, n))
+        print(f"  {args.child}: {n} at once: {json.dumps(out[-1])}", flush=True)
+    return out
+
+
 def reference_steps(streams: list[list[int]]) -> list:
     from omni.generate import Step
 
@@ -214,13 +270,16 @@ def child(args: argparse.Namespace) -> dict:
     from omni_engine import OmniEngine
 
     start = time.perf_counter()
-    engine = OmniEngine(args.ckpt_dir, device=args.device, mode=args.child)
+    engine = OmniEngine(args.ckpt_dir, device=args.device, mode=args.child,
+                        max_batch=max(args.concurrency) if args.concurrency else None)
     result = {"load_s": time.perf_counter() - start, "rss_after_load_mb": rss_now_mb(),
               "peak_rss_loading_mb": peak_rss_mb(), "products": products_summary(engine)}
     audio = question(args.input)
     samples = load_audio(audio["audio"], audio.get("sample_rate"))
     if not args.fidelity_only:
         result.update(timing(engine, args, audio, samples))
+    if args.concurrency:
+        result["concurrency"] = concurrency(engine, args, audio, samples)
     if args.reference:
         result.update(fidelity_part(engine, args, audio, samples))
     return result
@@ -253,6 +312,8 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path, reference: Path | N
         cmd += ["--reference", str(reference)]
     if args.fidelity:
         cmd += ["--fidelity-only"]
+    if args.concurrency:
+        cmd += ["--concurrency", ",".join(map(str, args.concurrency))]
     print(f"measuring {mode} ...", flush=True)
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
@@ -279,6 +340,19 @@ ROWS = [("load_s", "load (s)"), ("audio_decode_s", "audio decode (s)"), ("mel_s"
         ("image_extra_ms", "image's extra cost (ms)"), ("first_chunk_cold_s", "first chunk, 1st request (s)"),
         ("total_s", "total (s)"), ("rtf", "real-time factor"), ("rss_after_load_mb", "RSS after load (MB)"),
         ("peak_rss_mb", "peak RSS (MB)"), ("steady_rss_mb", "steady RSS (MB)")]
+
+
+def print_concurrency(report: dict) -> None:
+    print(f"\n{'mode':6}{'answers':>8}{'step (ms)':>11}{'x step(1)':>10}{'RTF p50':>9}{'RTF worst':>10}"
+          f"{'audio s/wall s':>15}{'1st chunk p50':>14}{'p90 (s)':>8}")
+    for mode, data in report["modes"].items():
+        rows = data.get("concurrency", [])
+        one = next((r["step_ms"] for r in rows if r["answers"] == 1), None)
+        for r in rows:
+            ratio = r["step_ms"] / one if one and r["step_ms"] else float("nan")
+            print(f"{mode:6}{r['answers']:>8}{r['step_ms'] or float('nan'):>11.1f}{ratio:>10.2f}{r['rtf_p50']:>9.2f}"
+                  f"{r['rtf_worst']:>10.2f}{r['audio_per_wall_s']:>15.2f}{r['first_chunk_p50_s']:>14.2f}"
+                  f"{r['first_chunk_p90_s']:>8.2f}")
 
 
 def print_table(report: dict) -> None:
@@ -311,6 +385,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="the question")
     ap.add_argument("--image", type=Path, help="ask about this image too (a Mini-Omni2 checkpoint)")
     ap.add_argument("--fidelity", action="store_true", help="only fast mode's agreement with exact (no timing)")
+    ap.add_argument("--concurrency", type=lambda v: [int(n) for n in v.split(",")], default=[],
+                    help="also answer N questions at once, for each N in this list (e.g. 1,2,4,8)")
     ap.add_argument("--json", type=Path, help="write the report here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -351,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         for data in report["modes"].values():
             data["vs_official"] = official / data["decode_step_ms_p50"]
     print_table(report)
+    if args.concurrency:
+        print_concurrency(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

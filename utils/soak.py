@@ -2,8 +2,10 @@
 
     python -m utils.soak --url http://127.0.0.1:60808 --clients 4 --minutes 2 [--max-tokens 200] [--json out.json]
 
-Reports requests, errors, time to first chunk (p50/p90/max), total time and the server's resident
-memory over time (from its /metrics). Talks to loopback servers only.
+Reports requests, errors, time to first chunk (p50/p90/max), total time, seconds of answer audio
+per wall second over all clients, each answer's real-time factor after its first chunk, the server's
+decode step time by batch size and its resident memory over time (both from its /metrics).
+Talks to loopback servers only.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ RSS_PERIOD_S = 5.0
 MAX_REQUESTS_PER_CLIENT = 10_000  # a hard bound besides the time limit
 READ_BLOCK = 16384
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PCM_BYTES_PER_SECOND = 24000 * 2  # the default /chat answer: int16 mono 24 kHz
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -39,6 +42,8 @@ class Soak:
         self.totals: list[float] = []
         self.errors: list[str] = []
         self.rss: list[tuple[float, float]] = []
+        self.audio_s: list[float] = []
+        self.rtf: list[float] = []
 
     def ask(self, audio: bytes) -> None:
         start = time.perf_counter()
@@ -49,12 +54,19 @@ class Soak:
             resp = conn.getresponse()
             if resp.status != 200:
                 raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
-            first = None
-            while resp.read(READ_BLOCK):
-                first = first or time.perf_counter() - start
+            first, size, first_size = None, 0, 0
+            while block := resp.read(READ_BLOCK):
+                if first is None:
+                    first, first_size = time.perf_counter() - start, len(block)
+                size += len(block)
+            total = time.perf_counter() - start
+            after_first_s = (size - first_size) / PCM_BYTES_PER_SECOND
             with self.lock:
                 self.ttfc.append(first if first is not None else float("nan"))
-                self.totals.append(time.perf_counter() - start)
+                self.totals.append(total)
+                self.audio_s.append(size / PCM_BYTES_PER_SECOND)
+                if first is not None and after_first_s:
+                    self.rtf.append((total - first) / after_first_s)
         except (OSError, RuntimeError, http.client.HTTPException) as e:
             with self.lock:
                 self.errors.append(f"{type(e).__name__}: {e}")
@@ -67,16 +79,30 @@ class Soak:
                 return
             self.ask(SAMPLES[(index + n) % len(SAMPLES)].read_bytes())
 
-    def server_rss_mb(self) -> float:
+    def metrics(self) -> dict[str, float]:
+        """The server's /metrics samples, by name with labels."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
         try:
             conn.request("GET", "/metrics")
-            for line in conn.getresponse().read().decode().splitlines():
-                if line.startswith("process_resident_memory_bytes"):
-                    return float(line.split()[-1]) / 2**20
+            lines = conn.getresponse().read().decode().splitlines()
         finally:
             conn.close()
-        return float("nan")
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line and line[0] != "#"}
+
+    def server_rss_mb(self) -> float:
+        return self.metrics().get("process_resident_memory_bytes", float("nan")) / 2**20
+
+    def step_ms_by_batch(self, before: dict[str, float]) -> dict[str, float]:
+        """Mean decode step (ms) by batch size over the soak, from the server's counters."""
+        after, out = self.metrics(), {}
+        for key, steps in after.items():
+            if key.startswith("omni_decode_steps_total{"):
+                label = key[key.index("{"):]
+                n = steps - before.get(key, 0.0)
+                seconds = after[f"omni_decode_step_seconds_total{label}"] - before.get(f"omni_decode_step_seconds_total{label}", 0.0)
+                if n:
+                    out[label.split('"')[1]] = round(seconds / n * 1000, 1)
+        return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
     def watch_rss(self, stop: threading.Event, start: float) -> None:
         while True:
@@ -85,6 +111,7 @@ class Soak:
                 return
 
     def run(self, clients: int, minutes: float) -> dict:
+        before = self.metrics()
         start = time.monotonic()
         deadline = start + minutes * 60
         stop = threading.Event()
@@ -97,12 +124,15 @@ class Soak:
             w.join()
         stop.set()
         watcher.join()
+        wall = time.monotonic() - start
         return {
             "clients": clients, "minutes": minutes, "requests": len(self.totals) + len(self.errors),
             "errors": len(self.errors), "error_examples": self.errors[:5],
             "ttfc_p50_s": percentile(self.ttfc, 0.5), "ttfc_p90_s": percentile(self.ttfc, 0.9),
             "ttfc_max_s": max(self.ttfc, default=float("nan")),
             "total_p50_s": percentile(self.totals, 0.5), "total_mean_s": statistics.fmean(self.totals) if self.totals else float("nan"),
+            "audio_per_wall_s": sum(self.audio_s) / wall, "rtf_p50": percentile(self.rtf, 0.5),
+            "rtf_p90": percentile(self.rtf, 0.9), "step_ms_by_batch": self.step_ms_by_batch(before),
             "rss_mb_start": self.rss[0][1], "rss_mb_end": self.rss[-1][1], "rss_mb_max": max(r for _, r in self.rss),
             "rss_mb_over_time": self.rss,
         }
