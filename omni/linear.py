@@ -1,10 +1,11 @@
 """Linear layers, head and embedding as parts chosen once at load (STYLE: a runtime choice is an object).
 
 - `DenseLinear` / `DenseHead`: fp32 (or the model dtype) with a `Products` plan: how the few-row
-  products of a decode step are written. `F.linear` (`x @ W.T`, the official formulation) and
-  `W @ x.T` are the same sums in another rounding order, but BLAS libraries stream W at very
-  different speeds for them, and which one wins depends on the CPU and the library build
-  (2.5x either way between two x86 servers). `tune_products` times both on the real weights.
+  products of a decode step (1 row to a batch of several requests' rows) are written. `F.linear`
+  (`x @ W.T`, the official formulation, MKL), `W @ x.T` (MKL) and oneDNN's linear are the same sums
+  in another rounding order, but they stream W at very different speeds, and which one wins depends
+  on the CPU, the library build and the row count (2.5x either way between two x86 servers; MKL's
+  few-row kernels are slow on AMD CPUs). `tune_products` times them on the real weights.
 - `Int8Linear` / `Int8Head` / `Int8Embedding`: int8 weights with one scale per output channel;
   activations quantized per row (per token), so a row's result never depends on its batch.
 
@@ -31,8 +32,10 @@ HEAD_PARTS = {"text": slice(0, PADDED_TEXT_VOCAB), "audio": slice(PADDED_TEXT_VO
               "all": slice(0, PADDED_VOCAB)}
 SPLIT_PARTS = ("text", "audio")  # "all" is both, in this order
 INT8_MAX = 127
-FORMULATIONS = ("linear", "wxt")  # "linear" first: the official formulation wins ties
-TUNED_ROWS = (1, 2)  # decode steps multiply 1 or 2 rows; more rows (prefill) always use F.linear
+FORMULATIONS = ("linear", "wxt", "onednn")  # "linear" first: the official formulation wins ties
+# Row counts measured: one request (1 or 2 rows) up to a batch of requests; n rows use the plan of the
+# smallest measured count >= n, more than the last use F.linear (a prefill chunk is compute-bound).
+TUNED_ROWS = (1, 2, 4, 8)
 TUNE_BYTES = 48 << 20  # weights read per timing pass and group: more than a big L3 cache, so it measures DRAM
 TUNE_ROUNDS = 4  # interleaved passes per candidate; the fastest pass counts (other load only slows one)
 TIE_MARGIN = 1.03  # a candidate must beat "linear" by 3% to replace it
@@ -47,14 +50,24 @@ class Products:
     row is doubled first, since a 1-column `W @ x.T` is a plain (slow) matrix-vector product.
     """
 
-    by_rows: tuple[str, ...] = ("linear",) * len(TUNED_ROWS)
+    by_rows: tuple[str, ...] = ("linear",) * len(TUNED_ROWS)  # one formulation per TUNED_ROWS entry
     head: str = "parts"  # "parts": each row multiplies its own head slice; "full": all rows the whole head
+
+    def formulation(self, n: int) -> str:
+        for count, formulation in zip(TUNED_ROWS, self.by_rows):
+            if n <= count:
+                return formulation
+        return "linear"
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.reshape(-1, x.size(-1))
         n = rows.size(0)
-        if n > len(self.by_rows) or self.by_rows[n - 1] == "linear" or x.device.type != "cpu":
+        formulation = self.formulation(n) if x.device.type == "cpu" else "linear"
+        if formulation == "linear":
             return F.linear(x, weight, bias)
+        if formulation == "onednn":
+            out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+            return out.reshape(*x.shape[:-1], weight.size(0))
         cols = (rows if n > 1 else rows.repeat(2, 1)).t()  # a view: (K, n), column-major
         # contiguous: a transposed result would pass its strides on and send the next product down a slow path
         out = torch.mm(weight, cols).t()[:n].contiguous()
@@ -233,13 +246,19 @@ def _pass_seconds(formulation: str, rows: int, weights: Sequence[torch.Tensor], 
     return time.perf_counter() - start
 
 
+def available_formulations() -> tuple[str, ...]:
+    """The formulations this torch build offers (oneDNN's linear needs a build with it)."""
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return tuple(f for f in FORMULATIONS if f != "onednn" or onednn)
+
+
 def measure_products(weights: Sequence[torch.Tensor]) -> dict[str, dict[int, float]]:
-    """Fastest pass (seconds) of each formulation at 1 and 2 rows over `weights`, interleaved."""
+    """Fastest pass (seconds) of each formulation at each of TUNED_ROWS over `weights`, interleaved."""
     x = torch.randn(max(TUNED_ROWS), weights[0].size(1), dtype=weights[0].dtype)
-    best = {f: {n: float("inf") for n in TUNED_ROWS} for f in FORMULATIONS}
+    best = {f: {n: float("inf") for n in TUNED_ROWS} for f in available_formulations()}
     for _ in range(TUNE_ROUNDS):
         for n in TUNED_ROWS:
-            for f in FORMULATIONS:
+            for f in best:
                 best[f][n] = min(best[f][n], _pass_seconds(f, n, weights, x))
     return best
 
@@ -247,9 +266,9 @@ def measure_products(weights: Sequence[torch.Tensor]) -> dict[str, dict[int, flo
 def choose_products(times: dict[str, dict[int, float]]) -> Products:
     """The fastest formulation per row count ("linear" unless beaten by TIE_MARGIN), and the head layout
     whose rows stream faster: both layouts read the same bytes, at 1-row or at 2-row speed."""
-    by_rows = tuple(min(FORMULATIONS, key=lambda f: times[f][n] * (1 if f == "linear" else TIE_MARGIN))
+    by_rows = tuple(min(times, key=lambda f: times[f][n] * (1 if f == "linear" else TIE_MARGIN))
                     for n in TUNED_ROWS)
-    one, two = (times[by_rows[i]][n] for i, n in enumerate(TUNED_ROWS))
+    one, two = (times[by_rows[i]][n] for i, n in enumerate(TUNED_ROWS[:2]))
     return Products(by_rows, head="full" if two < one else "parts")
 
 
@@ -257,15 +276,16 @@ def tune_products(groups: dict[str, Sequence[torch.Tensor]]) -> dict[str, Produc
     """A `Products` plan per group of same-shaped weights, for this machine: from the cache, or
     measured on a sample of the real weights (a few tenths of a second in all) and cached.
 
-    `MINI_OMNI_PRODUCTS=linear|wxt` forces one formulation everywhere (head layout "parts").
+    `MINI_OMNI_PRODUCTS=linear|wxt|onednn` forces one formulation everywhere (head layout "parts").
     """
     forced = os.environ.get("MINI_OMNI_PRODUCTS")
     if forced:
-        if forced not in FORMULATIONS:
-            raise ValueError(f"MINI_OMNI_PRODUCTS={forced!r}; choose one of {FORMULATIONS}")
+        if forced not in available_formulations():
+            raise ValueError(f"MINI_OMNI_PRODUCTS={forced!r}; choose one of {available_formulations()}")
         return {name: Products((forced,) * len(TUNED_ROWS)) for name in groups}
     samples = {name: _sample(ws) for name, ws in groups.items()}
     key = json.dumps({**cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "rows": TUNED_ROWS, "formulations": available_formulations(),
                       "groups": {n: [list(s[0].shape), len(s), str(s[0].dtype)] for n, s in samples.items()}},
                      sort_keys=True)
     path = cache_dir() / "products.json"

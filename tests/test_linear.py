@@ -6,13 +6,17 @@ import torch
 import torch.nn as nn
 
 import omni.linear as linear
-from omni.linear import DenseHead, Int8Linear, Products, choose_products, tune_products
+from omni.linear import (TUNED_ROWS, DenseHead, Int8Linear, Products, available_formulations, choose_products,
+                         tune_products)
 from omni.tokens import PADDED_VOCAB
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7])
-@pytest.mark.parametrize("plan", [Products(("linear", "linear")), Products(("wxt", "wxt"))])
-def test_formulations_compute_the_same_product(plan, rows):
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 12])
+@pytest.mark.parametrize("formulation", ["linear", "wxt", "onednn"])
+def test_formulations_compute_the_same_product(formulation, rows):
+    if formulation not in available_formulations():
+        pytest.skip(f"this torch build has no {formulation}")
+    plan = Products((formulation,) * len(TUNED_ROWS))
     torch.manual_seed(0)
     w, b, x = torch.randn(48, 32), torch.randn(48), torch.randn(rows, 32)
     out = plan(x, w, b)
@@ -48,11 +52,19 @@ def test_int8_rows_are_quantized_one_by_one(reduce_range):
 
 
 def test_ties_keep_the_official_formulation():
-    times = {"linear": {1: 1.0, 2: 1.0}, "wxt": {1: 0.99, 2: 0.5}}
+    times = {"linear": {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}, "wxt": {1: 0.99, 2: 0.5, 4: 1.2, 8: 1.5},
+             "onednn": {1: 1.0, 2: 0.9, 4: 0.6, 8: 0.7}}
     plan = choose_products(times)
-    assert plan.by_rows == ("linear", "wxt")
+    assert plan.by_rows == ("linear", "wxt", "onednn", "onednn")
     assert plan.head == "full"  # both rows at once stream faster than one row at a time
-    assert choose_products({"linear": {1: 0.3, 2: 1.0}, "wxt": {1: 0.4, 2: 0.9}}).head == "parts"
+    slow_two = {"linear": {1: 0.3, 2: 1.0, 4: 1, 8: 1}, "wxt": {1: 0.4, 2: 0.9, 4: 1, 8: 1}}
+    assert choose_products(slow_two).head == "parts"
+
+
+def test_row_counts_use_the_plan_of_the_next_measured_count():
+    plan = Products(("wxt", "linear", "onednn", "wxt"))
+    assert [plan.formulation(n) for n in (1, 2, 3, 4, 5, 8, 9, 32)] == [
+        "wxt", "linear", "onednn", "onednn", "wxt", "wxt", "linear", "linear"]
 
 
 def test_the_choice_is_measured_once_then_cached(tmp_path, monkeypatch):
@@ -72,7 +84,7 @@ def test_the_choice_is_measured_once_then_cached(tmp_path, monkeypatch):
 
 def test_a_formulation_can_be_forced(monkeypatch):
     monkeypatch.setenv("MINI_OMNI_PRODUCTS", "wxt")
-    assert tune_products({"a": [torch.randn(4, 4)]})["a"].by_rows == ("wxt", "wxt")
+    assert tune_products({"a": [torch.randn(4, 4)]})["a"].by_rows == ("wxt",) * len(TUNED_ROWS)
     monkeypatch.setenv("MINI_OMNI_PRODUCTS", "blas")
     with pytest.raises(ValueError, match="MINI_OMNI_PRODUCTS"):
         tune_products({"a": [torch.randn(4, 4)]})

@@ -21,7 +21,7 @@ def test_baseline_costs_more_but_gives_the_exact_tokens(tiny_ckpt, engine, sampl
     baseline = OmniEngine(tiny_ckpt, device="cpu", mode="baseline")
     assert baseline.runtime.official_cost
     official = baseline.model.transformer.h[0].mlp.fc_1.products  # F.linear, as nn.Linear computes
-    assert official.by_rows == ("linear", "linear") and baseline.model.lm_head.products.head == "full"
+    assert set(official.by_rows) == {"linear"} and baseline.model.lm_head.products.head == "full"
     assert baseline.run(sample_wav, max_tokens=MAX).streams == engine.run(sample_wav, max_tokens=MAX).streams
     text = dict(text="What is your name?", task="T1T2", max_tokens=60)
     assert baseline.run(**text).streams == engine.run(**text).streams
