@@ -346,7 +346,7 @@ class OmniEngine:
                 cfg: GenerationConfig, cancel: Callable[[], bool], timings: Timings) -> Iterator[OmniChunk]:
         self.last_timings = timings
         answer = _Answer(self, task, cfg, timings)
-        setup = self._setup(task, samples, text_ids, pixels, cfg, timings)
+        setup = self._setup(task, samples, text_ids, pixels, cfg, timings, time.perf_counter())
         job = self.scheduler.submit(Job(setup, answer.step, answer.end, cancel, timings.decode_steps.append))
         text = TextStream(self.tokenizer)
         try:
@@ -363,11 +363,9 @@ class OmniEngine:
             job.close()
 
     def _setup(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None, pixels: torch.Tensor | None,
-               cfg: GenerationConfig, timings: Timings) -> Setup:
+               cfg: GenerationConfig, timings: Timings, submitted: float) -> Setup:
         """A request's work before its first decode step, in units: encoder blocks, prefill chunks."""
-        queued = time.perf_counter()
-        yield
-        timings.queue_wait = time.perf_counter() - queued
+        timings.queue_wait = time.perf_counter() - submitted  # the scheduler has just started it
         inputs = yield from self._prepare_units(task, samples, text_ids, pixels, timings)
         # The request's own randomness: a generator for sampling (SNAC's noise seeds: `_Answer`);
         # torch's global RNG is left as it was, so a seeded answer is the same whatever ran before it.

@@ -13,7 +13,7 @@ LONG = 1200  # an answer that keeps the engine busy while another request arrive
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
-    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("client-server-tmp"), "--max-queue", "0")
+    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("client-server-tmp"), "--max-queue", "0", "--max-batch", "1")
     yield srv
     srv.stop()
 
