@@ -26,11 +26,10 @@ from .config import CONFIG_FILE, ModelConfig
 from .errors import CheckpointError
 from .batch import Job, Scheduler, Setup, drain
 from .generate import Sequence, SpeechDecoder, Step, TextDecoder, check_length, to_streams
-from .runtime import prepare_lm, prepare_whisper, resolve_mode
+from .runtime import load_whisper, prepare_lm, release_freed_memory, resolve_mode
 from .sampling import GenerationConfig
 from .image import ImageSource, load_image
 from .tokens import EOT, IMAGE_PROMPT_EXTRA, PROMPT_EXTRA, Task, build_image_prompt, build_prompt
-from .whisper import load_whisper_encoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WARMUP_SECONDS = 1.0
@@ -162,13 +161,13 @@ class OmniEngine:
         self.model = load_lm(self.ckpt_dir, self.config, self._device, self._dtype)
         prepare_lm(self.model, self.runtime)  # int8: before the other models load, so the fp32 pages go first
         self.tokenizer = Tokenizer.from_file(str(self.ckpt_dir / TOKENIZER_FILE))
-        self.whisper = load_whisper_encoder(whisper_path(self.ckpt_dir), self._device)
+        self.whisper = load_whisper(whisper_path(self.ckpt_dir), self._device, self.runtime)
         if self.whisper.n_state != self.config.whisper_adapter_dim:
             raise CheckpointError(f"Whisper width {self.whisper.n_state} != whisper_adapter_dim "
                                   f"{self.config.whisper_adapter_dim} in {CONFIG_FILE}")
-        prepare_whisper(self.whisper, self.runtime)
         self.codec = SnacCodec.from_dir(snac_dir(self.ckpt_dir), self._device)
         self.vision = self._load_vision() if self.config.vision_adapter_dim else None
+        release_freed_memory()
         self.scheduler = Scheduler(self.model, max_batch or DEFAULT_MAX_BATCH.get(self._device.type, FALLBACK_MAX_BATCH))
         self.last_timings: Timings | None = None  # where the latest request's time went
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -32,6 +33,7 @@ HEAD_PARTS = {"text": slice(0, PADDED_TEXT_VOCAB), "audio": slice(PADDED_TEXT_VO
               "all": slice(0, PADDED_VOCAB)}
 SPLIT_PARTS = ("text", "audio")  # "all" is both, in this order
 INT8_MAX = 127
+ANCHOR = (1.0, -1.0)  # Int8Linear's extra input row: pins the kernel's one quantization range to [-1, 1]
 FORMULATIONS = ("linear", "wxt", "onednn")  # "linear" first: the official formulation wins ties
 # Row counts measured: one request (1 or 2 rows) up to a batch of requests; n rows use the plan of the
 # smallest measured count >= n, more than the last use F.linear (a prefill chunk is compute-bound).
@@ -40,6 +42,9 @@ TUNE_BYTES = 48 << 20  # weights read per timing pass and group: more than a big
 TUNE_ROUNDS = 4  # interleaved passes per candidate; the fastest pass counts (other load only slows one)
 TIE_MARGIN = 1.03  # a candidate must beat "linear" by 3% to replace it
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # int8 dot products without int16 overflow
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 dot products in hardware (oneDNN emulates them elsewhere, slowly)
+PRODUCTS_FILE = "products.json"  # the measured choices, in cache_dir()
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,9 @@ class Int8Linear(nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(packed, None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = weight.size(1), weight.size(0)
+        anchor = torch.zeros(self.in_features)
+        anchor[:len(ANCHOR)] = torch.tensor(ANCHOR)
+        self.register_buffer("anchor", anchor, persistent=False)
         # Without VNNI, fbgemm multiplies u8 x s8 pairs into int16, which full-range inputs can overflow.
         self.reduce_range = reduce_range
 
@@ -160,14 +168,16 @@ class Int8Linear(nn.Module):
         return self.in_features * self.out_features + 4 * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Few ops, each one pass: a decode step makes ~120 of these calls, the encoder's are 1500 rows long.
         rows = x.reshape(-1, self.in_features).float()
-        amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # (n, 1)
-        anchor = rows.new_zeros(1, self.in_features)
-        anchor[0, :2] = torch.tensor([1.0, -1.0])
-        out = torch.ops.quantized.linear_dynamic(torch.cat([rows / amax, anchor]), self._packed, self.reduce_range)
-        out = out[:-1] * amax
+        n = rows.size(0)
+        amax = torch.linalg.vector_norm(rows, ord=math.inf, dim=-1, keepdim=True).clamp_(min=1e-12)  # (n, 1)
+        scaled = rows.new_empty(n + 1, self.in_features)  # the rows at unit max-abs, then the anchor row
+        torch.div(rows, amax, out=scaled[:n])
+        scaled[n] = self.anchor
+        out = torch.ops.quantized.linear_dynamic(scaled, self._packed, self.reduce_range)[:n].mul_(amax)
         if self.bias is not None:
-            out = out + self.bias
+            out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -228,7 +238,13 @@ def cpu_info() -> dict[str, object]:
 
 
 def has_vnni() -> bool:
-    return any(f in cpu_info()["flags"] for f in ("avx512_vnni", "avx_vnni"))
+    return any(f in cpu_info()["flags"] for f in VNNI_FLAGS)
+
+
+def has_bf16() -> bool:
+    """Whether bf16 products run on the CPU's own bf16 units (AVX512-BF16 or AMX) through oneDNN."""
+    return (any(f in cpu_info()["flags"] for f in BF16_FLAGS) and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def cache_dir() -> Path:
@@ -284,19 +300,28 @@ def tune_products(groups: dict[str, Sequence[torch.Tensor]]) -> dict[str, Produc
             raise ValueError(f"MINI_OMNI_PRODUCTS={forced!r}; choose one of {available_formulations()}")
         return {name: Products((forced,) * len(TUNED_ROWS)) for name in groups}
     samples = {name: _sample(ws) for name, ws in groups.items()}
-    key = json.dumps({**cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "rows": TUNED_ROWS, "formulations": available_formulations(),
-                      "groups": {n: [list(s[0].shape), len(s), str(s[0].dtype)] for n, s in samples.items()}},
+    shapes = {n: [list(s[0].shape), len(s), str(s[0].dtype)] for n, s in samples.items()}
+    what = {"rows": TUNED_ROWS, "formulations": available_formulations(), "groups": shapes}
+    chosen = measured_once(what, lambda: {name: _as_json(choose_products(measure_products(s)))
+                                          for name, s in samples.items()})
+    return {name: Products(tuple(entry["by_rows"]), entry["head"]) for name, entry in chosen.items() if name in groups}
+
+
+def measured_once(what: dict, measure: Callable[[], dict]) -> dict:
+    """`measure()`'s choice for `what` on this machine: from the cache, or measured now and cached.
+
+    The key is `what` plus the CPU model and flags, the torch version and its thread count.
+    """
+    key = json.dumps({**cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(), **what},
                      sort_keys=True)
-    path = cache_dir() / "products.json"
+    path = cache_dir() / PRODUCTS_FILE
     cached = _read_json(path)
     if key not in cached:
         start = time.perf_counter()
-        cached[key] = {name: _as_json(choose_products(measure_products(s))) for name, s in samples.items()}
+        cached[key] = measure()
         cached[key]["seconds"] = round(time.perf_counter() - start, 3)  # what measuring cost, for the record
         _write_json(path, cached)
-    return {name: Products(tuple(entry["by_rows"]), entry["head"])
-            for name, entry in cached[key].items() if name in groups}
+    return {name: value for name, value in cached[key].items() if name != "seconds"}
 
 
 def _as_json(plan: Products) -> dict:

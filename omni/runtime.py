@@ -5,25 +5,39 @@
   shared part is prefilled once; decode-step products in the formulation measured fastest on this
   machine, which includes the official one, so it is never slower than the official products).
 - `fast` (opt-in): on CPU, int8 linear layers with per-row activation scales (language model,
-  head, Whisper blocks) and an int8 embedding. Tokens may differ from the exact mode.
+  head) and an int8 embedding; Whisper, compute-bound, as the kind measured fastest on this CPU:
+  int8 blocks, or bf16 throughout on CPUs with bf16 units (AVX512-BF16, AMX). Tokens may differ
+  from the exact mode.
 - `baseline`: the official implementation's cost structure (`F.linear` products, full head on
   every row, attention over the whole 2048-long cache, both prompt rows prefilled), so benchmarks
   can report the official cost measured in the same run.
 
-Each choice is made once, here, at load: `prepare_lm` / `prepare_whisper` install the parts.
+Each choice is made once, here, at load: `prepare_lm` installs the language model's parts and
+`load_whisper` loads the encoder as the chosen kind.
 """
 from __future__ import annotations
 
+import copy
+import ctypes
 import gc
+import os
+import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .linear import (DenseHead, DenseLinear, Int8Embedding, Int8Head, Int8Linear, Products, has_vnni, install,
-                     tune_products)
+from .linear import (TIE_MARGIN, TUNE_ROUNDS, DenseHead, DenseLinear, Int8Embedding, Int8Head, Int8Linear, Products,
+                     has_bf16, has_vnni, install, measured_once, tune_products)
 from .model import OmniLM
-from .whisper import WhisperEncoder
+from .whisper import EncoderBlock, WhisperEncoder, encoder_shape, load_whisper_encoder
+
+# How fast mode's Whisper encoder computes: int8 blocks (fbgemm, any x86 CPU; convolutions and
+# attention in fp32) or bf16 throughout (oneDNN on the CPU's bf16 units). The first is the fallback.
+ENCODER_KINDS = ("int8", "bf16")
+ENCODER_DTYPES = {"fp32": torch.float32, "int8": torch.float32, "bf16": torch.bfloat16}
+MEASURE_WEIGHT_STD = 0.02  # the random block timed for the choice: weights of a trained model's scale
 
 
 @dataclass(frozen=True)
@@ -69,11 +83,75 @@ def prepare_lm(model: OmniLM, runtime: Runtime) -> None:
     model.lm_head = DenseHead(head, head_plan)
 
 
-def prepare_whisper(encoder: WhisperEncoder, runtime: Runtime) -> None:
-    if runtime.int8:
-        reduce_range = not has_vnni()
-        for block in encoder.blocks:
-            install(block, lambda linear: Int8Linear(linear.weight, linear.bias, reduce_range))
+def load_whisper(path: str | Path, device: torch.device, runtime: Runtime) -> WhisperEncoder:
+    """Whisper's encoder as the runtime computes it: fp32, or in fast mode the kind chosen for this CPU."""
+    kind = encoder_kind(runtime, encoder_shape(path))
+    encoder = load_whisper_encoder(path, device, ENCODER_DTYPES[kind])
+    if kind == "int8":
+        _int8_linears(encoder.blocks)
+    return encoder
+
+
+def encoder_kinds() -> tuple[str, ...]:
+    """The kinds this CPU can run well: bf16 only where bf16 products run on its own units."""
+    return ENCODER_KINDS if has_bf16() else ENCODER_KINDS[:1]
+
+
+def encoder_kind(runtime: Runtime, shape: dict[str, int]) -> str:
+    """fp32 outside fast mode (and so on a GPU); in it, the fastest of `encoder_kinds()` on one encoder
+    block of `shape`, measured once per machine and cached (`MINI_OMNI_ENCODER=int8|bf16` forces one)."""
+    if not runtime.int8:
+        return "fp32"
+    kinds = encoder_kinds()
+    forced = os.environ.get("MINI_OMNI_ENCODER")
+    if forced:
+        if forced not in ENCODER_KINDS:
+            raise ValueError(f"MINI_OMNI_ENCODER={forced!r}; choose one of {ENCODER_KINDS}")
+        return forced
+    if len(kinds) == 1:
+        return kinds[0]
+    return measured_once({"encoder": shape, "kinds": list(kinds)},
+                         lambda: {"kind": choose_encoder_kind(measure_encoder_kinds(shape, kinds))})["kind"]
+
+
+def choose_encoder_kind(seconds: dict[str, float]) -> str:
+    """The fastest kind; the fallback (int8, leaner and measured by the decode step too) wins ties."""
+    fallback = ENCODER_KINDS[0]
+    return min(seconds, key=lambda kind: seconds[kind] * (1 if kind == fallback else TIE_MARGIN))
+
+
+def measure_encoder_kinds(shape: dict[str, int], kinds: tuple[str, ...]) -> dict[str, float]:
+    """Fastest pass (seconds) of one random encoder block of `shape`, over a whole window, per kind, interleaved."""
+    generator = torch.Generator().manual_seed(0)  # the values do not matter; torch's global RNG stays untouched
+    with torch.device("meta"):
+        fp32 = EncoderBlock(shape["n_audio_state"], shape["n_audio_head"])
+    fp32 = fp32.to_empty(device="cpu").eval()
+    for param in fp32.parameters():
+        param.data.normal_(0, MEASURE_WEIGHT_STD, generator=generator)
+    x = torch.randn(1, shape["n_audio_ctx"], shape["n_audio_state"], generator=generator)
+    blocks = {kind: _block_as(fp32, kind) for kind in kinds}
+    best = {kind: float("inf") for kind in kinds}
+    inputs = {kind: x.to(ENCODER_DTYPES[kind]) for kind in kinds}
+    with torch.inference_mode():
+        for _ in range(TUNE_ROUNDS):
+            for kind, block in blocks.items():
+                start = time.perf_counter()
+                block(inputs[kind])
+                best[kind] = min(best[kind], time.perf_counter() - start)
+    return best
+
+
+def _block_as(block: EncoderBlock, kind: str) -> nn.Module:
+    block = copy.deepcopy(block).to(ENCODER_DTYPES[kind])
+    if kind == "int8":
+        _int8_linears(block)
+    return block
+
+
+def _int8_linears(module: nn.Module) -> None:
+    """Every `nn.Linear` of `module` as an `Int8Linear`."""
+    reduce_range = not has_vnni()  # decided here once for the whole module
+    install(module, lambda linear: Int8Linear(linear.weight, linear.bias, reduce_range))
 
 
 def _group(weight: torch.Tensor) -> str:
@@ -106,11 +184,21 @@ def _install_int8(model: OmniLM) -> None:
 
     Afterwards no tensor refers to the memory-mapped fp32 checkpoint, so its pages leave memory.
     """
-    reduce_range = not has_vnni()
     weight = model.transformer.wte.weight.detach()
-    model.lm_head = Int8Head(weight, reduce_range)
+    model.lm_head = Int8Head(weight, reduce_range=not has_vnni())
     model.transformer.wte = Int8Embedding(weight)
     del weight
     _detach_vectors(model)
-    install(model, lambda linear: Int8Linear(linear.weight, linear.bias, reduce_range))
+    _int8_linears(model)
     gc.collect()  # the swapped-out fp32 modules sit in reference cycles that hold the file's mapping
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed while loading (the int8 conversion's temporaries, the fp16 -> fp32
+    copies) back to the OS: glibc keeps freed pages inside its heap until asked. A no-op elsewhere."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)

@@ -61,7 +61,10 @@ class EncoderBlock(nn.Module):
 
 
 class WhisperEncoder(nn.Module):
-    """Log-mel `(B, n_mels, 2n)` -> features `(B, n, n_state)`; Whisper (and the exact mode) uses n = 1500."""
+    """Log-mel `(B, n_mels, 2n)` -> fp32 features `(B, n, n_state)`; Whisper (and the exact mode) uses n = 1500.
+
+    It computes in the dtype of its weights: fp32 (exact), or bf16 where fast mode chose it.
+    """
 
     def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int) -> None:
         super().__init__()
@@ -75,33 +78,49 @@ class WhisperEncoder(nn.Module):
     def n_state(self) -> int:
         return self.ln_post.weight.numel()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv1.weight.dtype
+
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         return drain(self.stages(mel))
 
     def stages(self, mel: torch.Tensor) -> Generator[None, None, torch.Tensor]:
         """`forward` in units, yielding after the convolutions and after each block (a scheduler runs
         other requests' decode steps in between); returns the features."""
-        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv1(mel.to(self.dtype)))
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)  # (B, n_ctx, n_state); n_ctx = 1500 for 30 s
         assert x.size(1) <= self.positional_embedding.size(0), f"mel gives {tuple(x.shape)}, more than 30 s"
         x = x + self.positional_embedding[: x.size(1)]
         for block in self.blocks:
             yield
             x = block(x)
-        return self.ln_post(x)
+        return self.ln_post(x).float()
 
 
-def load_whisper_encoder(path: str | Path, device: torch.device) -> WhisperEncoder:
-    """Load the encoder half of an openai-whisper file, in fp32 (the file's fp16 values, upcast).
-
-    openai-whisper loads its fp16 file into an fp32 model the same way, so the numbers agree.
-    """
+def _read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The model dimensions and the encoder's (memory-mapped) tensors of an openai-whisper file."""
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         dims = ckpt["dims"]
         state = {k[len(ENCODER_PREFIX):]: v for k, v in ckpt["model_state_dict"].items() if k.startswith(ENCODER_PREFIX)}
     except (OSError, RuntimeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not an openai-whisper checkpoint ({e})") from e
+    return dims, state
+
+
+def encoder_shape(path: str | Path) -> dict[str, int]:
+    """The encoder's `n_audio_*` dimensions (ctx, state, head, layer), without loading its weights."""
+    return {k: v for k, v in _read(path)[0].items() if k.startswith("n_audio_")}
+
+
+def load_whisper_encoder(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> WhisperEncoder:
+    """Load the encoder half of an openai-whisper file, in fp32 (the file's fp16 values, upcast) or `dtype`.
+
+    openai-whisper loads its fp16 file into an fp32 model the same way, so the numbers agree. Each
+    tensor is converted straight from the file, so no fp32 copy exists on the way to bf16.
+    """
+    dims, state = _read(path)
     with torch.device("meta"):
         encoder = WhisperEncoder(dims["n_mels"], dims["n_audio_ctx"], dims["n_audio_state"],
                                  dims["n_audio_head"], dims["n_audio_layer"])
@@ -109,5 +128,5 @@ def load_whisper_encoder(path: str | Path, device: torch.device) -> WhisperEncod
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise CheckpointError(f"{path}: whisper encoder keys differ (missing {missing[:5]}, unexpected {extra[:5]})")
-    encoder.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    encoder.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return encoder.to(device).eval()
