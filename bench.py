@@ -253,14 +253,16 @@ def fidelity_part(engine, args: argparse.Namespace, audio: dict, samples) -> dic
 
 
 def products_summary(engine) -> dict:
-    """The product formulations chosen at load, per weight shape of a block and for the head."""
-    from omni.linear import DenseLinear
+    """The product formulations chosen at load, per weight shape of a block and for the head, and the encoder's kind."""
+    from omni.linear import DenseLinear, Int8Linear
 
     model = engine.model
     plans = {"x".join(map(str, m.weight.shape)): "/".join(m.products.by_rows)
              for m in model.transformer.h[0].modules() if isinstance(m, DenseLinear)}
     if hasattr(model.lm_head, "products"):
         plans["head"] = "/".join(model.lm_head.products.by_rows) + f" {model.lm_head.products.head}"
+    int8 = any(isinstance(m, Int8Linear) for m in engine.whisper.modules())
+    plans["whisper"] = "int8" if int8 else str(engine.whisper.dtype).removeprefix("torch.")
     return plans
 
 

@@ -88,3 +88,18 @@ def test_a_formulation_can_be_forced(monkeypatch):
     monkeypatch.setenv("MINI_OMNI_PRODUCTS", "blas")
     with pytest.raises(ValueError, match="MINI_OMNI_PRODUCTS"):
         tune_products({"a": [torch.randn(4, 4)]})
+
+
+def test_int8_forward_is_the_per_row_formula():
+    """The lean forward computes exactly: rows at unit max-abs plus a [+1, -1] anchor row through fbgemm,
+    rows scaled back, bias added."""
+    torch.manual_seed(3)
+    w, b = torch.randn(40, 24), torch.randn(40)
+    layer = Int8Linear(w, b, reduce_range=False)
+    x = torch.randn(5, 24) * 3
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    anchor = torch.zeros(1, 24)
+    anchor[0, :2] = torch.tensor([1.0, -1.0])
+    expected = torch.ops.quantized.linear_dynamic(torch.cat([x / amax, anchor]), layer._packed, False)[:-1] * amax + b
+    assert torch.equal(layer(x), expected)
+    assert torch.equal(layer(x.view(1, 5, 24)), expected.view(1, 5, 40))
