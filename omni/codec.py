@@ -161,6 +161,7 @@ class SnacCodec:
             raise CheckpointError(f"SNAC weights in {snac_dir} do not match its config: "
                                   f"missing {missing[:5]}, unexpected {extra[:5]}")
         model.load_state_dict(state)
+        del model.encoder  # answers are only decoded: SNAC's encoder (a third of its weights) never runs
         return cls(model.to(device).eval(), device)
 
     @torch.inference_mode()

@@ -93,3 +93,9 @@ def test_snac_refuses_foreign_weights(tiny_ckpt, tmp_path):
 def test_special_tokens_in_a_frame_do_not_crash(tiny_ckpt):
     codec = SnacCodec.from_dir(tiny_ckpt / SNAC_DIR, torch.device("cpu"))
     assert len(codec.decode([(EOA, 1, 2, 3, 4, 5, 4159)])) == 2048 * 2
+
+
+def test_the_codec_keeps_only_what_decoding_needs(engine):
+    """SNAC's encoder never runs (answers are decoded, not encoded), so it is not kept in memory."""
+    assert not hasattr(engine.codec.model, "encoder")
+    assert engine.codec.model.decoder is not None and engine.codec.model.quantizer is not None
