@@ -31,13 +31,16 @@ import torch.nn as nn
 from .linear import (TIE_MARGIN, TUNE_ROUNDS, DenseHead, DenseLinear, Int8Embedding, Int8Head, Int8Linear, Products,
                      has_bf16, has_vnni, install, measured_once, tune_products)
 from .model import OmniLM
-from .whisper import EncoderBlock, WhisperEncoder, encoder_shape, load_whisper_encoder
+from .whisper import EncoderBlock, RowChunks, WhisperEncoder, encoder_shape, load_whisper_encoder
 
 # How fast mode's Whisper encoder computes: int8 blocks (fbgemm, any x86 CPU; convolutions and
 # attention in fp32) or bf16 throughout (oneDNN on the CPU's bf16 units). The first is the fallback.
 ENCODER_KINDS = ("int8", "bf16")
 ENCODER_DTYPES = {"fp32": torch.float32, "int8": torch.float32, "bf16": torch.bfloat16}
 MEASURE_WEIGHT_STD = 0.02  # the random block timed for the choice: weights of a trained model's scale
+# int8 encoder MLP positions per chunk: 512 x 3072 fp32 hidden (6 MB) stays in cache; 1.25x faster than the
+# whole 1500-position window on the AMD EPYC, same bits (int8 rows are independent), a third of the transient.
+INT8_MLP_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def load_whisper(path: str | Path, device: torch.device, runtime: Runtime) -> Wh
     kind = encoder_kind(runtime, encoder_shape(path))
     encoder = load_whisper_encoder(path, device, ENCODER_DTYPES[kind])
     if kind == "int8":
-        _int8_linears(encoder.blocks)
+        for block in encoder.blocks:
+            _int8_block(block)
     return encoder
 
 
@@ -144,8 +148,13 @@ def measure_encoder_kinds(shape: dict[str, int], kinds: tuple[str, ...]) -> dict
 def _block_as(block: EncoderBlock, kind: str) -> nn.Module:
     block = copy.deepcopy(block).to(ENCODER_DTYPES[kind])
     if kind == "int8":
-        _int8_linears(block)
+        _int8_block(block)
     return block
+
+
+def _int8_block(block: EncoderBlock) -> None:
+    _int8_linears(block)
+    block.mlp = RowChunks(block.mlp, INT8_MLP_ROWS)
 
 
 def _int8_linears(module: nn.Module) -> None:

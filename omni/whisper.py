@@ -46,6 +46,22 @@ class SelfAttention(nn.Module):
         return self.out(y.permute(0, 2, 1, 3).flatten(start_dim=2))
 
 
+class RowChunks(nn.Module):
+    """A position-wise module applied to `rows` positions at a time: `(B, T, C)` -> `(B, T, C')`.
+
+    The same numbers wherever each row's result depends on that row alone (fast mode's int8 MLP),
+    while the wide hidden layer of a chunk stays in cache and its transient memory shrinks T/rows-fold.
+    """
+
+    def __init__(self, module: nn.Module, rows: int) -> None:
+        super().__init__()
+        self.module = module
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.module(x[:, i:i + self.rows]) for i in range(0, x.size(1), self.rows)], dim=1)
+
+
 class EncoderBlock(nn.Module):
     def __init__(self, n_state: int, n_head: int) -> None:
         super().__init__()

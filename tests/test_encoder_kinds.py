@@ -11,7 +11,7 @@ from omni.audio import load_audio, log_mel, pad_or_trim, N_SAMPLES
 from omni.checkpoint import WHISPER_FILE
 from omni.linear import Int8Linear
 from omni.runtime import MODES, choose_encoder_kind, encoder_kind, encoder_kinds, load_whisper
-from omni.whisper import encoder_shape, load_whisper_encoder
+from omni.whisper import EncoderBlock, RowChunks, encoder_shape, load_whisper_encoder
 
 NO_BF16 = {"model": "a CPU without bf16 units", "flags": ["avx2", "avx512f", "avx512_vnni"]}
 BF16 = {"model": "a CPU with bf16 units", "flags": ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"]}
@@ -112,3 +112,14 @@ def test_a_kind_can_be_forced_and_is_checked(monkeypatch, cpu):
     monkeypatch.setenv("MINI_OMNI_ENCODER", "fp16")
     with pytest.raises(ValueError, match="MINI_OMNI_ENCODER"):
         encoder_kind(MODES["fast"], shape)
+
+
+def test_int8_mlp_in_row_chunks_gives_the_same_bits():
+    """int8 rows are quantized one by one, so the MLP may run a few positions at a time (for the cache)."""
+    torch.manual_seed(4)
+    block = EncoderBlock(32, 2).eval()
+    runtime._int8_block(block)
+    assert isinstance(block.mlp, RowChunks)
+    x = torch.randn(1, 2 * runtime.INT8_MLP_ROWS + 7, 32)  # chunks of unequal length
+    with torch.inference_mode():
+        assert torch.equal(block.mlp(x), block.mlp.module(x))
