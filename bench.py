@@ -47,6 +47,7 @@ CACHE_DIR_V2 = CACHE_DIR.with_name("bench-full-v2")
 FRAME_MS = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE * 1000  # audio per decode step: real time needs a step under this
 DEFAULT_STEPS = 40  # decode steps per request after the prompt
 PROBE_PASSES = 5  # streaming reads of a step's tensors; the fastest counts
+IDLE_WAIT_S, IDLE_POLL_S = 5.0, 0.01  # how long steady RSS waits for the engine to go idle, and how often it looks
 
 
 def rss_now_mb() -> float:
@@ -152,6 +153,9 @@ def timing(engine, args: argparse.Namespace, audio: dict, samples) -> dict:
              for _ in range(args.runs + 1)] if args.image else []
     runs = [one_request(engine, {**audio, **image}, max_tokens) for _ in range(args.runs + 1)]
     cold, warm = runs[0], runs[1:]
+    idle_by = time.perf_counter() + IDLE_WAIT_S  # steady: the engine idle again (its idle work done)
+    while not engine.scheduler.idle and time.perf_counter() < idle_by:
+        time.sleep(IDLE_POLL_S)
     steady_rss = rss_now_mb()  # before the floor's probe buffers, which are no part of serving
     floor = memory_floor(engine, prompt + args.steps // 2)
     steps = [s for r in warm for s in r["decode_steps_s"]]

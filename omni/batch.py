@@ -80,13 +80,17 @@ class BatchStats:
 
 
 class Scheduler:
-    """Runs up to `max_batch` requests at once on `model`; more wait in arrival order."""
+    """Runs up to `max_batch` requests at once on `model`; more wait in arrival order.
 
-    def __init__(self, model: OmniLM, max_batch: int) -> None:
+    `on_idle` runs on the scheduler's thread whenever its work runs out, before the thread exits.
+    """
+
+    def __init__(self, model: OmniLM, max_batch: int, on_idle: Callable[[], None] = lambda: None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         self.model = model
         self.max_batch = max_batch
+        self.on_idle = on_idle
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -109,6 +113,11 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        """No work and no thread (its `on_idle` done)."""
+        return self._thread is None
 
     def _run(self) -> None:
         try:
@@ -138,6 +147,8 @@ class Scheduler:
                 self._active.append(job)
             self.stats.active = len(self._active)
             if not self._active:
+                # under the lock, so a request submitted meanwhile waits for it (then starts a new thread)
+                self.on_idle()
                 self._thread = None
                 return False
             return True

@@ -203,9 +203,14 @@ def _install_int8(model: OmniLM) -> None:
 
 
 def release_freed_memory() -> None:
-    """Give the heap pages freed while loading (the int8 conversion's temporaries, the fp16 -> fp32
-    copies) back to the OS: glibc keeps freed pages inside its heap until asked. A no-op elsewhere."""
+    """After loading: collect the swapped-out modules, then give the heap pages freed on the way (the
+    int8 conversion's temporaries, the fp16 -> fp32 copies) back to the OS."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the OS (glibc keeps them until asked; ~10 ms). A no-op elsewhere."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc

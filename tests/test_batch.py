@@ -160,3 +160,16 @@ def test_the_scheduler_thread_ends_when_idle(engine, sample_wav):
     while engine.scheduler.active or engine.scheduler._thread is not None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_the_idle_work_runs_once_each_time_the_work_runs_out(engine, sample_wav, monkeypatch):
+    """The engine gives freed heap pages back when no request is left (`on_idle`), not between steps."""
+    calls = []
+    monkeypatch.setattr(engine.scheduler, "on_idle", lambda: calls.append(engine.scheduler.active))
+    for expected in (1, 2):
+        engine.run(sample_wav, max_tokens=100)
+        deadline = time.monotonic() + 30
+        while not engine.scheduler.idle:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert calls == [0] * expected
