@@ -106,12 +106,12 @@ def encoder_kind(runtime: Runtime, shape: dict[str, int]) -> str:
     block of `shape`, measured once per machine and cached (`MINI_OMNI_ENCODER=int8|bf16` forces one)."""
     if not runtime.int8:
         return "fp32"
-    kinds = encoder_kinds()
     forced = os.environ.get("MINI_OMNI_ENCODER")
     if forced:
         if forced not in ENCODER_KINDS:
             raise ValueError(f"MINI_OMNI_ENCODER={forced!r}; choose one of {ENCODER_KINDS}")
         return forced
+    kinds = encoder_kinds()
     if len(kinds) == 1:
         return kinds[0]
     return measured_once({"encoder": shape, "kinds": list(kinds)},
@@ -119,7 +119,7 @@ def encoder_kind(runtime: Runtime, shape: dict[str, int]) -> str:
 
 
 def choose_encoder_kind(seconds: dict[str, float]) -> str:
-    """The fastest kind; the fallback (int8, leaner and measured by the decode step too) wins ties."""
+    """The fastest kind; on a tie (within TIE_MARGIN) the fallback, int8, whose weights take half the memory."""
     fallback = ENCODER_KINDS[0]
     return min(seconds, key=lambda kind: seconds[kind] * (1 if kind == fallback else TIE_MARGIN))
 
@@ -153,6 +153,7 @@ def _block_as(block: EncoderBlock, kind: str) -> nn.Module:
 
 
 def _int8_block(block: EncoderBlock) -> None:
+    """An encoder block's linears as int8, its MLP run in chunks of positions."""
     _int8_linears(block)
     block.mlp = RowChunks(block.mlp, INT8_MLP_ROWS)
 
