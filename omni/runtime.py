@@ -211,9 +211,13 @@ def release_freed_memory() -> None:
 
 
 def trim_heap() -> None:
-    """Return the heap's free pages to the OS (glibc keeps them until asked; ~10 ms). A no-op elsewhere."""
+    """Return the heap's free pages to the OS (glibc keeps them until asked; ~10 ms). A no-op elsewhere.
+
+    Called holding the GIL (PyDLL): a daemon thread that released it here could be torn down mid-call
+    by the interpreter's exit, which aborts the process.
+    """
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        trim = ctypes.PyDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc
         return
     trim(0)
