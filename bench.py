@@ -47,7 +47,6 @@ CACHE_DIR_V2 = CACHE_DIR.with_name("bench-full-v2")
 FRAME_MS = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE * 1000  # audio per decode step: real time needs a step under this
 DEFAULT_STEPS = 40  # decode steps per request after the prompt
 PROBE_PASSES = 5  # streaming reads of a step's tensors; the fastest counts
-IDLE_WAIT_S, IDLE_POLL_S = 5.0, 0.01  # how long steady RSS waits for the engine to go idle, and how often it looks
 
 
 def rss_now_mb() -> float:
@@ -153,9 +152,6 @@ def timing(engine, args: argparse.Namespace, audio: dict, samples) -> dict:
              for _ in range(args.runs + 1)] if args.image else []
     runs = [one_request(engine, {**audio, **image}, max_tokens) for _ in range(args.runs + 1)]
     cold, warm = runs[0], runs[1:]
-    idle_by = time.perf_counter() + IDLE_WAIT_S  # steady: the engine idle again (its idle work done)
-    while not engine.scheduler.idle and time.perf_counter() < idle_by:
-        time.sleep(IDLE_POLL_S)
     steady_rss = rss_now_mb()  # before the floor's probe buffers, which are no part of serving
     floor = memory_floor(engine, prompt + args.steps // 2)
     steps = [s for r in warm for s in r["decode_steps_s"]]
@@ -179,40 +175,33 @@ def timing(engine, args: argparse.Namespace, audio: dict, samples) -> dict:
 
 
 def concurrent_answers(engine, audio: dict, max_tokens: int, n: int) -> dict:
-    """`n` answers to the question asked at the same moment, each consumed on its own thread."""
-    import threading
-
-    before = {b: (c, engine.scheduler.stats.step_seconds[b]) for b, c in engine.scheduler.stats.steps.items()}
-    runs: list[dict] = []
-
-    def answer() -> None:
-        start = time.perf_counter()
-        first = last = None
-        pcm = first_pcm = 0
-        for chunk in engine.stream(**audio, max_tokens=max_tokens):
-            if chunk.pcm:
-                last = time.perf_counter() - start
-                if first is None:
-                    first, first_pcm = last, len(chunk.pcm)
-                pcm += len(chunk.pcm)
-        after_first_s = (pcm - first_pcm) / 2 / OUTPUT_SAMPLE_RATE
-        runs.append({"first_chunk_s": first, "audio_s": pcm / 2 / OUTPUT_SAMPLE_RATE,
-                     "rtf": (last - first) / after_first_s if after_first_s else float("nan")})
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=answer) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    """`n` answers to the question asked at the same moment, read in turn by one thread as the server's
+    engine thread reads its requests' chunks (each `next` runs the batch until that answer has one)."""
     stats = engine.scheduler.stats
+    before = {b: (c, stats.step_seconds[b]) for b, c in stats.steps.items()}
+    start = time.perf_counter()
+    streams = [engine.stream(**audio, max_tokens=max_tokens) for _ in range(n)]
+    runs = [{"first": None, "last": None, "pcm": 0, "first_pcm": 0} for _ in range(n)]
+    live = set(range(n))
+    while live:
+        for i in sorted(live):
+            chunk = next(streams[i], None)
+            if chunk is None:
+                live.discard(i)
+            elif chunk.pcm:
+                r = runs[i]
+                r["last"] = time.perf_counter() - start
+                if r["first"] is None:
+                    r["first"], r["first_pcm"] = r["last"], len(chunk.pcm)
+                r["pcm"] += len(chunk.pcm)
+    wall = time.perf_counter() - start
     c0, s0 = before.get(n, (0, 0.0))
     full_steps = stats.steps.get(n, 0) - c0
-    first = [r["first_chunk_s"] for r in runs]
+    rtf = [(r["last"] - r["first"]) / ((r["pcm"] - r["first_pcm"]) / 2 / OUTPUT_SAMPLE_RATE) for r in runs]
+    first = [r["first"] for r in runs]
     return {"answers": n, "step_ms": (stats.step_seconds.get(n, 0.0) - s0) / full_steps * 1000 if full_steps else None,
-            "full_batch_steps": full_steps, "rtf_p50": p([r["rtf"] for r in runs], 0.5),
-            "rtf_worst": max(r["rtf"] for r in runs), "audio_per_wall_s": sum(r["audio_s"] for r in runs) / wall,
+            "full_batch_steps": full_steps, "rtf_p50": p(rtf, 0.5), "rtf_worst": max(rtf),
+            "audio_per_wall_s": sum(r["pcm"] for r in runs) / 2 / OUTPUT_SAMPLE_RATE / wall,
             "first_chunk_p50_s": p(first, 0.5), "first_chunk_p90_s": p(first, 0.9), "wall_s": wall}
 
 

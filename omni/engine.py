@@ -169,7 +169,7 @@ class OmniEngine:
         self.vision = self._load_vision() if self.config.vision_adapter_dim else None
         release_freed_memory()
         # Whenever no request is left, the pages the last ones freed (encoder activations, mostly) go back
-        # to the OS: ~10 ms on the idle scheduler thread; the next request refills them unmeasurably fast.
+        # to the OS: ~10 ms on the thread that ran the last turn; the next request refills them unmeasurably fast.
         max_batch = max_batch or DEFAULT_MAX_BATCH.get(self._device.type, FALLBACK_MAX_BATCH)
         self.scheduler = Scheduler(self.model, max_batch, on_idle=trim_heap)
         self.last_timings: Timings | None = None  # where the latest request's time went
@@ -352,7 +352,7 @@ class OmniEngine:
         job = self.scheduler.submit(Job(setup, answer.step, answer.end, cancel, timings.decode_steps.append))
         text = TextStream(self.tokenizer)
         try:
-            while (piece := answer.pieces.get()) is not None:
+            while (piece := self._next_piece(answer)) is not None:
                 if isinstance(piece, BaseException):
                     raise piece
                 pcm, steps, final = piece
@@ -362,7 +362,12 @@ class OmniEngine:
                 if not final or pcm or delta or steps:
                     yield OmniChunk(pcm, delta, steps)
         finally:
-            job.close()
+            self.scheduler.close(job)
+
+    def _next_piece(self, answer: _Answer) -> tuple | BaseException | None:
+        """The answer's next piece, running the batch's turns on this thread until there is one."""
+        self.scheduler.drive_until(lambda: not answer.pieces.empty())
+        return answer.pieces.get_nowait()
 
     def _setup(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None, pixels: torch.Tensor | None,
                cfg: GenerationConfig, timings: Timings, submitted: float) -> Setup:

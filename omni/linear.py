@@ -34,9 +34,9 @@ SPLIT_PARTS = ("text", "audio")  # "all" is both, in this order
 INT8_MAX = 127
 ANCHOR = (1.0, -1.0)  # Int8Linear's extra input row: pins the kernel's one quantization range to [-1, 1]
 FORMULATIONS = ("linear", "wxt", "onednn")  # "linear" first: the official formulation wins ties
-# Row counts measured: one request (1 or 2 rows) up to a batch of requests; n rows use the plan of the
-# smallest measured count >= n, more than the last use F.linear (a prefill chunk is compute-bound).
-TUNED_ROWS = (1, 2, 4, 8)
+# Row counts measured: one request (1 or 2 rows), a batch of requests (4, 8) and a prefill chunk (32, the
+# PREFILL_CHUNK of generate.py); n rows use the plan of the smallest measured count >= n, more use F.linear.
+TUNED_ROWS = (1, 2, 4, 8, 32)
 TUNE_BYTES = 48 << 20  # weights read per timing pass and group: more than a big L3 cache, so it measures DRAM
 TUNE_ROUNDS = 4  # interleaved passes per candidate; the fastest pass counts (other load only slows one)
 TIE_MARGIN = 1.03  # a candidate must beat "linear" by 3% to replace it

@@ -52,19 +52,25 @@ def test_int8_rows_are_quantized_one_by_one(reduce_range):
 
 
 def test_ties_keep_the_official_formulation():
-    times = {"linear": {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}, "wxt": {1: 0.99, 2: 0.5, 4: 1.2, 8: 1.5},
-             "onednn": {1: 1.0, 2: 0.9, 4: 0.6, 8: 0.7}}
+    times = {"linear": {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 32: 1.0}, "wxt": {1: 0.99, 2: 0.5, 4: 1.2, 8: 1.5, 32: 2},
+             "onednn": {1: 1.0, 2: 0.9, 4: 0.6, 8: 0.7, 32: 0.99}}
     plan = choose_products(times)
-    assert plan.by_rows == ("linear", "wxt", "onednn", "onednn")
+    assert plan.by_rows == ("linear", "wxt", "onednn", "onednn", "linear")
     assert plan.head == "full"  # both rows at once stream faster than one row at a time
-    slow_two = {"linear": {1: 0.3, 2: 1.0, 4: 1, 8: 1}, "wxt": {1: 0.4, 2: 0.9, 4: 1, 8: 1}}
+    slow_two = {"linear": {1: 0.3, 2: 1.0, 4: 1, 8: 1, 32: 1}, "wxt": {1: 0.4, 2: 0.9, 4: 1, 8: 1, 32: 1}}
     assert choose_products(slow_two).head == "parts"
 
 
 def test_row_counts_use_the_plan_of_the_next_measured_count():
-    plan = Products(("wxt", "linear", "onednn", "wxt"))
-    assert [plan.formulation(n) for n in (1, 2, 3, 4, 5, 8, 9, 32)] == [
-        "wxt", "linear", "onednn", "onednn", "wxt", "wxt", "linear", "linear"]
+    plan = Products(("wxt", "linear", "onednn", "wxt", "onednn"))
+    assert [plan.formulation(n) for n in (1, 2, 3, 4, 5, 8, 9, 32, 33)] == [
+        "wxt", "linear", "onednn", "onednn", "wxt", "wxt", "onednn", "onednn", "linear"]
+
+
+def test_a_prefill_chunk_is_a_measured_row_count():
+    from omni.generate import PREFILL_CHUNK
+
+    assert PREFILL_CHUNK in TUNED_ROWS
 
 
 def test_the_choice_is_measured_once_then_cached(tmp_path, monkeypatch):
