@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"], help=MODE_HELP)
     p.add_argument("--max-batch", type=int, default=None,
-                   help="requests decoded together in one batch (default: 4 on CPU, 32 on a GPU)")
+                   help="requests decoded together in one batch (default: 2 on CPU, 32 on a GPU)")
     p.add_argument("--max-queue", type=int, default=4, help="requests that may wait behind the running ones")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,

@@ -36,10 +36,10 @@ WARMUP_SECONDS = 1.0
 WARMUP_TONE_HZ = 220.0
 WARMUP_LEVEL = 0.3
 WARMUP_STEPS = 12  # enough decode steps for one audio chunk
-# Requests decoding together (`max_batch`), by device: on a 2-core CPU a decode step of 4 requests
-# costs little more than one (memory-bound); a GPU has room for dozens (README, "Many at once").
-DEFAULT_MAX_BATCH = {"cpu": 4, "cuda": 32}
-FALLBACK_MAX_BATCH = 4
+# Requests decoding together (`max_batch`), by device: on a 2-core CPU a step of 2 requests cost 1.05x one,
+# of 4 requests 2.2x (bench.py --concurrency, README "Many at once"); a GPU has room for dozens (not measured).
+DEFAULT_MAX_BATCH = {"cpu": 2, "cuda": 32}
+FALLBACK_MAX_BATCH = 2
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level BPE decode shows for a cut UTF-8 sequence
 
 Cancel = threading.Event | Callable[[], bool] | None

@@ -28,9 +28,6 @@ BETA_HEADER = "realtime=v1"  # OpenAI-Beta header value of the beta protocol
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"  # the same, as a WebSocket subprotocol (browsers)
 SUBPROTOCOL = "realtime"
 DEFAULT_MAX_SESSIONS = 4
-# A live answer's first audio delta after one frame (7 decode steps) instead of the official 4 (10 steps):
-# 3 decode steps sooner; later deltas keep the official stride. `/chat` gets the same with `first_stride=1`.
-REALTIME_FIRST_STRIDE = 1
 
 # The access check: WSGI environ -> (HTTP status, reason) to refuse, or None. server.py plugs in the policy.
 AccessCheck = Callable[[dict], "tuple[int, str] | None"]
@@ -76,7 +73,7 @@ class ServiceRunner:
         try:
             chunks = engine.stream(job.audio, text=job.text, task=task, image=job.image,
                                    sample_rate=INPUT_SAMPLE_RATE if job.audio is not None else None, cancel=job.cancel,
-                                   max_tokens=max(max_tokens, prompt + 1), first_stride=REALTIME_FIRST_STRIDE)
+                                   max_tokens=max(max_tokens, prompt + 1))
         except ValueError as e:
             return JobEnd(job.key, "failed", str(e))
         admitted = self.service.admit()

@@ -66,7 +66,7 @@ def batch_sizes(engine: OmniEngine) -> set[int]:
 
 @pytest.mark.parametrize("ckpt", ["tiny", "stop"])
 def test_five_tasks_at_once_give_the_official_tokens(request, ckpt):
-    """All five tasks decoding together (four at a time: one joins mid-stream) give the official goldens."""
+    """All five tasks decoding together (max_batch at a time: the others join mid-stream) give the official goldens."""
     engine = request.getfixturevalue("engine" if ckpt == "tiny" else "stop_engine")
     golden = GOLDEN["checkpoints"][ckpt]
     tasks = ["A1A2", "T1A2", "A1T2", "T1T2", "ASR"]
@@ -74,7 +74,7 @@ def test_five_tasks_at_once_give_the_official_tokens(request, ckpt):
     for task, result in zip(tasks, results):
         assert not isinstance(result, Exception), result
         assert result.streams == golden["streams"][task], task
-    assert max(batch_sizes(engine)) == engine.scheduler.max_batch == 4
+    assert max(batch_sizes(engine)) == engine.scheduler.max_batch
 
 
 def test_a_cancelled_request_leaves_the_others_unchanged(engine):

@@ -19,7 +19,6 @@ import pytest
 
 from omni.engine import prompt_length
 from omni.tokens import Task
-from serving.realtime_ws import REALTIME_FIRST_STRIDE
 from realtime.signal import Resampler, float_to_pcm, pcm_to_float
 from tests.conftest import IMAGE, ROOT
 from tests.http_client import Server
@@ -117,10 +116,9 @@ def metric(server: Server, name: str, headers: dict | None = None) -> float:
 
 
 def chat_answer(server: Server, samples: np.ndarray, steps: int, image: bytes | None = None) -> tuple[bytes, str]:
-    """The /chat answer to the same 16 kHz samples, bounded to the same number of decode steps, on the
-    schedule of a realtime answer (its first chunk one frame long)."""
+    """The /chat answer to the same 16 kHz samples, bounded to the same number of decode steps."""
     prompt = prompt_length(Task.A1A2, samples, None, image is not None)
-    fields = {"max_tokens": prompt + steps, "first_stride": REALTIME_FIRST_STRIDE}
+    fields = {"max_tokens": prompt + steps}
     if image is not None:
         fields["image"] = b64(image)
     status, headers, body = server.chat(wav_bytes(samples), **fields)

@@ -236,7 +236,7 @@ def test_metrics(server):
     for line in ('omni_requests_total{outcome="completed"}', 'omni_requests_total{outcome="bad_request"}',
                  "omni_time_to_first_chunk_seconds_bucket", "omni_real_time_factor_count", "omni_queue_depth",
                  "omni_in_flight", "process_resident_memory_bytes", "omni_queue_wait_seconds_count",
-                 "omni_max_batch 4.0", "omni_batch_requests", 'omni_decode_steps_total{batch="1"}',
+                 "omni_max_batch 2.0", "omni_batch_requests", 'omni_decode_steps_total{batch="1"}',
                  'omni_decode_step_seconds_total{batch="1"}'):
         assert line in text
 
