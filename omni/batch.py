@@ -51,30 +51,22 @@ class Job:
     on_end: Callable[[BaseException | None, bool], None]
     cancel: Callable[[], bool] = lambda: False
     on_decode_time: Callable[[float], None] = lambda seconds: None
-    submitted: float = field(default_factory=time.perf_counter)
-    started: float | None = None  # when the scheduler first ran a unit of it
     sequence: Sequence | None = None
     closed: bool = False
 
 
 @dataclass
 class BatchStats:
-    """Decode steps by batch size (requests decoding together), and queue waits."""
+    """Decode steps and their time by batch size (requests decoding together), and admissions."""
 
     steps: dict[int, int] = field(default_factory=dict)
     step_seconds: dict[int, float] = field(default_factory=dict)
-    rows: dict[int, int] = field(default_factory=dict)  # batch size -> model rows of its latest step
-    queue_wait_seconds: float = 0.0
-    queue_waits: int = 0
+    queue_waits: int = 0  # requests admitted into the batch so far
     active: int = 0  # requests in the scheduler now (setting up or decoding)
 
-    def step(self, batch: int, rows: int, seconds: float) -> None:
+    def step(self, batch: int, seconds: float) -> None:
         self.steps[batch] = self.steps.get(batch, 0) + 1
         self.step_seconds[batch] = self.step_seconds.get(batch, 0.0) + seconds
-        self.rows[batch] = rows
-
-    def mean_step_seconds(self) -> dict[int, float]:
-        return {b: self.step_seconds[b] / n for b, n in sorted(self.steps.items())}
 
 
 class Scheduler:
@@ -169,11 +161,8 @@ class Scheduler:
                 self._waiting.remove(job)
                 job.on_end(None, False)
             while self._waiting and len(self._active) < self.max_batch:
-                job = self._waiting.popleft()
-                job.started = time.perf_counter()
-                self.stats.queue_wait_seconds += job.started - job.submitted
+                self._active.append(self._waiting.popleft())
                 self.stats.queue_waits += 1
-                self._active.append(job)
             self.stats.active = len(self._active)
             if self._active:
                 self._idle = False
@@ -240,7 +229,7 @@ class Scheduler:
                 self._end(job, e)
             return
         seconds = time.perf_counter() - start
-        self.stats.step(len(going), sum(job.sequence.rows for job in going), seconds)
+        self.stats.step(len(going), seconds)
         for job, step in zip(going, steps):
             job.on_decode_time(seconds)
             if step is None:

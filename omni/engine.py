@@ -39,7 +39,6 @@ WARMUP_STEPS = 12  # enough decode steps for one audio chunk
 # Requests decoding together (`max_batch`), by device: on a 2-core CPU a step of 2 requests cost 1.05x one,
 # of 4 requests 2.2x (bench.py --concurrency, README "Many at once"); a GPU has room for dozens (not measured).
 DEFAULT_MAX_BATCH = {"cpu": 2, "cuda": 32}
-FALLBACK_MAX_BATCH = 2
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level BPE decode shows for a cut UTF-8 sequence
 
 Cancel = threading.Event | Callable[[], bool] | None
@@ -170,7 +169,7 @@ class OmniEngine:
         release_freed_memory()
         # Whenever no request is left, the pages the last ones freed (encoder activations, mostly) go back
         # to the OS: ~10 ms on the thread that ran the last turn; the next request refills them unmeasurably fast.
-        max_batch = max_batch or DEFAULT_MAX_BATCH.get(self._device.type, FALLBACK_MAX_BATCH)
+        max_batch = max_batch or DEFAULT_MAX_BATCH.get(self._device.type, DEFAULT_MAX_BATCH["cpu"])
         self.scheduler = Scheduler(self.model, max_batch, on_idle=trim_heap)
         self.last_timings: Timings | None = None  # where the latest request's time went
 
