@@ -134,7 +134,9 @@ class CausalSelfAttention(nn.Module):
     """Grouped-query attention with litgpt's fused, group-interleaved QKV projection.
 
     The `qkv_size` outputs of `attn` are laid out `[group][q_0 .. q_{k-1}, key, value][head_size]`,
-    so query head `h` belongs to group `h // q_per_kv`.
+    so query head `h` belongs to group `h // q_per_kv`. A group's query heads attend as one
+    sequence of `q_per_kv * T` queries over the group's own keys and values, read in place from
+    the cache (no copy per query head).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -143,37 +145,41 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=False)
         self.config = config
 
-    def forward(self, x: torch.Tensor, segments: list[tuple[slice, KVCache | None, int, torch.Tensor, torch.Tensor]]
-                ) -> torch.Tensor:
-        """`x (B, T, C)`; each segment's rows attend through their own cache layer from their own
-        position (`(rows, cache, start, cos, sin)`, cos/sin already cut to its positions)."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                segments: list[tuple[slice, KVCache | None, int, torch.Tensor | None]]) -> torch.Tensor:
+        """`x (B, T, C)`; `rope`: each row's cos/sin `(B, 1, 1, T, hs)` (or `(T, hs)`, shared); each
+        segment's rows attend through their own cache layer from their own position,
+        `(rows, cache, start, mask)` (mask None: every key the cache returns)."""
         c = self.config
         B, T, _ = x.shape
         qkv = self.attn(x).view(B, T, c.n_query_groups, c.q_per_kv + 2, c.head_size)
         qkv = qkv.permute(0, 2, 3, 1, 4)  # (B, G, q_per_kv + 2, T, hs)
-        ys = [self._attend(qkv[rows], cache, start, cos, sin) for rows, cache, start, cos, sin in segments]
-        y = ys[0] if len(ys) == 1 else torch.cat(ys)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
+        qk = apply_rope(qkv[:, :, :c.q_per_kv + 1], *rope)  # queries and key, every row at once
+        v = qkv[:, :, c.q_per_kv + 1]
+        ys = [self._attend(qk[rows], v[rows], cache, start, mask) for rows, cache, start, mask in segments]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)  # (B, G, q_per_kv * T, hs), queries in (head, t) order
+        return self.proj(y.view(B, c.n_head, T, c.head_size).transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
 
-    def _attend(self, qkv: torch.Tensor, cache: KVCache | None, start: int, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
-        """One request's rows `qkv (b, G, q_per_kv + 2, T, hs)` -> attention output `(b, nh, T, hs)`."""
+    def _attend(self, qk: torch.Tensor, v: torch.Tensor, cache: KVCache | None, start: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """One request's rows: roped `qk (b, G, q_per_kv + 1, T, hs)`, `v (b, G, T, hs)` -> `(b, G, q_per_kv * T, hs)`."""
         c = self.config
-        b, _, _, T, _ = qkv.shape
-        q, k, v = qkv.split((c.q_per_kv, 1, 1), dim=2)
-        q = apply_rope(q.reshape(b, c.n_head, T, c.head_size), cos, sin)  # (b, nh, T, hs)
-        k = apply_rope(k.reshape(b, c.n_query_groups, T, c.head_size), cos, sin)  # (b, G, T, hs)
-        v = v.reshape(b, c.n_query_groups, T, c.head_size)
-        mask = None
+        b, G, _, T, hs = qk.shape
+        q = qk[:, :, :c.q_per_kv].reshape(b, G, c.q_per_kv * T, hs)
+        k = qk[:, :, c.q_per_kv]
         if cache is not None:
             k, v = cache.update(start, k, v)
-            positions = torch.arange(start, start + T, device=qkv.device)
-            mask = torch.arange(k.size(2), device=qkv.device)[None, :] <= positions[:, None]  # (T, S)
-        k = k.repeat_interleave(c.q_per_kv, dim=1)  # (b, nh, S, hs)
-        v = v.repeat_interleave(c.q_per_kv, dim=1)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(c.head_size), is_causal=mask is None
-        )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(c.head_size))
+
+
+def attention_mask(q_per_kv: int, start: int, T: int, span: int, device: torch.device) -> torch.Tensor | None:
+    """Which of `span` keys each grouped query `(head, t)` at position `start + t` sees: `(q_per_kv * T, span)`,
+    or None when that is every key (one new position over exactly the filled cache)."""
+    if T == 1 and span == start + 1:
+        return None
+    positions = torch.arange(start, start + T, device=device)
+    mask = torch.arange(span, device=device)[None, :] <= positions[:, None]  # (T, span)
+    return mask.repeat(q_per_kv, 1)
 
 
 class Block(nn.Module):
@@ -186,8 +192,8 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = SwiGLU(config.n_embd, config.intermediate_size, config.n_embd)
 
-    def forward(self, x: torch.Tensor, segments: list) -> torch.Tensor:
-        x = self.attn(self.norm_1(x), segments) + x
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: list) -> torch.Tensor:
+        x = self.attn(self.norm_1(x), rope, segments) + x
         return self.mlp(self.norm_2(x)) + x
 
 
@@ -282,13 +288,23 @@ class OmniLM(nn.Module):
         """Embedded inputs `x (B, T, C)` of several requests through the blocks: the linear layers
         see all rows at once (one read of the weights), attention each segment on its own.
         Returns `(B, T, C)` final-normed hidden states."""
-        T = x.size(1)
+        B, T, _ = x.shape
         cos, sin = self.rope()
         for seg in segments:
             if seg.cache is not None and seg.cache.rows < seg.rows.stop - seg.rows.start:
                 raise ValueError(f"a cache of {seg.cache.rows} rows cannot hold rows {seg.rows}")
-        cut = [(seg.rows, seg.cache, seg.start, cos[seg.start:seg.start + T], sin[seg.start:seg.start + T])
-               for seg in segments]
+        if len({seg.start for seg in segments}) == 1:
+            rope = cos[segments[0].start:segments[0].start + T], sin[segments[0].start:segments[0].start + T]
+        else:  # each row its own positions
+            rope = tuple(torch.cat([table[seg.start:seg.start + T].expand(seg.rows.stop - seg.rows.start, T, -1)
+                                    for seg in segments]).view(B, 1, 1, T, -1) for table in (cos, sin))
+        c = self.config
+        cut = []
+        for seg in segments:
+            span = T if seg.cache is None else seg.cache[0].span(seg.start + T)
+            offset = 0 if seg.cache is None else seg.start
+            cut.append((seg.rows, seg.cache, seg.start, attention_mask(c.q_per_kv, offset, T, span, x.device)))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, [(rows, None if cache is None else cache[i], start, c, s) for rows, cache, start, c, s in cut])
+            x = block(x, rope, [(rows, None if cache is None else cache[i], start, mask)
+                                for rows, cache, start, mask in cut])
         return self.transformer.ln_f(x)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from omni.config import ModelConfig
-from omni.model import OmniLM, Segment
+from omni.model import OmniLM, Segment, attention_mask
 
 TINY = ModelConfig(n_embd=64, n_layer=2, n_head=4, n_query_groups=2, head_size=16, intermediate_size=96,
                    whisper_adapter_dim=32)
@@ -87,7 +87,8 @@ def test_fused_qkv_matches_an_independent_computation(model):
     x = torch.randn(1, 9, TINY.n_embd)
     cos, sin = model.rope()
     with torch.no_grad():
-        ours = attn(x, [(slice(0, 1), None, 0, cos[:9], sin[:9])])
+        mask = attention_mask(TINY.q_per_kv, 0, 9, 9, x.device)
+        ours = attn(x, (cos[:9], sin[:9]), [(slice(0, 1), None, 0, mask)])
         ref = reference_attention(attn, x)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
