@@ -86,11 +86,12 @@ def step_tensors(engine, positions: int) -> list:
     import torch
 
     from omni.linear import DenseHead, Int8Head, Int8Linear
+    from omni.q8rows import Q8Head, Q8Linear
 
     model = engine.model
     reads: list = []
     for module in model.transformer.h.modules():
-        if isinstance(module, Int8Linear):
+        if isinstance(module, (Int8Linear, Q8Linear)):
             reads.append(module.weight_bytes)
         for param in module.parameters(recurse=False):
             reads.append(param.detach())
@@ -99,6 +100,8 @@ def step_tensors(engine, positions: int) -> list:
         reads.append(head.weight.detach())
     elif isinstance(head, Int8Head):
         reads += [part.weight_bytes for part in head.parts.values()]
+    elif isinstance(head, Q8Head):
+        reads.append(head.weight_bytes)
     span = model.config.block_size if engine.runtime.official_cost else positions  # the official cost reads the whole cache
     c = model.config
     kv_bytes = 2 * 2 * c.n_query_groups * span * c.head_size * torch.finfo(engine.dtype).bits // 8
@@ -249,12 +252,17 @@ def fidelity_part(engine, args: argparse.Namespace, audio: dict, samples) -> dic
 def products_summary(engine) -> dict:
     """The product formulations chosen at load, per weight shape of a block and for the head, and the encoder's kind."""
     from omni.linear import DenseLinear, Int8Linear
+    from omni.q8rows import Q8Linear
 
     model = engine.model
     plans = {"x".join(map(str, m.weight.shape)): "/".join(m.products.by_rows)
              for m in model.transformer.h[0].modules() if isinstance(m, DenseLinear)}
     if hasattr(model.lm_head, "products"):
         plans["head"] = "/".join(model.lm_head.products.by_rows) + f" {model.lm_head.products.head}"
+    if any(isinstance(m, Q8Linear) for m in model.modules()):
+        plans["int8"] = "q8rows"
+    elif any(isinstance(m, Int8Linear) for m in model.modules()):
+        plans["int8"] = "fbgemm"
     int8 = any(isinstance(m, Int8Linear) for m in engine.whisper.modules())
     plans["whisper"] = "int8" if int8 else str(engine.whisper.dtype).removeprefix("torch.")
     return plans

@@ -131,7 +131,7 @@ def by_part(x: torch.Tensor, parts: Sequence[str], multiply: Callable[[torch.Ten
     return out
 
 
-def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel: `(N, K)` -> int8 `(N, K)` and fp32 scales `(N,)`."""
     scale = weight.detach().float().abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX
     return torch.round(weight.detach().float() / scale[:, None]).to(torch.int8), scale
@@ -148,7 +148,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool) -> None:
         super().__init__()
-        q, scale = _int8_rows(weight)
+        q, scale = int8_rows(weight)
         zero = torch.zeros(q.size(0), dtype=torch.long)
         with warnings.catch_warnings():  # torch 2.13 marks quantized tensors deprecated; fbgemm still runs them
             warnings.simplefilter("ignore")
@@ -200,7 +200,7 @@ class Int8Embedding(nn.Module):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        q, scale = _int8_rows(weight)
+        q, scale = int8_rows(weight)
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
 

@@ -30,7 +30,9 @@ import torch.nn as nn
 
 from .linear import (TIE_MARGIN, TUNE_ROUNDS, DenseHead, DenseLinear, Int8Embedding, Int8Head, Int8Linear, Products,
                      has_bf16, has_vnni, install, measured_once, tune_products)
+from . import q8rows
 from .model import OmniLM
+from .q8rows import Q8Embedding, Q8Head, Q8Linear, Q8Table
 from .whisper import EncoderBlock, RowChunks, WhisperEncoder, encoder_shape, load_whisper_encoder
 
 # How fast mode's Whisper encoder computes: int8 blocks (fbgemm, any x86 CPU; convolutions and
@@ -38,6 +40,10 @@ from .whisper import EncoderBlock, RowChunks, WhisperEncoder, encoder_shape, loa
 ENCODER_KINDS = ("int8", "bf16")
 ENCODER_DTYPES = {"fp32": torch.float32, "int8": torch.float32, "bf16": torch.bfloat16}
 MEASURE_WEIGHT_STD = 0.02  # the random block timed for the choice: weights of a trained model's scale
+# Fast mode's int8 products: fbgemm (any x86 CPU; the fallback) or the q8rows kernel (AVX512-VNNI).
+INT8_KERNELS = ("fbgemm", "q8rows")
+INT8_TUNED_ROWS = (2, 8)  # a decode step of one A1A2 answer, of four
+INT8_TUNE_BYTES = 24 << 20  # int8 weights per timing pass: more than a big L3 cache, so it measures DRAM
 # int8 encoder MLP positions per chunk: 512 x 3072 fp32 hidden (6 MB) stays in cache; 1.25x faster than the
 # whole 1500-position window on the AMD EPYC, same bits (int8 rows are independent), a third of the transient.
 INT8_MLP_ROWS = 512
@@ -190,17 +196,71 @@ def _detach_vectors(module: nn.Module) -> None:
 
 
 def _install_int8(model: OmniLM) -> None:
-    """int8 blocks, adapters, head (its text and audio parts) and embedding.
+    """int8 blocks, adapters, head (its text and audio parts) and embedding, with the kernel chosen for
+    this CPU (`int8_kernel`); with q8rows the head and the embedding are one table.
 
     Afterwards no tensor refers to the memory-mapped fp32 checkpoint, so its pages leave memory.
     """
     weight = model.transformer.wte.weight.detach()
-    model.lm_head = Int8Head(weight, reduce_range=not has_vnni())
-    model.transformer.wte = Int8Embedding(weight)
+    kernel = int8_kernel(model.config.intermediate_size, model.config.n_embd)
+    if kernel == "q8rows":
+        table = Q8Table(weight)
+        model.lm_head, model.transformer.wte = Q8Head(table), Q8Embedding(table)
+    else:
+        model.lm_head = Int8Head(weight, reduce_range=not has_vnni())
+        model.transformer.wte = Int8Embedding(weight)
     del weight
     _detach_vectors(model)
-    _int8_linears(model)
+    if kernel == "q8rows":
+        install(model, lambda linear: Q8Linear(linear.weight, linear.bias))
+    else:
+        _int8_linears(model)
     gc.collect()  # the swapped-out fp32 modules sit in reference cycles that hold the file's mapping
+
+
+def int8_kernel(n_out: int, n_in: int) -> str:
+    """Fast mode's int8 products for the language model: fbgemm's dynamic linear, or the q8rows
+    kernel where the CPU has AVX512-VNNI and it builds, if it beats fbgemm on a decode step's row
+    counts; measured once per machine on random `(n_out, n_in)` weights and cached
+    (`MINI_OMNI_INT8=fbgemm|q8rows` forces one)."""
+    forced = os.environ.get("MINI_OMNI_INT8")
+    if forced:
+        if forced not in INT8_KERNELS:
+            raise ValueError(f"MINI_OMNI_INT8={forced!r}; choose one of {INT8_KERNELS}")
+        if forced == "q8rows" and q8rows.load() is None:
+            raise ValueError(f"MINI_OMNI_INT8=q8rows, but {q8rows.why_not()}")
+        return forced
+    if q8rows.load() is None:
+        return INT8_KERNELS[0]
+    what = {"int8": [n_out, n_in], "kernels": list(INT8_KERNELS), "rows": list(INT8_TUNED_ROWS)}
+    return measured_once(what, lambda: {"kernel": choose_int8_kernel(measure_int8_kernels(n_out, n_in))})["kernel"]
+
+
+def choose_int8_kernel(seconds: dict[str, float]) -> str:
+    """q8rows unless fbgemm beats it by TIE_MARGIN (q8rows also keeps one table for head and embedding)."""
+    fbgemm, q8 = INT8_KERNELS
+    return fbgemm if seconds[fbgemm] * TIE_MARGIN < seconds[q8] else q8
+
+
+def measure_int8_kernels(n_out: int, n_in: int) -> dict[str, float]:
+    """Per kernel, the sum over INT8_TUNED_ROWS of the fastest pass over distinct random weights, interleaved."""
+    generator = torch.Generator().manual_seed(0)  # the values do not matter; torch's global RNG stays untouched
+    count = max(1, INT8_TUNE_BYTES // (n_out * n_in))
+    weights = [torch.randn(n_out, n_in, generator=generator) * MEASURE_WEIGHT_STD for _ in range(count)]
+    layers = {"fbgemm": [Int8Linear(w, None, reduce_range=not has_vnni()) for w in weights],
+              "q8rows": [Q8Linear(w, None) for w in weights]}
+    del weights
+    x = torch.randn(max(INT8_TUNED_ROWS), n_in, generator=generator)
+    best = {(kernel, rows): float("inf") for kernel in layers for rows in INT8_TUNED_ROWS}
+    with torch.inference_mode():
+        for _ in range(TUNE_ROUNDS):
+            for rows in INT8_TUNED_ROWS:
+                for kernel, mods in layers.items():
+                    start = time.perf_counter()
+                    for mod in mods:
+                        mod(x[:rows])
+                    best[kernel, rows] = min(best[kernel, rows], time.perf_counter() - start)
+    return {kernel: sum(best[kernel, rows] for rows in INT8_TUNED_ROWS) for kernel in layers}
 
 
 def release_freed_memory() -> None:

@@ -1,0 +1,74 @@
+"""The q8rows int8 kernel (AVX512-VNNI): exact per-row integer sums, one table for head and embedding,
+and the choice between it and fbgemm."""
+import pytest
+import torch
+import torch.nn as nn
+
+from omni import q8rows, runtime
+from omni.linear import HEAD_PARTS, Int8Embedding, int8_rows
+from omni.q8rows import Q8Head, Q8Linear, Q8Table
+from omni.tokens import PADDED_VOCAB
+from omni_engine import OmniEngine
+
+needs_kernel = pytest.mark.skipif(q8rows.load() is None, reason=f"q8rows unavailable: {q8rows.why_not()}")
+
+
+def reference(x, weight, bias=None):
+    """The kernel's formula in torch: rows quantized on their own, exact integer sums, then the scales."""
+    q, scale = int8_rows(weight)
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    xq = torch.round(x * (127.0 / amax)).clamp(-127, 127)
+    dots = xq.to(torch.int64) @ q.to(torch.int64).T
+    out = dots.float() * ((amax / 127.0) * scale)
+    return out if bias is None else out + bias
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(64, 128), (37, 130), (4864 // 8, 896)])
+def test_rows_are_exact_integer_sums_computed_one_by_one(shape):
+    torch.manual_seed(0)
+    w, b = torch.randn(*shape) * 0.05, torch.randn(shape[0])
+    layer = Q8Linear(w, b)
+    x = torch.randn(11, shape[1]) * torch.logspace(-2, 2, 11)[:, None]  # very different row ranges
+    together = layer(x)
+    assert torch.equal(together, reference(x, w, b))
+    assert torch.equal(together, torch.cat([layer(x[i:i + 1]) for i in range(11)]))
+    ref = nn.functional.linear(x, w, b)
+    assert ((together - ref).norm(dim=1) / ref.norm(dim=1)).max() < 0.03
+
+
+@needs_kernel
+def test_head_and_embedding_share_one_table():
+    torch.manual_seed(1)
+    weight = torch.randn(PADDED_VOCAB, 64)
+    table = Q8Table(weight)
+    idx = torch.randint(0, PADDED_VOCAB, (2, 8, 3))
+    assert torch.equal(table.lookup(idx), Int8Embedding(weight)(idx))
+    head = Q8Head(table)
+    x = torch.randn(2, 64)
+    audio, text = head.rows(x, ("audio", "text"))
+    full = head(x)
+    assert torch.equal(audio, full[0, HEAD_PARTS["audio"]]) and torch.equal(text, full[1, HEAD_PARTS["text"]])
+
+
+@needs_kernel
+def test_fast_engine_on_q8rows_keeps_one_table(tiny_ckpt, sample_wav, monkeypatch):
+    monkeypatch.setenv("MINI_OMNI_INT8", "q8rows")
+    fast = OmniEngine(tiny_ckpt, device="cpu", mode="fast")
+    assert fast.model.lm_head.table is fast.model.transformer.wte.table
+    assert isinstance(fast.model.transformer.h[0].mlp.fc_1, Q8Linear)
+    assert len(fast.run(sample_wav, max_tokens=100).streams[0]) > 0
+
+
+def test_the_kernel_is_chosen_by_measurement_and_falls_back_to_fbgemm(monkeypatch):
+    assert runtime.choose_int8_kernel({"fbgemm": 1.0, "q8rows": 1.02}) == "q8rows"  # ties: one table less
+    assert runtime.choose_int8_kernel({"fbgemm": 1.0, "q8rows": 1.5}) == "fbgemm"
+    monkeypatch.setattr(q8rows, "_lib", None)
+    monkeypatch.setattr(q8rows, "_why_not", "the CPU lacks avx512_vnni")
+    assert runtime.int8_kernel(64, 32) == "fbgemm"
+    monkeypatch.setenv("MINI_OMNI_INT8", "q8rows")
+    with pytest.raises(ValueError, match="avx512_vnni"):
+        runtime.int8_kernel(64, 32)
+    monkeypatch.setenv("MINI_OMNI_INT8", "mkl")
+    with pytest.raises(ValueError, match="MINI_OMNI_INT8"):
+        runtime.int8_kernel(64, 32)
