@@ -33,7 +33,10 @@ HEAD_PARTS = {"text": slice(0, PADDED_TEXT_VOCAB), "audio": slice(PADDED_TEXT_VO
 SPLIT_PARTS = ("text", "audio")  # "all" is both, in this order
 INT8_MAX = 127
 ANCHOR = (1.0, -1.0)  # Int8Linear's extra input row: pins the kernel's one quantization range to [-1, 1]
-FORMULATIONS = ("linear", "wxt", "onednn")  # "linear" first: the official formulation wins ties
+# "linear" first: the official formulation wins ties. "f32rows" is this project's kernel (omni.rowkernels): its
+# weights live in a layout of their own, so a weight group takes it for every row count or not at all.
+FORMULATIONS = ("linear", "wxt", "onednn", "f32rows")
+KERNEL_FORMULATION = "f32rows"
 # Row counts measured: one request (1 or 2 rows), a batch of requests (4, 8) and a prefill chunk (32, the
 # PREFILL_CHUNK of generate.py); n rows use the plan of the smallest measured count >= n, more use F.linear.
 TUNED_ROWS = (1, 2, 4, 8, 32)
@@ -57,6 +60,11 @@ class Products:
     by_rows: tuple[str, ...] = ("linear",) * len(TUNED_ROWS)  # one formulation per TUNED_ROWS entry
     head: str = "parts"  # "parts": each row multiplies its own head slice; "full": all rows the whole head
 
+    @property
+    def kernel(self) -> bool:
+        """Whether the group's weights go to the f32rows kernel (an `F32Linear` / `F32Head`)."""
+        return KERNEL_FORMULATION in self.by_rows
+
     def formulation(self, n: int) -> str:
         for count, formulation in zip(TUNED_ROWS, self.by_rows):
             if n <= count:
@@ -69,6 +77,8 @@ class Products:
         formulation = self.formulation(n) if x.device.type == "cpu" else "linear"
         if formulation == "linear":
             return F.linear(x, weight, bias)
+        if formulation == KERNEL_FORMULATION:
+            raise RuntimeError("f32rows products run in an F32Linear, on its own weight layout")
         if formulation == "onednn":
             out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
             return out.reshape(*x.shape[:-1], weight.size(0))
@@ -253,7 +263,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mini-omni"
 
 
-def _pass_seconds(formulation: str, rows: int, weights: Sequence[torch.Tensor], x: torch.Tensor) -> float:
+def _pass_seconds(formulation: str, rows: int, weights: Sequence, x: torch.Tensor) -> float:
+    """One pass over `weights` (for f32rows: its tables) at `rows` rows."""
+    if formulation == KERNEL_FORMULATION:
+        from .rowkernels import f32_multiply  # rowkernels builds on this module
+
+        start = time.perf_counter()
+        for table in weights:
+            f32_multiply(x[:rows], *table.part(slice(None)))
+        return time.perf_counter() - start
     plan = Products(by_rows=(formulation,) * len(TUNED_ROWS))
     start = time.perf_counter()
     for w in weights:
@@ -262,29 +280,48 @@ def _pass_seconds(formulation: str, rows: int, weights: Sequence[torch.Tensor], 
 
 
 def available_formulations() -> tuple[str, ...]:
-    """The formulations this torch build offers (oneDNN's linear needs a build with it)."""
+    """The formulations this machine offers: oneDNN's linear needs a torch build with it, f32rows an
+    AVX-512 CPU and a C compiler (`omni.rowkernels`)."""
+    from . import rowkernels
+
     onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    return tuple(f for f in FORMULATIONS if f != "onednn" or onednn)
+    have = {"onednn": onednn, KERNEL_FORMULATION: rowkernels.load(KERNEL_FORMULATION) is not None}
+    return tuple(f for f in FORMULATIONS if have.get(f, True))
 
 
 def measure_products(weights: Sequence[torch.Tensor]) -> dict[str, dict[int, float]]:
     """Fastest pass (seconds) of each formulation at each of TUNED_ROWS over `weights`, interleaved."""
     x = torch.randn(max(TUNED_ROWS), weights[0].size(1), dtype=weights[0].dtype)
-    best = {f: {n: float("inf") for n in TUNED_ROWS} for f in available_formulations()}
+    formulations = available_formulations()
+    inputs = {f: weights for f in formulations}
+    if KERNEL_FORMULATION in formulations and weights[0].dtype == torch.float32:
+        from .rowkernels import F32Table
+
+        inputs[KERNEL_FORMULATION] = [F32Table(w) for w in weights]
+    else:
+        inputs.pop(KERNEL_FORMULATION, None)
+    best = {f: {n: float("inf") for n in TUNED_ROWS} for f in inputs}
     for _ in range(TUNE_ROUNDS):
         for n in TUNED_ROWS:
             for f in best:
-                best[f][n] = min(best[f][n], _pass_seconds(f, n, weights, x))
+                best[f][n] = min(best[f][n], _pass_seconds(f, n, inputs[f], x))
     return best
 
 
 def choose_products(times: dict[str, dict[int, float]]) -> Products:
     """The fastest formulation per row count ("linear" unless beaten by TIE_MARGIN), and the head layout
-    whose rows stream faster: both layouts read the same bytes, at 1-row or at 2-row speed."""
-    by_rows = tuple(min(times, key=lambda f: times[f][n] * (1 if f == "linear" else TIE_MARGIN))
+    whose rows stream faster: both layouts read the same bytes, at 1-row or at 2-row speed. f32rows
+    takes every row count if its summed time beats that plan's by TIE_MARGIN."""
+    library = {f: t for f, t in times.items() if f != KERNEL_FORMULATION}
+    by_rows = tuple(min(library, key=lambda f: library[f][n] * (1 if f == "linear" else TIE_MARGIN))
                     for n in TUNED_ROWS)
     one, two = (times[by_rows[i]][n] for i, n in enumerate(TUNED_ROWS[:2]))
-    return Products(by_rows, head="full" if two < one else "parts")
+    plan = Products(by_rows, head="full" if two < one else "parts")
+    if KERNEL_FORMULATION in times:
+        planned = sum(times[f][n] for f, n in zip(by_rows, TUNED_ROWS))
+        if sum(times[KERNEL_FORMULATION].values()) * TIE_MARGIN < planned:
+            return Products((KERNEL_FORMULATION,) * len(TUNED_ROWS))
+    return plan
 
 
 def tune_products(groups: dict[str, Sequence[torch.Tensor]]) -> dict[str, Products]:

@@ -30,9 +30,9 @@ import torch.nn as nn
 
 from .linear import (TIE_MARGIN, TUNE_ROUNDS, DenseHead, DenseLinear, Int8Embedding, Int8Head, Int8Linear, Products,
                      has_bf16, has_vnni, install, measured_once, tune_products)
-from . import q8rows
+from . import rowkernels
 from .model import OmniLM
-from .q8rows import Q8Embedding, Q8Head, Q8Linear, Q8Table
+from .rowkernels import F32Embedding, F32Head, F32Linear, F32Table, Q8Embedding, Q8Head, Q8Linear, Q8Table
 from .whisper import EncoderBlock, RowChunks, WhisperEncoder, encoder_shape, load_whisper_encoder
 
 # How fast mode's Whisper encoder computes: int8 blocks (fbgemm, any x86 CPU; convolutions and
@@ -88,8 +88,19 @@ def prepare_lm(model: OmniLM, runtime: Runtime) -> None:
         head_plan = plans.get("head", Products())
     else:  # nn.Linear's F.linear everywhere, all rows through the whole head at once
         plans, head_plan = {}, Products(head="full")
-    install(model, lambda linear: DenseLinear(linear, plans.get(_group(linear.weight), Products())))
-    model.lm_head = DenseHead(head, head_plan)
+
+    def dense(linear: nn.Linear) -> nn.Module:
+        plan = plans.get(_group(linear.weight), Products())
+        return F32Linear(linear.weight, linear.bias) if plan.kernel else DenseLinear(linear, plan)
+
+    install(model, dense)
+    if head_plan.kernel:
+        table = F32Table(head)
+        model.lm_head, model.transformer.wte = F32Head(table), F32Embedding(table)
+    else:
+        model.lm_head = DenseHead(head, head_plan)
+    if any(plan.kernel for plan in plans.values()):
+        _detach_params(model)  # the kernels hold copies; let the checkpoint's mapped pages go
 
 
 def load_whisper(path: str | Path, device: torch.device, runtime: Runtime) -> WhisperEncoder:
@@ -189,10 +200,19 @@ def _plans(model: OmniLM) -> dict[str, Products]:
 def _detach_vectors(module: nn.Module) -> None:
     """Copy the 1-D tensors (biases, norm weights), so that none of them keeps the memory-mapped
     checkpoint alive."""
+    _detach_params(module, max_dim=1)
+
+
+def _detach_params(module: nn.Module, max_dim: int = 2) -> None:
+    """Copy the parameters of up to `max_dim` dimensions, so that none of them keeps the memory-mapped
+    checkpoint alive (the tied head and embedding stay one Parameter)."""
+    copies: dict[int, nn.Parameter] = {}
     for sub in module.modules():
         for name, param in list(sub.named_parameters(recurse=False)):
-            if param.dim() == 1:
-                setattr(sub, name, nn.Parameter(param.detach().clone(), requires_grad=False))
+            if param.dim() <= max_dim:
+                if id(param) not in copies:
+                    copies[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=False)
+                setattr(sub, name, copies[id(param)])
 
 
 def _install_int8(model: OmniLM) -> None:
@@ -227,10 +247,10 @@ def int8_kernel(n_out: int, n_in: int) -> str:
     if forced:
         if forced not in INT8_KERNELS:
             raise ValueError(f"MINI_OMNI_INT8={forced!r}; choose one of {INT8_KERNELS}")
-        if forced == "q8rows" and q8rows.load() is None:
-            raise ValueError(f"MINI_OMNI_INT8=q8rows, but {q8rows.why_not()}")
+        if forced == "q8rows" and rowkernels.load("q8rows") is None:
+            raise ValueError(f"MINI_OMNI_INT8=q8rows, but {rowkernels.why_not('q8rows')}")
         return forced
-    if q8rows.load() is None:
+    if rowkernels.load("q8rows") is None:
         return INT8_KERNELS[0]
     what = {"int8": [n_out, n_in], "kernels": list(INT8_KERNELS), "rows": list(INT8_TUNED_ROWS)}
     return measured_once(what, lambda: {"kernel": choose_int8_kernel(measure_int8_kernels(n_out, n_in))})["kernel"]

@@ -5,7 +5,7 @@ import torch
 from omni.audio import feature_frames, load_audio, log_mel, pad_or_trim, trimmed_length
 from omni.generate import Step, teacher_forced_agreement
 from omni.linear import DenseHead, DenseLinear, Int8Head, Int8Linear
-from omni.q8rows import Q8Head, Q8Linear
+from omni.rowkernels import F32Head, F32Linear, Q8Head, Q8Linear
 from omni.runtime import MODES, resolve_mode
 from omni.tokens import Task
 from omni_engine import OmniEngine
@@ -35,8 +35,8 @@ def test_fast_mode_streams_on_the_same_schedule(fast_engine, engine, sample_wav)
     assert [len(c.pcm) for c in fast] == [len(c.pcm) for c in exact]
     assert fast_engine.mode == "fast" and isinstance(fast_engine.model.lm_head, (Int8Head, Q8Head))
     assert isinstance(fast_engine.model.transformer.h[0].attn.attn, (Int8Linear, Q8Linear))
-    assert isinstance(engine.model.lm_head, DenseHead)
-    assert isinstance(engine.model.transformer.h[0].attn.attn, DenseLinear)
+    assert isinstance(engine.model.lm_head, (DenseHead, F32Head))
+    assert isinstance(engine.model.transformer.h[0].attn.attn, (DenseLinear, F32Linear))
 
 
 def test_fast_mode_cache_matches_a_full_forward(fast_engine):

@@ -37,7 +37,7 @@ def test_our_chunks_are_the_official_ones_plus_the_tail(request, ckpt, sample_wa
 
 
 @pytest.mark.parametrize("plan", [("linear", "parts"), ("wxt", "parts"), ("wxt", "full"), ("linear", "full"),
-                                  ("onednn", "parts")])
+                                  ("onednn", "parts"), ("f32rows", "parts")])
 def test_every_measured_choice_gives_the_official_tokens(tiny_ckpt, monkeypatch, plan):
     """Exact mode's products are chosen by timing on each machine; every choice must keep the tokens."""
     import omni.runtime
@@ -45,13 +45,17 @@ def test_every_measured_choice_gives_the_official_tokens(tiny_ckpt, monkeypatch,
     from omni_engine import OmniEngine
 
     from omni.linear import TUNED_ROWS, available_formulations
+    from omni.rowkernels import F32Head
 
     if plan[0] not in available_formulations():
-        pytest.skip(f"this torch build has no {plan[0]}")
+        pytest.skip(f"this machine has no {plan[0]}")
     chosen = Products((plan[0],) * len(TUNED_ROWS), head=plan[1])
     monkeypatch.setattr(omni.runtime, "tune_products", lambda groups: {name: chosen for name in groups})
     engine = OmniEngine(tiny_ckpt, device="cpu")
-    assert engine.model.lm_head.products == chosen
+    if chosen.kernel:
+        assert isinstance(engine.model.lm_head, F32Head) and engine.model.transformer.wte.table is engine.model.lm_head.table
+    else:
+        assert engine.model.lm_head.products == chosen
     root = Path(__file__).resolve().parent.parent
     golden = GOLDEN["checkpoints"]["tiny"]
     result = engine.run(root / GOLDEN["question_audio"], max_tokens=golden["max_tokens"])

@@ -1,16 +1,20 @@
-"""The q8rows int8 kernel (AVX512-VNNI): exact per-row integer sums, one table for head and embedding,
-and the choice between it and fbgemm."""
+"""The project's own few-row kernels: q8rows (int8, AVX512-VNNI) gives exact per-row integer sums,
+f32rows (fp32, AVX-512) fixed-order sums; each keeps one table for head and embedding; each is chosen
+by measurement with a fallback."""
 import pytest
 import torch
 import torch.nn as nn
 
-from omni import q8rows, runtime
+from omni import linear, rowkernels, runtime
 from omni.linear import HEAD_PARTS, Int8Embedding, int8_rows
-from omni.q8rows import Q8Head, Q8Linear, Q8Table
+from omni.rowkernels import F32Head, F32Linear, F32Table, Q8Head, Q8Linear, Q8Table
 from omni.tokens import PADDED_VOCAB
 from omni_engine import OmniEngine
 
-needs_kernel = pytest.mark.skipif(q8rows.load() is None, reason=f"q8rows unavailable: {q8rows.why_not()}")
+needs_kernel = pytest.mark.skipif(rowkernels.load("q8rows") is None,
+                                  reason=f"q8rows unavailable: {rowkernels.why_not('q8rows')}")
+needs_f32 = pytest.mark.skipif(rowkernels.load("f32rows") is None,
+                               reason=f"f32rows unavailable: {rowkernels.why_not('f32rows')}")
 
 
 def reference(x, weight, bias=None):
@@ -63,8 +67,8 @@ def test_fast_engine_on_q8rows_keeps_one_table(tiny_ckpt, sample_wav, monkeypatc
 def test_the_kernel_is_chosen_by_measurement_and_falls_back_to_fbgemm(monkeypatch):
     assert runtime.choose_int8_kernel({"fbgemm": 1.0, "q8rows": 1.02}) == "q8rows"  # ties: one table less
     assert runtime.choose_int8_kernel({"fbgemm": 1.0, "q8rows": 1.5}) == "fbgemm"
-    monkeypatch.setattr(q8rows, "_lib", None)
-    monkeypatch.setattr(q8rows, "_why_not", "the CPU lacks avx512_vnni")
+    monkeypatch.setitem(rowkernels._loaded, "q8rows", None)
+    monkeypatch.setitem(rowkernels._why_not, "q8rows", "the CPU lacks avx512_vnni")
     assert runtime.int8_kernel(64, 32) == "fbgemm"
     monkeypatch.setenv("MINI_OMNI_INT8", "q8rows")
     with pytest.raises(ValueError, match="avx512_vnni"):
@@ -72,3 +76,37 @@ def test_the_kernel_is_chosen_by_measurement_and_falls_back_to_fbgemm(monkeypatc
     monkeypatch.setenv("MINI_OMNI_INT8", "mkl")
     with pytest.raises(ValueError, match="MINI_OMNI_INT8"):
         runtime.int8_kernel(64, 32)
+
+
+@needs_f32
+@pytest.mark.parametrize("shape", [(64, 128), (37, 130), (4864 // 8, 896)])
+def test_f32_rows_are_computed_one_by_one(shape):
+    torch.manual_seed(3)
+    w, b = torch.randn(*shape), torch.randn(shape[0])
+    layer = F32Linear(w, b)
+    x = torch.randn(13, shape[1])  # two tiles of 6 rows and one of 1
+    together = layer(x)
+    assert torch.equal(together, torch.cat([layer(x[i:i + 1]) for i in range(13)]))
+    torch.testing.assert_close(together, nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@needs_f32
+def test_f32_head_and_embedding_share_one_exact_table():
+    torch.manual_seed(4)
+    weight = torch.randn(PADDED_VOCAB, 40)
+    table = F32Table(weight)
+    idx = torch.randint(0, PADDED_VOCAB, (2, 8, 3))
+    assert torch.equal(table.lookup(idx), weight[idx])
+    head = F32Head(table)
+    x = torch.randn(2, 40)
+    audio, text = head.rows(x, ("audio", "text"))
+    torch.testing.assert_close(audio, x[0] @ weight[HEAD_PARTS["audio"]].T, rtol=1e-5, atol=1e-4)
+    assert torch.equal(text, head(x)[1, HEAD_PARTS["text"]])
+
+
+def test_f32rows_takes_a_group_only_when_it_beats_the_plan_for_every_row_count_together():
+    rows = linear.TUNED_ROWS
+    library = {"linear": {n: 1.0 for n in rows}, "wxt": {n: 0.5 for n in rows}}
+    assert linear.choose_products({**library, "f32rows": {n: 0.3 for n in rows}}).kernel
+    assert not linear.choose_products({**library, "f32rows": {n: 0.495 for n in rows}}).kernel  # a tie
+    assert not linear.choose_products(library).kernel

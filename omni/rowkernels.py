@@ -1,0 +1,320 @@
+"""Few-row products by this project's own C kernels (`csrc/`), built on first use: a decode step's shapes.
+
+BLAS and fbgemm are built for many rows. A decode step multiplies every weight by 1 to a few rows, and
+there they stream the weights at a fraction of what the memory delivers and slow with the row count
+(fbgemm's int8 linear 2x from 2 to 9 rows, MKL's fp32 few-row products 3-10x below the memory's speed
+on the AMD EPYC). These kernels read each weight once per call from a layout made for it (blocks of 16
+rows stored as one sequential run) and compute every output the same way whatever else is in the call,
+so a row's numbers never depend on its batch:
+- `q8rows` (AVX512-VNNI): int8 weights, one scale per row; input rows quantized one by one; exact int32
+  sums (fast mode).
+- `f32rows` (AVX-512): fp32 weights, fp32 sums in a fixed order (exact mode).
+Their tables have a row lookup, so the tied head and the embedding share one copy.
+
+A kernel is compiled with the system C compiler (`$CC`, `cc` or `gcc`) into the cache directory (about a
+second, once per source and compiler) and loaded with ctypes. It links the OpenMP runtime torch has
+already loaded, so both share one thread pool. Where the CPU lacks the instructions, no compiler is found
+or the build fails, `load()` returns None, `why_not()` says why, and the modes keep their library kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .linear import HEAD_PARTS, SPLIT_PARTS, by_part, cache_dir, int8_rows
+
+SOURCES = Path(__file__).with_name("csrc")
+BUILD_TIMEOUT_S = 120
+BLOCK_ROWS = 16  # weight rows per block, both kernels
+Q8_CHUNK = 64  # q8rows: bytes per vpdpbusd
+F32_CHUNK = 4  # f32rows: partial sums per output
+
+
+@dataclass(frozen=True)
+class Kernel:
+    cpu_flags: tuple[str, ...]  # /proc/cpuinfo flags it needs
+    compile_flags: tuple[str, ...]
+    signature: tuple  # ctypes argument types of its entry point `<name>_linear`
+
+
+_P, _I = ctypes.c_void_p, ctypes.c_int
+_COMMON = ("-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC")
+KERNELS = {
+    "q8rows": Kernel(("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+                     _COMMON + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+                     (_P, _I, _I, _P, _P, _P, _P, _I, _P, _P, _P)),
+    "f32rows": Kernel(("avx512f",), _COMMON + ("-mavx512f",), (_P, _I, _I, _P, _P, _I, _P)),
+}
+
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_why_not: dict[str, str] = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """Kernel `name`'s library (built now if needed), or None: see `why_not(name)`."""
+    if name in _loaded:
+        return _loaded[name]
+    kernel = KERNELS[name]
+    missing = [f for f in kernel.cpu_flags if f not in _cpu_flags()]
+    lib = None
+    if missing:
+        _why_not[name] = f"the CPU lacks {', '.join(missing)}"
+    else:
+        try:
+            lib = ctypes.CDLL(str(_build(name, kernel)))
+            entry = getattr(lib, f"{name}_linear")
+            entry.argtypes, entry.restype = list(kernel.signature), None
+        except (OSError, AttributeError, subprocess.SubprocessError, RuntimeError) as e:
+            _why_not[name], lib = f"the kernel did not build: {e}", None
+    _loaded[name] = lib
+    return lib
+
+
+def why_not(name: str) -> str | None:
+    load(name)
+    return _why_not.get(name)
+
+
+def _build(name: str, kernel: Kernel) -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc) on PATH")
+    source = SOURCES / f"{name}.c"
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S).stdout
+    digest = hashlib.sha256("\0".join([source.read_text(), version, *kernel.compile_flags]).encode()).hexdigest()
+    target = cache_dir() / "kernels" / f"{name}-{digest[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    done = subprocess.run([cc, *kernel.compile_flags, str(source), "-o", str(tmp)],
+                          capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{cc} failed")
+    tmp.replace(target)
+    return target
+
+
+def _require(name: str) -> ctypes.CDLL:
+    lib = load(name)
+    if lib is None:
+        raise RuntimeError(f"the {name} kernel is not available: {why_not(name)}")
+    return lib
+
+
+def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """`x (..., K)` as contiguous fp32 rows `(M, width)`, zero-padded to the table's width."""
+    rows = x.reshape(-1, x.size(-1)).float()
+    if rows.size(1) != width:
+        rows = F.pad(rows, (0, width - rows.size(1)))
+    return rows.contiguous()
+
+
+def _padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _Table(nn.Module):
+    """What both tables share: block-aligned row parts and the head built on them."""
+
+    n_rows: int
+    n_cols: int
+
+    def _blocks_of(self, rows: slice) -> tuple[slice, int, int]:
+        start, stop, _ = rows.indices(self.n_rows)
+        if start % BLOCK_ROWS or (stop % BLOCK_ROWS and stop != self.n_rows):
+            raise ValueError(f"rows {start}..{stop} do not start and end on {BLOCK_ROWS}-row blocks")
+        return slice(start // BLOCK_ROWS, _padded(stop, BLOCK_ROWS) // BLOCK_ROWS), start, stop
+
+
+class Q8Table(_Table):
+    """int8 rows `(N, K)` with one fp32 scale per row, in the kernel's layout: blocks of BLOCK_ROWS rows,
+    each stored chunk by chunk (`(N / 16, K / 64, 16, 64)`), zero-padded to whole blocks and chunks."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        _require("q8rows")
+        q, scale = int8_rows(weight)
+        N, K = q.shape
+        Np, Kp = _padded(N, BLOCK_ROWS), _padded(K, Q8_CHUNK)
+        padded = torch.zeros(Np, Kp, dtype=torch.int8)
+        padded[:N, :K] = q
+        self.register_buffer("blocks", padded.view(Np // BLOCK_ROWS, BLOCK_ROWS, Kp // Q8_CHUNK, Q8_CHUNK)
+                             .transpose(1, 2).contiguous())
+        self.register_buffer("scale", torch.cat([scale, scale.new_zeros(Np - N)]))
+        self.register_buffer("qsum", padded.sum(dim=1, dtype=torch.int32))
+        self.n_rows, self.n_cols = N, K
+
+    def part(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Rows `rows` (block-aligned) as `q8_multiply` takes them."""
+        blocks, start, stop = self._blocks_of(rows)
+        return self.blocks[blocks], self.scale[start:], self.qsum[start:], stop - start
+
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` dequantized: the embedding."""
+        rows = self.blocks[idx // BLOCK_ROWS, :, idx % BLOCK_ROWS].reshape(*idx.shape, -1)[..., :self.n_cols]
+        return rows.float() * self.scale[idx].unsqueeze(-1)
+
+
+def q8_multiply(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, qsum: torch.Tensor, n_out: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x (..., K)` fp32 times an int8 table's rows: `(..., n_out)`."""
+    Kp, Np = blocks.size(1) * Q8_CHUNK, blocks.size(0) * BLOCK_ROWS
+    rows = _rows(x, Kp)
+    M = rows.size(0)
+    out = torch.empty(M, Np)
+    xq = torch.empty(M * Kp, dtype=torch.uint8)
+    xs = torch.empty(M)
+    _loaded["q8rows"].q8rows_linear(rows.data_ptr(), M, Kp, blocks.data_ptr(), scale.data_ptr(), qsum.data_ptr(),
+                                    None if bias is None else bias.data_ptr(), Np, out.data_ptr(), xq.data_ptr(),
+                                    xs.data_ptr())
+    if Np != n_out:
+        out = out[:, :n_out]
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+class Q8Linear(nn.Module):
+    """An `nn.Linear` as an int8 table, multiplied by the kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.table = Q8Table(weight)
+        self.in_features, self.out_features = weight.size(1), weight.size(0)
+        padded = None if bias is None else F.pad(bias.detach().float(), (0, self.table.scale.numel() - bias.numel()))
+        self.register_buffer("bias", padded)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.table.blocks.numel() + 8 * self.table.scale.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return q8_multiply(x, *self.table.part(slice(None)), self.bias).to(x.dtype)
+
+
+class Q8Head(nn.Module):
+    """The tied head over the embedding's own int8 table: each row multiplies only its part's rows."""
+
+    def __init__(self, table: Q8Table) -> None:
+        super().__init__()
+        self.table = table
+        self.parts = {part: table.part(HEAD_PARTS[part]) for part in SPLIT_PARTS}  # checks the alignment now
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.table.blocks.numel() + 8 * self.table.scale.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return q8_multiply(x, *self.table.part(HEAD_PARTS["all"]))
+
+    def rows(self, x: torch.Tensor, parts: Sequence[str]) -> list[torch.Tensor]:
+        return by_part(x, parts, lambda rows, part: q8_multiply(rows, *self.parts[part]))
+
+
+class Q8Embedding(nn.Module):
+    """The embedding as the same int8 table (the same values as `Int8Embedding`)."""
+
+    def __init__(self, table: Q8Table) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.table.lookup(idx)
+
+
+class F32Table(_Table):
+    """fp32 rows `(N, K)` in f32rows' layout: blocks of BLOCK_ROWS rows, each transposed
+    (`(N / 16, K, 16)`), zero-padded to whole blocks and to K a multiple of F32_CHUNK."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        _require("f32rows")
+        w = weight.detach().float()
+        N, K = w.shape
+        Np, Kp = _padded(N, BLOCK_ROWS), _padded(K, F32_CHUNK)
+        if (Np, Kp) != (N, K):
+            w = F.pad(w, (0, Kp - K, 0, Np - N))
+        self.register_buffer("blocks", w.reshape(Np // BLOCK_ROWS, BLOCK_ROWS, Kp).transpose(1, 2).contiguous())
+        self.n_rows, self.n_cols = N, K
+
+    def part(self, rows: slice) -> tuple[torch.Tensor, int]:
+        blocks, start, stop = self._blocks_of(rows)
+        return self.blocks[blocks], stop - start
+
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` (the embedding): the stored values exactly."""
+        return self.blocks[idx // BLOCK_ROWS, :, idx % BLOCK_ROWS][..., :self.n_cols]
+
+
+def f32_multiply(x: torch.Tensor, blocks: torch.Tensor, n_out: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x (..., K)` fp32 times an fp32 table's rows: `(..., n_out)`."""
+    Kp, Np = blocks.size(1), blocks.size(0) * BLOCK_ROWS
+    rows = _rows(x, Kp)
+    out = torch.empty(rows.size(0), Np)
+    _loaded["f32rows"].f32rows_linear(rows.data_ptr(), rows.size(0), Kp, blocks.data_ptr(),
+                                      None if bias is None else bias.data_ptr(), Np, out.data_ptr())
+    if Np != n_out:
+        out = out[:, :n_out]
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+class F32Linear(nn.Module):
+    """An `nn.Linear` as an fp32 table, multiplied by f32rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.table = F32Table(weight)
+        self.in_features, self.out_features = weight.size(1), weight.size(0)
+        padded = None if bias is None else F.pad(bias.detach().float(), (0, self.table.blocks.size(0) * BLOCK_ROWS
+                                                                         - bias.numel()))
+        self.register_buffer("bias", padded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return f32_multiply(x, *self.table.part(slice(None)), self.bias).to(x.dtype)
+
+
+class F32Head(nn.Module):
+    """The tied head over the embedding's own fp32 table: each row multiplies only its part's rows."""
+
+    def __init__(self, table: F32Table) -> None:
+        super().__init__()
+        self.table = table
+        self.parts = {part: table.part(HEAD_PARTS[part]) for part in SPLIT_PARTS}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return f32_multiply(x, *self.table.part(HEAD_PARTS["all"]))
+
+    def rows(self, x: torch.Tensor, parts: Sequence[str]) -> list[torch.Tensor]:
+        return by_part(x, parts, lambda rows, part: f32_multiply(rows, *self.parts[part]))
+
+
+class F32Embedding(nn.Module):
+    """The embedding as the same fp32 table."""
+
+    def __init__(self, table: F32Table) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.table.lookup(idx)
