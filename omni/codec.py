@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 from .audio import INT16_MAX, INT16_MIN, OUTPUT_SAMPLE_RATE, PCM_SCALE
 from .errors import CheckpointError
@@ -129,6 +130,15 @@ def seeded_rng(seed: int | None, device: torch.device):
         yield
 
 
+def fold_weight_norms(model: torch.nn.Module) -> None:
+    """Compute each weight-normed weight (`g * v / |v|`) once and keep it as a plain weight: SNAC's
+    parametrizations recompute all of them on every decode (~20 ms of an ~90 ms chunk on the AMD EPYC).
+    The stored weight is the value every forward computed, so the audio is bit-identical."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
 def snac_class() -> type[torch.nn.Module]:
     """The `snac` package's model class, imported quietly."""
     with warnings.catch_warnings():  # snac 1.2.1 uses torch.jit.script, deprecated in torch 2.13
@@ -162,6 +172,7 @@ class SnacCodec:
                                   f"missing {missing[:5]}, unexpected {extra[:5]}")
         model.load_state_dict(state)
         del model.encoder  # answers are only decoded: SNAC's encoder (a third of its weights) never runs
+        fold_weight_norms(model)
         return cls(model.to(device).eval(), device)
 
     @torch.inference_mode()

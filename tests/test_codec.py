@@ -1,6 +1,9 @@
+import json
+
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from omni.codec import (
     FrameScheduler, SnacCodec, codes_to_frames, frames_to_codes, frames_to_streams, pcm_from_wave, streams_to_frames,
@@ -99,3 +102,19 @@ def test_the_codec_keeps_only_what_decoding_needs(engine):
     """SNAC's encoder never runs (answers are decoded, not encoded), so it is not kept in memory."""
     assert not hasattr(engine.codec.model, "encoder")
     assert engine.codec.model.decoder is not None and engine.codec.model.quantizer is not None
+
+
+def test_folded_weight_norms_decode_the_same_bytes(tiny_ckpt):
+    """The codec computes SNAC's weight-normed weights once at load; the snac package recomputes them on
+    every decode. The audio is the same, bit for bit."""
+    from omni.codec import snac_class
+
+    codec = SnacCodec.from_dir(tiny_ckpt / SNAC_DIR, torch.device("cpu"))
+    assert not any(parametrize.is_parametrized(m) for m in codec.model.modules())
+    snac_dir = tiny_ckpt / SNAC_DIR
+    package = snac_class()(**json.loads((snac_dir / "config.json").read_text()))
+    package.load_state_dict(torch.load(snac_dir / "pytorch_model.bin", weights_only=True))
+    assert any(parametrize.is_parametrized(m) for m in package.decoder.modules())
+    unfolded = SnacCodec(package.eval(), torch.device("cpu"))
+    frames = random_frames(4)
+    assert codec.decode(frames, noise_seed=7) == unfolded.decode(frames, noise_seed=7)
