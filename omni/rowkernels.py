@@ -204,13 +204,14 @@ class Q8Linear(nn.Module):
         self.in_features, self.out_features = weight.size(1), weight.size(0)
         padded = None if bias is None else F.pad(bias.detach().float(), (0, self.table.scale.numel() - bias.numel()))
         self.register_buffer("bias", padded)
+        self.args = self.table.part(slice(None))  # cut once: a decode step makes ~120 of these calls
 
     @property
     def weight_bytes(self) -> int:
         return self.table.blocks.numel() + 8 * self.table.scale.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return q8_multiply(x, *self.table.part(slice(None)), self.bias).to(x.dtype)
+        return q8_multiply(x, *self.args, self.bias).to(x.dtype)
 
 
 class Q8Head(nn.Module):
@@ -289,9 +290,10 @@ class F32Linear(nn.Module):
         padded = None if bias is None else F.pad(bias.detach().float(), (0, self.table.blocks.size(0) * BLOCK_ROWS
                                                                          - bias.numel()))
         self.register_buffer("bias", padded)
+        self.args = self.table.part(slice(None))  # cut once: a decode step makes ~120 of these calls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return f32_multiply(x, *self.table.part(slice(None)), self.bias).to(x.dtype)
+        return f32_multiply(x, *self.args, self.bias).to(x.dtype)
 
 
 class F32Head(nn.Module):
