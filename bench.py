@@ -86,15 +86,13 @@ def step_tensors(engine, positions: int) -> list:
     import torch
 
     from omni.linear import DenseHead, Int8Head, Int8Linear
-    from omni.rowkernels import F32Head, F32Linear, Q8Head, Q8Linear
+    from omni.rowkernels import RowsHead, RowsLinear
 
     model = engine.model
     reads: list = []
     for module in model.transformer.h.modules():
-        if isinstance(module, (Int8Linear, Q8Linear)):
+        if isinstance(module, (Int8Linear, RowsLinear)):
             reads.append(module.weight_bytes)
-        elif isinstance(module, F32Linear):
-            reads.append(module.table.blocks)
         for param in module.parameters(recurse=False):
             reads.append(param.detach())
     head = model.lm_head
@@ -102,10 +100,8 @@ def step_tensors(engine, positions: int) -> list:
         reads.append(head.weight.detach())
     elif isinstance(head, Int8Head):
         reads += [part.weight_bytes for part in head.parts.values()]
-    elif isinstance(head, Q8Head):
+    elif isinstance(head, RowsHead):
         reads.append(head.weight_bytes)
-    elif isinstance(head, F32Head):
-        reads.append(head.table.blocks)
     span = model.config.block_size if engine.runtime.official_cost else positions  # the official cost reads the whole cache
     c = model.config
     kv_bytes = 2 * 2 * c.n_query_groups * span * c.head_size * torch.finfo(engine.dtype).bits // 8
@@ -256,18 +252,18 @@ def fidelity_part(engine, args: argparse.Namespace, audio: dict, samples) -> dic
 def products_summary(engine) -> dict:
     """The product formulations chosen at load, per weight shape of a block and for the head, and the encoder's kind."""
     from omni.linear import DenseLinear, Int8Linear
-    from omni.rowkernels import F32Head, F32Linear, Q8Linear
+    from omni.rowkernels import F32Table, Q8Table, RowsHead, RowsLinear
 
     model = engine.model
     plans = {"x".join(map(str, m.weight.shape)): "/".join(m.products.by_rows)
              for m in model.transformer.h[0].modules() if isinstance(m, DenseLinear)}
-    plans.update({f"{m.out_features}x{m.in_features}": "f32rows"
-                  for m in model.transformer.h[0].modules() if isinstance(m, F32Linear)})
+    plans.update({f"{m.out_features}x{m.in_features}": "f32rows" for m in model.transformer.h[0].modules()
+                  if isinstance(m, RowsLinear) and isinstance(m.table, F32Table)})
     if hasattr(model.lm_head, "products"):
         plans["head"] = "/".join(model.lm_head.products.by_rows) + f" {model.lm_head.products.head}"
-    elif isinstance(model.lm_head, F32Head):
+    elif isinstance(model.lm_head, RowsHead) and isinstance(model.lm_head.table, F32Table):
         plans["head"] = "f32rows"
-    if any(isinstance(m, Q8Linear) for m in model.modules()):
+    if any(isinstance(m, Q8Table) for m in model.modules()):
         plans["int8"] = "q8rows"
     elif any(isinstance(m, Int8Linear) for m in model.modules()):
         plans["int8"] = "fbgemm"

@@ -6,6 +6,8 @@
 #     chromium       the headless browser of the web page tests (Playwright drives it; it downloads none)
 #     iproute2       `ip`, for the network namespace of the hands-free page test (WebRTC never uses 127.0.0.1)
 #     python3-venv   to make the virtual environment
+#     gcc            builds the project's few-row kernels (omni/csrc) on first use; without it the modes
+#                    use the library kernels (BLAS, fbgemm)
 #   a virtual environment in .venv with requirements.txt and this project (`pip install -e .`).
 # PyTorch: the CPU build (from download.pytorch.org/whl/cpu) unless an NVIDIA driver is present
 # (nvidia-smi), then PyPI's CUDA build. Force one with --cpu or --gpu.
@@ -33,6 +35,7 @@ ldconfig -p | grep -q 'libportaudio\.so\.2' || missing+=(libportaudio2)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo=sudo

@@ -62,7 +62,7 @@ class Products:
 
     @property
     def kernel(self) -> bool:
-        """Whether the group's weights go to the f32rows kernel (an `F32Linear` / `F32Head`)."""
+        """Whether the group's weights go to the f32rows kernel (`omni.rowkernels`, its own layout)."""
         return KERNEL_FORMULATION in self.by_rows
 
     def formulation(self, n: int) -> str:
@@ -78,7 +78,7 @@ class Products:
         if formulation == "linear":
             return F.linear(x, weight, bias)
         if formulation == KERNEL_FORMULATION:
-            raise RuntimeError("f32rows products run in an F32Linear, on its own weight layout")
+            raise RuntimeError("f32rows products run on an F32Table, the kernel's own weight layout")
         if formulation == "onednn":
             out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
             return out.reshape(*x.shape[:-1], weight.size(0))
@@ -266,11 +266,9 @@ def cache_dir() -> Path:
 def _pass_seconds(formulation: str, rows: int, weights: Sequence, x: torch.Tensor) -> float:
     """One pass over `weights` (for f32rows: its tables) at `rows` rows."""
     if formulation == KERNEL_FORMULATION:
-        from .rowkernels import f32_multiply  # rowkernels builds on this module
-
         start = time.perf_counter()
-        for table in weights:
-            f32_multiply(x[:rows], *table.part(slice(None)))
+        for table, part in weights:
+            table.multiply(x[:rows], part)
         return time.perf_counter() - start
     plan = Products(by_rows=(formulation,) * len(TUNED_ROWS))
     start = time.perf_counter()
@@ -297,7 +295,7 @@ def measure_products(weights: Sequence[torch.Tensor]) -> dict[str, dict[int, flo
     if KERNEL_FORMULATION in formulations and weights[0].dtype == torch.float32:
         from .rowkernels import F32Table
 
-        inputs[KERNEL_FORMULATION] = [F32Table(w) for w in weights]
+        inputs[KERNEL_FORMULATION] = [(t, t.part(slice(None))) for t in map(F32Table, weights)]
     else:
         inputs.pop(KERNEL_FORMULATION, None)
     best = {f: {n: float("inf") for n in TUNED_ROWS} for f in inputs}

@@ -136,11 +136,18 @@ def _padded(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class _Table(nn.Module):
-    """What both tables share: block-aligned row parts and the head built on them."""
+class Table(nn.Module):
+    """A weight `(N, K)` in a kernel's layout: blocks of BLOCK_ROWS rows, zero-padded to whole blocks.
+    `part(rows)` cuts block-aligned rows (the head's parts), `multiply(x, part)` runs the kernel,
+    `lookup(idx)` reads rows back (the embedding)."""
 
     n_rows: int
     n_cols: int
+    blocks: torch.Tensor
+
+    @property
+    def padded_rows(self) -> int:
+        return self.blocks.size(0) * BLOCK_ROWS
 
     def _blocks_of(self, rows: slice) -> tuple[slice, int, int]:
         start, stop, _ = rows.indices(self.n_rows)
@@ -148,10 +155,26 @@ class _Table(nn.Module):
             raise ValueError(f"rows {start}..{stop} do not start and end on {BLOCK_ROWS}-row blocks")
         return slice(start // BLOCK_ROWS, _padded(stop, BLOCK_ROWS) // BLOCK_ROWS), start, stop
 
+    def part(self, rows: slice) -> tuple:
+        raise NotImplementedError
 
-class Q8Table(_Table):
-    """int8 rows `(N, K)` with one fp32 scale per row, in the kernel's layout: blocks of BLOCK_ROWS rows,
-    each stored chunk by chunk (`(N / 16, K / 64, 16, 64)`), zero-padded to whole blocks and chunks."""
+    def multiply(self, x: torch.Tensor, part: tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _out(x: torch.Tensor, out: torch.Tensor, n_out: int) -> torch.Tensor:
+    """The kernel's `(M, padded rows)` result as `(..., n_out)`."""
+    if out.size(1) != n_out:
+        out = out[:, :n_out]
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+class Q8Table(Table):
+    """int8 rows with one fp32 scale each, for q8rows: each block stored chunk by chunk
+    (`(N / 16, K / 64, 16, 64)`), K zero-padded to whole chunks."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -168,85 +191,31 @@ class Q8Table(_Table):
         self.n_rows, self.n_cols = N, K
 
     def part(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Rows `rows` (block-aligned) as `q8_multiply` takes them."""
         blocks, start, stop = self._blocks_of(rows)
         return self.blocks[blocks], self.scale[start:], self.qsum[start:], stop - start
 
+    def multiply(self, x: torch.Tensor, part: tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
+        blocks, scale, qsum, n_out = part
+        Kp, Np = blocks.size(1) * Q8_CHUNK, blocks.size(0) * BLOCK_ROWS
+        rows = _rows(x, Kp)
+        M = rows.size(0)
+        out = torch.empty(M, Np)
+        xq = torch.empty(M * Kp, dtype=torch.uint8)
+        xs = torch.empty(M)
+        _loaded["q8rows"].q8rows_linear(rows.data_ptr(), M, Kp, blocks.data_ptr(), scale.data_ptr(), qsum.data_ptr(),
+                                        None if bias is None else bias.data_ptr(), Np, out.data_ptr(), xq.data_ptr(),
+                                        xs.data_ptr())
+        return _out(x, out, n_out)
+
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows `idx` dequantized: the embedding."""
+        """Rows `idx` dequantized (the same values as `Int8Embedding`)."""
         rows = self.blocks[idx // BLOCK_ROWS, :, idx % BLOCK_ROWS].reshape(*idx.shape, -1)[..., :self.n_cols]
         return rows.float() * self.scale[idx].unsqueeze(-1)
 
 
-def q8_multiply(x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor, qsum: torch.Tensor, n_out: int,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x (..., K)` fp32 times an int8 table's rows: `(..., n_out)`."""
-    Kp, Np = blocks.size(1) * Q8_CHUNK, blocks.size(0) * BLOCK_ROWS
-    rows = _rows(x, Kp)
-    M = rows.size(0)
-    out = torch.empty(M, Np)
-    xq = torch.empty(M * Kp, dtype=torch.uint8)
-    xs = torch.empty(M)
-    _loaded["q8rows"].q8rows_linear(rows.data_ptr(), M, Kp, blocks.data_ptr(), scale.data_ptr(), qsum.data_ptr(),
-                                    None if bias is None else bias.data_ptr(), Np, out.data_ptr(), xq.data_ptr(),
-                                    xs.data_ptr())
-    if Np != n_out:
-        out = out[:, :n_out]
-    return out.reshape(*x.shape[:-1], n_out)
-
-
-class Q8Linear(nn.Module):
-    """An `nn.Linear` as an int8 table, multiplied by the kernel."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.table = Q8Table(weight)
-        self.in_features, self.out_features = weight.size(1), weight.size(0)
-        padded = None if bias is None else F.pad(bias.detach().float(), (0, self.table.scale.numel() - bias.numel()))
-        self.register_buffer("bias", padded)
-        self.args = self.table.part(slice(None))  # cut once: a decode step makes ~120 of these calls
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.table.blocks.numel() + 8 * self.table.scale.numel()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return q8_multiply(x, *self.args, self.bias).to(x.dtype)
-
-
-class Q8Head(nn.Module):
-    """The tied head over the embedding's own int8 table: each row multiplies only its part's rows."""
-
-    def __init__(self, table: Q8Table) -> None:
-        super().__init__()
-        self.table = table
-        self.parts = {part: table.part(HEAD_PARTS[part]) for part in SPLIT_PARTS}  # checks the alignment now
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.table.blocks.numel() + 8 * self.table.scale.numel()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return q8_multiply(x, *self.table.part(HEAD_PARTS["all"]))
-
-    def rows(self, x: torch.Tensor, parts: Sequence[str]) -> list[torch.Tensor]:
-        return by_part(x, parts, lambda rows, part: q8_multiply(rows, *self.parts[part]))
-
-
-class Q8Embedding(nn.Module):
-    """The embedding as the same int8 table (the same values as `Int8Embedding`)."""
-
-    def __init__(self, table: Q8Table) -> None:
-        super().__init__()
-        self.table = table
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.table.lookup(idx)
-
-
-class F32Table(_Table):
-    """fp32 rows `(N, K)` in f32rows' layout: blocks of BLOCK_ROWS rows, each transposed
-    (`(N / 16, K, 16)`), zero-padded to whole blocks and to K a multiple of F32_CHUNK."""
+class F32Table(Table):
+    """fp32 rows for f32rows: each block transposed (`(N / 16, K, 16)`), K zero-padded to a multiple of
+    F32_CHUNK."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -263,58 +232,62 @@ class F32Table(_Table):
         blocks, start, stop = self._blocks_of(rows)
         return self.blocks[blocks], stop - start
 
+    def multiply(self, x: torch.Tensor, part: tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
+        blocks, n_out = part
+        Kp, Np = blocks.size(1), blocks.size(0) * BLOCK_ROWS
+        rows = _rows(x, Kp)
+        out = torch.empty(rows.size(0), Np)
+        _loaded["f32rows"].f32rows_linear(rows.data_ptr(), rows.size(0), Kp, blocks.data_ptr(),
+                                          None if bias is None else bias.data_ptr(), Np, out.data_ptr())
+        return _out(x, out, n_out)
+
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows `idx` (the embedding): the stored values exactly."""
+        """Rows `idx`: the stored values exactly."""
         return self.blocks[idx // BLOCK_ROWS, :, idx % BLOCK_ROWS][..., :self.n_cols]
 
 
-def f32_multiply(x: torch.Tensor, blocks: torch.Tensor, n_out: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x (..., K)` fp32 times an fp32 table's rows: `(..., n_out)`."""
-    Kp, Np = blocks.size(1), blocks.size(0) * BLOCK_ROWS
-    rows = _rows(x, Kp)
-    out = torch.empty(rows.size(0), Np)
-    _loaded["f32rows"].f32rows_linear(rows.data_ptr(), rows.size(0), Kp, blocks.data_ptr(),
-                                      None if bias is None else bias.data_ptr(), Np, out.data_ptr())
-    if Np != n_out:
-        out = out[:, :n_out]
-    return out.reshape(*x.shape[:-1], n_out)
+class RowsLinear(nn.Module):
+    """An `nn.Linear` as a table, multiplied by its kernel."""
 
-
-class F32Linear(nn.Module):
-    """An `nn.Linear` as an fp32 table, multiplied by f32rows."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.table = F32Table(weight)
-        self.in_features, self.out_features = weight.size(1), weight.size(0)
-        padded = None if bias is None else F.pad(bias.detach().float(), (0, self.table.blocks.size(0) * BLOCK_ROWS
-                                                                         - bias.numel()))
-        self.register_buffer("bias", padded)
-        self.args = self.table.part(slice(None))  # cut once: a decode step makes ~120 of these calls
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return f32_multiply(x, *self.args, self.bias).to(x.dtype)
-
-
-class F32Head(nn.Module):
-    """The tied head over the embedding's own fp32 table: each row multiplies only its part's rows."""
-
-    def __init__(self, table: F32Table) -> None:
+    def __init__(self, table: Table, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.table = table
-        self.parts = {part: table.part(HEAD_PARTS[part]) for part in SPLIT_PARTS}
+        self.in_features, self.out_features = table.n_cols, table.n_rows
+        padded = None if bias is None else F.pad(bias.detach().float(), (0, table.padded_rows - bias.numel()))
+        self.register_buffer("bias", padded)
+        self.args = table.part(slice(None))  # cut once: a decode step makes ~120 of these calls
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.table.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return f32_multiply(x, *self.table.part(HEAD_PARTS["all"]))
+        return self.table.multiply(x, self.args, self.bias).to(x.dtype)
+
+
+class RowsHead(nn.Module):
+    """The tied head over the embedding's own table: each row multiplies only its part's rows."""
+
+    def __init__(self, table: Table) -> None:
+        super().__init__()
+        self.table = table
+        self.parts = {part: table.part(HEAD_PARTS[part]) for part in (*SPLIT_PARTS, "all")}  # checks alignment
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.table.buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table.multiply(x, self.parts["all"])
 
     def rows(self, x: torch.Tensor, parts: Sequence[str]) -> list[torch.Tensor]:
-        return by_part(x, parts, lambda rows, part: f32_multiply(rows, *self.parts[part]))
+        return by_part(x, parts, lambda rows, part: self.table.multiply(rows, self.parts[part]))
 
 
-class F32Embedding(nn.Module):
-    """The embedding as the same fp32 table."""
+class RowsEmbedding(nn.Module):
+    """The embedding as the same table."""
 
-    def __init__(self, table: F32Table) -> None:
+    def __init__(self, table: Table) -> None:
         super().__init__()
         self.table = table
 

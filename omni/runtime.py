@@ -32,7 +32,7 @@ from .linear import (TIE_MARGIN, TUNE_ROUNDS, DenseHead, DenseLinear, Int8Embedd
                      has_bf16, has_vnni, install, measured_once, tune_products)
 from . import rowkernels
 from .model import OmniLM
-from .rowkernels import F32Embedding, F32Head, F32Linear, F32Table, Q8Embedding, Q8Head, Q8Linear, Q8Table
+from .rowkernels import F32Table, Q8Table, RowsEmbedding, RowsHead, RowsLinear
 from .whisper import EncoderBlock, RowChunks, WhisperEncoder, encoder_shape, load_whisper_encoder
 
 # How fast mode's Whisper encoder computes: int8 blocks (fbgemm, any x86 CPU; convolutions and
@@ -91,12 +91,12 @@ def prepare_lm(model: OmniLM, runtime: Runtime) -> None:
 
     def dense(linear: nn.Linear) -> nn.Module:
         plan = plans.get(_group(linear.weight), Products())
-        return F32Linear(linear.weight, linear.bias) if plan.kernel else DenseLinear(linear, plan)
+        return RowsLinear(F32Table(linear.weight), linear.bias) if plan.kernel else DenseLinear(linear, plan)
 
     install(model, dense)
     if head_plan.kernel:
         table = F32Table(head)
-        model.lm_head, model.transformer.wte = F32Head(table), F32Embedding(table)
+        model.lm_head, model.transformer.wte = RowsHead(table), RowsEmbedding(table)
     else:
         model.lm_head = DenseHead(head, head_plan)
     if any(plan.kernel for plan in plans.values()):
@@ -225,14 +225,14 @@ def _install_int8(model: OmniLM) -> None:
     kernel = int8_kernel(model.config.intermediate_size, model.config.n_embd)
     if kernel == "q8rows":
         table = Q8Table(weight)
-        model.lm_head, model.transformer.wte = Q8Head(table), Q8Embedding(table)
+        model.lm_head, model.transformer.wte = RowsHead(table), RowsEmbedding(table)
     else:
         model.lm_head = Int8Head(weight, reduce_range=not has_vnni())
         model.transformer.wte = Int8Embedding(weight)
     del weight
     _detach_vectors(model)
     if kernel == "q8rows":
-        install(model, lambda linear: Q8Linear(linear.weight, linear.bias))
+        install(model, lambda linear: RowsLinear(Q8Table(linear.weight), linear.bias))
     else:
         _int8_linears(model)
     gc.collect()  # the swapped-out fp32 modules sit in reference cycles that hold the file's mapping
@@ -268,7 +268,7 @@ def measure_int8_kernels(n_out: int, n_in: int) -> dict[str, float]:
     count = max(1, INT8_TUNE_BYTES // (n_out * n_in))
     weights = [torch.randn(n_out, n_in, generator=generator) * MEASURE_WEIGHT_STD for _ in range(count)]
     layers = {"fbgemm": [Int8Linear(w, None, reduce_range=not has_vnni()) for w in weights],
-              "q8rows": [Q8Linear(w, None) for w in weights]}
+              "q8rows": [RowsLinear(Q8Table(w), None) for w in weights]}
     del weights
     x = torch.randn(max(INT8_TUNED_ROWS), n_in, generator=generator)
     best = {(kernel, rows): float("inf") for kernel in layers for rows in INT8_TUNED_ROWS}

@@ -5,7 +5,7 @@ import torch
 from omni.audio import feature_frames, load_audio, log_mel, pad_or_trim, trimmed_length
 from omni.generate import Step, teacher_forced_agreement
 from omni.linear import DenseHead, DenseLinear, Int8Head, Int8Linear
-from omni.rowkernels import F32Head, F32Linear, Q8Head, Q8Linear
+from omni.rowkernels import RowsHead, RowsLinear
 from omni.runtime import MODES, resolve_mode
 from omni.tokens import Task
 from omni_engine import OmniEngine
@@ -33,10 +33,10 @@ def test_fast_mode_streams_on_the_same_schedule(fast_engine, engine, sample_wav)
     exact = list(engine.stream(sample_wav, max_tokens=MAX))
     assert [len(c.steps) for c in fast] == [len(c.steps) for c in exact]
     assert [len(c.pcm) for c in fast] == [len(c.pcm) for c in exact]
-    assert fast_engine.mode == "fast" and isinstance(fast_engine.model.lm_head, (Int8Head, Q8Head))
-    assert isinstance(fast_engine.model.transformer.h[0].attn.attn, (Int8Linear, Q8Linear))
-    assert isinstance(engine.model.lm_head, (DenseHead, F32Head))
-    assert isinstance(engine.model.transformer.h[0].attn.attn, (DenseLinear, F32Linear))
+    assert fast_engine.mode == "fast" and isinstance(fast_engine.model.lm_head, (Int8Head, RowsHead))
+    assert isinstance(fast_engine.model.transformer.h[0].attn.attn, (Int8Linear, RowsLinear))
+    assert isinstance(engine.model.lm_head, (DenseHead, RowsHead))
+    assert isinstance(engine.model.transformer.h[0].attn.attn, (DenseLinear, RowsLinear))
 
 
 def test_fast_mode_cache_matches_a_full_forward(fast_engine):

@@ -45,7 +45,7 @@ def test_every_measured_choice_gives_the_official_tokens(tiny_ckpt, monkeypatch,
     from omni_engine import OmniEngine
 
     from omni.linear import TUNED_ROWS, available_formulations
-    from omni.rowkernels import F32Head
+    from omni.rowkernels import F32Table
 
     if plan[0] not in available_formulations():
         pytest.skip(f"this machine has no {plan[0]}")
@@ -53,7 +53,7 @@ def test_every_measured_choice_gives_the_official_tokens(tiny_ckpt, monkeypatch,
     monkeypatch.setattr(omni.runtime, "tune_products", lambda groups: {name: chosen for name in groups})
     engine = OmniEngine(tiny_ckpt, device="cpu")
     if chosen.kernel:
-        assert isinstance(engine.model.lm_head, F32Head) and engine.model.transformer.wte.table is engine.model.lm_head.table
+        assert isinstance(engine.model.lm_head.table, F32Table) and engine.model.transformer.wte.table is engine.model.lm_head.table
     else:
         assert engine.model.lm_head.products == chosen
     root = Path(__file__).resolve().parent.parent
