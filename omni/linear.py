@@ -332,6 +332,9 @@ def tune_products(groups: dict[str, Sequence[torch.Tensor]]) -> dict[str, Produc
     if forced:
         if forced not in available_formulations():
             raise ValueError(f"MINI_OMNI_PRODUCTS={forced!r}; choose one of {available_formulations()}")
+        dtypes = {str(w.dtype).removeprefix("torch.") for ws in groups.values() for w in ws}
+        if forced == KERNEL_FORMULATION and dtypes != {"float32"}:
+            raise ValueError(f"MINI_OMNI_PRODUCTS={forced} computes in fp32; this model's weights are {sorted(dtypes)}")
         return {name: Products((forced,) * len(TUNED_ROWS)) for name in groups}
     samples = {name: _sample(ws) for name, ws in groups.items()}
     shapes = {n: [list(s[0].shape), len(s), str(s[0].dtype)] for n, s in samples.items()}

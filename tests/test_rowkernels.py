@@ -100,3 +100,11 @@ def test_f32rows_takes_a_group_only_when_it_beats_the_plan_for_every_row_count_t
     assert linear.choose_products({**library, "f32rows": {n: 0.3 for n in rows}}).kernel
     assert not linear.choose_products({**library, "f32rows": {n: 0.495 for n in rows}}).kernel  # a tie
     assert not linear.choose_products(library).kernel
+
+
+@needs_f32
+def test_f32rows_is_refused_for_a_model_in_another_dtype(monkeypatch):
+    monkeypatch.setenv("MINI_OMNI_PRODUCTS", "f32rows")
+    assert linear.tune_products({"a": [torch.randn(4, 4)]})["a"].kernel
+    with pytest.raises(ValueError, match="computes in fp32"):
+        linear.tune_products({"a": [torch.randn(4, 4, dtype=torch.bfloat16)]})
