@@ -280,7 +280,7 @@ def _pass_seconds(formulation: str, rows: int, weights: Sequence, x: torch.Tenso
 def available_formulations() -> tuple[str, ...]:
     """The formulations this machine offers: oneDNN's linear needs a torch build with it, f32rows an
     AVX-512 CPU and a C compiler (`omni.rowkernels`)."""
-    from . import rowkernels
+    from . import rowkernels  # imported here: rowkernels builds on this module
 
     onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     have = {"onednn": onednn, KERNEL_FORMULATION: rowkernels.load(KERNEL_FORMULATION) is not None}
@@ -293,7 +293,7 @@ def measure_products(weights: Sequence[torch.Tensor]) -> dict[str, dict[int, flo
     formulations = available_formulations()
     inputs = {f: weights for f in formulations}
     if KERNEL_FORMULATION in formulations and weights[0].dtype == torch.float32:
-        from .rowkernels import F32Table
+        from .rowkernels import F32Table  # see available_formulations
 
         inputs[KERNEL_FORMULATION] = [(t, t.part(slice(None))) for t in map(F32Table, weights)]
     else:
