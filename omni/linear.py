@@ -229,8 +229,8 @@ def install(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
 
 # ---- choosing the products by measurement --------------------------------------------------------
 
-def cpu_info() -> dict[str, object]:
-    """CPU model and the instruction-set flags that decide which kernels are fast."""
+def _read_cpuinfo() -> tuple[str, set[str]]:
+    """The CPU model and all its flags, from /proc/cpuinfo (elsewhere: the platform's name, no flags)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -243,6 +243,17 @@ def cpu_info() -> dict[str, object]:
                     break
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_flags() -> set[str]:
+    """Every instruction-set flag the CPU reports."""
+    return _read_cpuinfo()[1]
+
+
+def cpu_info() -> dict[str, object]:
+    """CPU model and the instruction-set flags that decide which kernels are fast."""
+    model, flags = _read_cpuinfo()
     return {"model": model, "flags": [flag for flag in CPU_FLAGS if flag in flags]}
 
 

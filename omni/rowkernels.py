@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .linear import HEAD_PARTS, SPLIT_PARTS, by_part, cache_dir, int8_rows
+from .linear import HEAD_PARTS, SPLIT_PARTS, by_part, cache_dir, cpu_flags, int8_rows
 
 SOURCES = Path(__file__).with_name("csrc")
 BUILD_TIMEOUT_S = 120
@@ -60,23 +60,12 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 _why_not: dict[str, str] = {}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def load(name: str) -> ctypes.CDLL | None:
     """Kernel `name`'s library (built now if needed), or None: see `why_not(name)`."""
     if name in _loaded:
         return _loaded[name]
     kernel = KERNELS[name]
-    missing = [f for f in kernel.cpu_flags if f not in _cpu_flags()]
+    missing = [f for f in kernel.cpu_flags if f not in cpu_flags()]
     lib = None
     if missing:
         _why_not[name] = f"the CPU lacks {', '.join(missing)}"
@@ -138,8 +127,9 @@ def _padded(n: int, multiple: int) -> int:
 
 class Table(nn.Module):
     """A weight `(N, K)` in a kernel's layout: blocks of BLOCK_ROWS rows, zero-padded to whole blocks.
-    `part(rows)` cuts block-aligned rows (the head's parts), `multiply(x, part)` runs the kernel,
-    `lookup(idx)` reads rows back (the embedding)."""
+    Each kind (`Q8Table`, `F32Table`) has `part(rows)`, which cuts block-aligned rows (the head's
+    parts), `multiply(x, part)`, which runs its kernel, and `lookup(idx)`, which reads rows back (the
+    embedding)."""
 
     n_rows: int
     n_cols: int
@@ -149,20 +139,16 @@ class Table(nn.Module):
     def padded_rows(self) -> int:
         return self.blocks.size(0) * BLOCK_ROWS
 
+    @property
+    def weight_bytes(self) -> int:
+        """What one pass over the table reads (weights, scales, sums)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
     def _blocks_of(self, rows: slice) -> tuple[slice, int, int]:
         start, stop, _ = rows.indices(self.n_rows)
         if start % BLOCK_ROWS or (stop % BLOCK_ROWS and stop != self.n_rows):
             raise ValueError(f"rows {start}..{stop} do not start and end on {BLOCK_ROWS}-row blocks")
         return slice(start // BLOCK_ROWS, _padded(stop, BLOCK_ROWS) // BLOCK_ROWS), start, stop
-
-    def part(self, rows: slice) -> tuple:
-        raise NotImplementedError
-
-    def multiply(self, x: torch.Tensor, part: tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
 
 def _out(x: torch.Tensor, out: torch.Tensor, n_out: int) -> torch.Tensor:
@@ -259,7 +245,7 @@ class RowsLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.table.buffers())
+        return self.table.weight_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.table.multiply(x, self.args, self.bias).to(x.dtype)
@@ -275,7 +261,7 @@ class RowsHead(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.table.buffers())
+        return self.table.weight_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.table.multiply(x, self.parts["all"])

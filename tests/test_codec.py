@@ -109,9 +109,9 @@ def test_folded_weight_norms_decode_the_same_bytes(tiny_ckpt):
     every decode. The audio is the same, bit for bit."""
     from omni.codec import snac_class
 
-    codec = SnacCodec.from_dir(tiny_ckpt / SNAC_DIR, torch.device("cpu"))
-    assert not any(parametrize.is_parametrized(m) for m in codec.model.modules())
     snac_dir = tiny_ckpt / SNAC_DIR
+    codec = SnacCodec.from_dir(snac_dir, torch.device("cpu"))
+    assert not any(parametrize.is_parametrized(m) for m in codec.model.modules())
     package = snac_class()(**json.loads((snac_dir / "config.json").read_text()))
     package.load_state_dict(torch.load(snac_dir / "pytorch_model.bin", weights_only=True))
     assert any(parametrize.is_parametrized(m) for m in package.decoder.modules())
