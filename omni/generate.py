@@ -32,7 +32,7 @@ class CostPlan:
 
     full_head: bool = False  # every row multiplies the whole head, not only the part it is read for
     full_span: bool = False  # the cache is the model's whole length, and attention reads all of it (masked)
-    whole_prefill: bool = False  # the prompt runs on every row in one piece, not in chunks with the rows' shared part once
+    whole_prefill: bool = False  # the prompt on every row in one piece, not chunked with the shared part run once
 
     def head_parts(self, parts: tuple[str, ...]) -> tuple[str, ...]:
         """The head parts rows wanting `parts` are read for."""
