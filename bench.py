@@ -38,15 +38,17 @@ import time
 import wave
 from pathlib import Path
 
-from omni.codec import OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME
+from omni import OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME, Step, Task, prompt_length
+from omni.machine import cache_dir, cpu_info
+from utils.bench_model import memory_floor, products_summary
+from utils.bench_report import print_concurrency, print_table
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_INPUT = ROOT / "data" / "samples" / "output4.wav"
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mini-omni" / "bench-full"
+CACHE_DIR = cache_dir() / "bench-full"
 CACHE_DIR_V2 = CACHE_DIR.with_name("bench-full-v2")
 FRAME_MS = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE * 1000  # audio per decode step: real time needs a step under this
 DEFAULT_STEPS = 40  # decode steps per request after the prompt
-PROBE_PASSES = 5  # streaming reads of a step's tensors; the fastest counts
 
 
 def rss_now_mb() -> float:
@@ -77,56 +79,6 @@ def question(path: Path) -> dict:
         return {"audio": np.frombuffer(w.readframes(w.getnframes()), "<i2"), "sample_rate": w.getframerate()}
 
 
-# ---- the memory floor ----------------------------------------------------------------------------
-
-def step_tensors(engine, positions: int) -> list:
-    """What one A1A2 decode step reads: every block's weights, the whole head (row 0 its audio part,
-    row 1 its text part, or both rows all of it) and `positions` of the KV cache, as tensors or,
-    for packed int8 weights, byte counts."""
-    import torch
-
-    from omni.linear import DenseHead, Int8Head, Int8Linear
-    from omni.rowkernels import RowsHead, RowsLinear
-
-    model = engine.model
-    reads: list = []
-    for module in model.transformer.h.modules():
-        if isinstance(module, (Int8Linear, RowsLinear)):
-            reads.append(module.weight_bytes)
-        for param in module.parameters(recurse=False):
-            reads.append(param.detach())
-    head = model.lm_head
-    if isinstance(head, DenseHead):
-        reads.append(head.weight.detach())
-    elif isinstance(head, Int8Head):
-        reads += [part.weight_bytes for part in head.parts.values()]
-    elif isinstance(head, RowsHead):
-        reads.append(head.weight_bytes)
-    span = model.config.block_size if engine.runtime.official_cost else positions  # the official cost reads the whole cache
-    c = model.config
-    kv_bytes = 2 * 2 * c.n_query_groups * span * c.head_size * torch.finfo(engine.dtype).bits // 8
-    reads += [kv_bytes] * c.n_layer
-    return reads
-
-
-def memory_floor(engine, positions: int) -> dict:
-    """Bytes a decode step reads, and the machine's streaming bandwidth measured on those tensors
-    (fresh buffers of the same sizes where the weights are packed)."""
-    import torch
-
-    reads = step_tensors(engine, positions)
-    probe = [t if isinstance(t, torch.Tensor) else torch.ones(max(1, t // 8), dtype=torch.int64) for t in reads]
-    probe = [t.reshape(-1).view(torch.int64) if t.numel() * t.element_size() % 8 == 0 else t.reshape(-1) for t in probe]
-    total = sum(t.numel() * t.element_size() for t in probe)
-    best = float("inf")
-    for _ in range(PROBE_PASSES):
-        start = time.perf_counter()
-        for t in probe:
-            t.sum()
-        best = min(best, time.perf_counter() - start)
-    return {"step_bytes_mb": total / 1e6, "bandwidth_gbs": total / best / 1e9, "floor_ms": best * 1000}
-
-
 # ---- one mode, in its own process ----------------------------------------------------------------
 
 def one_request(engine, audio: dict, max_tokens: int) -> dict:
@@ -145,9 +97,6 @@ def one_request(engine, audio: dict, max_tokens: int) -> dict:
 
 
 def timing(engine, args: argparse.Namespace, audio: dict, samples) -> dict:
-    from omni.engine import prompt_length
-    from omni.tokens import Task
-
     image = {"image": str(args.image)} if args.image else {}
     prompt = prompt_length(Task.A1A2, samples, None, image=bool(args.image))
     max_tokens = prompt + 1 + args.steps
@@ -209,9 +158,6 @@ def concurrent_answers(engine, audio: dict, max_tokens: int, n: int) -> dict:
 
 
 def concurrency(engine, args: argparse.Namespace, audio: dict, samples) -> list[dict]:
-    from omni.engine import prompt_length
-    from omni.tokens import Task
-
     max_tokens = prompt_length(Task.A1A2, samples, None) + 1 + args.steps
     out = []
     for n in args.concurrency:
@@ -222,8 +168,6 @@ def concurrency(engine, args: argparse.Namespace, audio: dict, samples) -> list[
 
 
 def reference_steps(streams: list[list[int]]) -> list:
-    from omni.generate import Step
-
     return [Step(tuple(s[i] for s in streams[:7]), streams[7][i]) for i in range(len(streams[7]))]
 
 
@@ -231,9 +175,7 @@ def fidelity_part(engine, args: argparse.Namespace, audio: dict, samples) -> dic
     """exact: answer greedily and save the answer and its teacher-forced logits; others: compare with them."""
     import torch
 
-    from omni.engine import prompt_length
-    from omni.generate import fidelity, teacher_forced_logits
-    from omni.tokens import Task
+    from utils.fidelity import fidelity, teacher_forced_logits
 
     max_tokens = prompt_length(Task.A1A2, samples, None) + 1 + args.steps
     inputs = engine.prepare(Task.A1A2, samples, None)
@@ -249,33 +191,9 @@ def fidelity_part(engine, args: argparse.Namespace, audio: dict, samples) -> dic
     return {"teacher_forced_top1": out["top1"], "teacher_forced_kl": out["kl"]}
 
 
-def products_summary(engine) -> dict:
-    """The product formulations chosen at load, per weight shape of a block and for the head, and the encoder's kind."""
-    from omni.linear import DenseLinear, Int8Linear
-    from omni.rowkernels import F32Table, Q8Table, RowsHead, RowsLinear
-
-    model = engine.model
-    plans = {"x".join(map(str, m.weight.shape)): "/".join(m.products.by_rows)
-             for m in model.transformer.h[0].modules() if isinstance(m, DenseLinear)}
-    plans.update({f"{m.out_features}x{m.in_features}": "f32rows" for m in model.transformer.h[0].modules()
-                  if isinstance(m, RowsLinear) and isinstance(m.table, F32Table)})
-    if hasattr(model.lm_head, "products"):
-        plans["head"] = "/".join(model.lm_head.products.by_rows) + f" {model.lm_head.products.head}"
-    elif isinstance(model.lm_head, RowsHead) and isinstance(model.lm_head.table, F32Table):
-        plans["head"] = "f32rows"
-    if any(isinstance(m, Q8Table) for m in model.modules()):
-        plans["int8"] = "q8rows"
-    elif any(isinstance(m, Int8Linear) for m in model.modules()):
-        plans["int8"] = "fbgemm"
-    int8 = any(isinstance(m, Int8Linear) for m in engine.whisper.modules())
-    plans["whisper"] = "int8" if int8 else str(engine.whisper.dtype).removeprefix("torch.")
-    return plans
-
-
 def child(args: argparse.Namespace) -> dict:
     """Measure one mode in this process."""
-    from omni.audio import load_audio
-    from omni_engine import OmniEngine
+    from omni import OmniEngine, load_audio
 
     start = time.perf_counter()
     engine = OmniEngine(args.ckpt_dir, device=args.device, mode=args.child,
@@ -297,8 +215,6 @@ def child(args: argparse.Namespace) -> dict:
 
 def machine(device: str) -> dict:
     import torch
-
-    from omni.linear import cpu_info
 
     cpu = cpu_info()
     info = {"cpu": cpu["model"], "cpu_flags": cpu["flags"], "cores": os.cpu_count(), "torch": torch.__version__,
@@ -334,52 +250,6 @@ def combine(rounds: list[dict]) -> dict:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = statistics.median(r[key] for r in rounds if key in r)
     return out
-
-
-ROWS = [("load_s", "load (s)"), ("audio_decode_s", "audio decode (s)"), ("mel_s", "mel (s)"),
-        ("encoder_s", "encoder (s)"), ("image_load_s", "image load (s)"), ("clip_s", "CLIP (s)"),
-        ("prefill_no_image_s", "prefill, no image (s)"), ("prefill_s", "prefill (s)"),
-        ("decode_step_ms_p50", "decode step p50 (ms)"), ("decode_step_ms_p90", "decode step p90 (ms)"),
-        ("decode_step_ms_best", "decode step best (ms)"), ("step_bytes_mb", "bytes read per step (MB)"),
-        ("bandwidth_gbs", "streaming bandwidth (GB/s)"), ("floor_ms", "memory floor (ms)"),
-        ("floor_multiple", "step p50 / floor"), ("floor_multiple_best", "best step / floor"),
-        ("vs_official", "step: official / this"), ("snac_chunk_ms_p50", "SNAC per chunk (ms)"),
-        ("first_chunk_s", "first chunk (s)"), ("first_chunk_no_image_s", "first chunk, no image (s)"),
-        ("image_extra_ms", "image's extra cost (ms)"), ("first_chunk_cold_s", "first chunk, 1st request (s)"),
-        ("total_s", "total (s)"), ("rtf", "real-time factor"), ("rss_after_load_mb", "RSS after load (MB)"),
-        ("peak_rss_mb", "peak RSS (MB)"), ("steady_rss_mb", "steady RSS (MB)")]
-
-
-def print_concurrency(report: dict) -> None:
-    print(f"\n{'mode':6}{'answers':>8}{'step (ms)':>11}{'x step(1)':>10}{'RTF p50':>9}{'RTF worst':>10}"
-          f"{'audio s/wall s':>15}{'1st chunk p50':>14}{'p90 (s)':>8}")
-    for mode, data in report["modes"].items():
-        rows = data.get("concurrency", [])
-        one = next((r["step_ms"] for r in rows if r["answers"] == 1), None)
-        for r in rows:
-            ratio = r["step_ms"] / one if one and r["step_ms"] else float("nan")
-            print(f"{mode:6}{r['answers']:>8}{r['step_ms'] or float('nan'):>11.1f}{ratio:>10.2f}{r['rtf_p50']:>9.2f}"
-                  f"{r['rtf_worst']:>10.2f}{r['audio_per_wall_s']:>15.2f}{r['first_chunk_p50_s']:>14.2f}"
-                  f"{r['first_chunk_p90_s']:>8.2f}")
-
-
-def print_table(report: dict) -> None:
-    m = report["machine"]
-    print(f"\nCPU: {m['cpu']} ({m['cores']} cores, {m['cpu_threads']} torch threads), flags: {' '.join(m['cpu_flags'])}; "
-          f"torch {m['torch']}; load average {m['load_avg_start']:.1f} at start, {m['load_avg_end']:.1f} at end")
-    modes = list(report["modes"])
-    print(f"{'':30}" + "".join(f"{mode:>12}" for mode in modes))
-    for key, label in ROWS:
-        if all(key not in report["modes"][mode] for mode in modes):
-            continue
-        print(f"{label:30}" + "".join(f"{report['modes'][mode].get(key, float('nan')):12.3f}" for mode in modes))
-    for mode, data in report["modes"].items():
-        if data.get("products"):
-            print(f"{mode} products (1 row/2 rows): " + ", ".join(f"{k} {v}" for k, v in data["products"].items()))
-        for key, label in (("teacher_forced_top1", "top-1 agreement"), ("teacher_forced_kl", "mean KL")):
-            if key in data:
-                print(f"{mode} vs exact, teacher-forced {label} (streams 0-6 audio, 7 text): "
-                      + " ".join(f"{a:.3f}" for a in data[key]))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -17,16 +17,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from omni.codec import (
-    LEVEL_OF_SLOT, N_LEVELS, OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME, Frame, SnacCodec, frames_to_codes, streams_to_frames,
+from omni import (
+    AUDIO_CODES, DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, LEVEL_OF_SLOT, N_AUDIO_LAYERS, N_LEVELS, OUTPUT_SAMPLE_RATE,
+    SAMPLES_PER_FRAME, Frame, GenerationConfig, OmniEngine, OmniError, SnacCodec, Task, frames_to_codes,
+    resolve_device, snac_dir, streams_to_frames, to_streams,
 )
-from omni.checkpoint import snac_dir
-from omni.engine import resolve_device
-from omni.errors import OmniError
-from omni.generate import to_streams
-from omni.sampling import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, GenerationConfig
-from omni_engine import OmniEngine, Task
-from omni.tokens import AUDIO_CODES, N_AUDIO_LAYERS
 from utils.audio_io import write_wav
 
 SHOWN_FRAMES = 3  # frames printed in the walk-through

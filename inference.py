@@ -16,11 +16,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from omni_engine import MODE_HELP, OmniEngine, OmniError, Task
-from omni.generate import to_streams
-from omni.sampling import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
-from omni.tokens import EOA, EOT, PAD_T
 from tqdm import tqdm
+
+from omni import (
+    DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EOA, EOT, FAMILIES,
+    PAD_T, to_streams,
+)
+from omni_engine import DEFAULT_MODE, MODE_HELP, MODE_NAMES, OmniEngine, OmniError, Task
 
 from utils.audio_io import write_wav
 
@@ -117,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input", help="question audio file (any format ffmpeg reads)")
     p.add_argument("--text", help="question text for T1A2 / T1T2")
     p.add_argument("--image", help="a picture the spoken question is about (Mini-Omni2 checkpoints, task A1A2)")
-    p.add_argument("--family", choices=["mini-omni", "mini-omni2"],
+    p.add_argument("--family", choices=FAMILIES,
                    help="which model to download when --ckpt-dir does not exist (default: mini-omni2 with --image)")
     p.add_argument("--out", help=f"where to write the spoken answer (.wav, 24 kHz; default {DEFAULT_OUT})")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="prompt + answer positions (official max_returned_tokens)")
@@ -125,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--first-stride", type=int, help="frames in the first chunk (smaller: audio starts sooner)")
     p.add_argument("--dump-tokens", help='write {"streams": [s0..s7]} (the sampled tokens per stream) to this JSON file')
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"], help=MODE_HELP)
+    p.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES, help=MODE_HELP)
     args = p.parse_args(argv)
     task = Task(args.task)
     if args.input and args.text:

@@ -1,7 +1,7 @@
 """Public entry point: `from omni_engine import OmniEngine`."""
 from omni import (
-    AudioInputError, CheckpointDownloadError, CheckpointError, GenerationConfig, ImageInputError, OmniChunk, OmniEngine,
-    OmniError, OmniResult, Task,
+    DEFAULT_MODE, MODE_NAMES, AudioInputError, CheckpointDownloadError, CheckpointError, GenerationConfig,
+    ImageInputError, OmniChunk, OmniEngine, OmniError, OmniResult, Overrides, Task,
 )
 
 # The --mode help of the entry points (inference.py, server.py); the modes are defined in omni/runtime.py.
@@ -11,6 +11,7 @@ MODE_HELP = ("exact (default): fp32, the official tokens; fast: on CPU, int8 wei
              "kept to measure speed-ups against")
 
 __all__ = [
-    "AudioInputError", "CheckpointDownloadError", "CheckpointError", "GenerationConfig", "ImageInputError", "MODE_HELP",
-    "OmniChunk", "OmniEngine", "OmniError", "OmniResult", "Task",
+    "AudioInputError", "CheckpointDownloadError", "CheckpointError", "DEFAULT_MODE", "GenerationConfig",
+    "ImageInputError", "MODE_HELP", "MODE_NAMES", "OmniChunk", "OmniEngine", "OmniError", "OmniResult", "Overrides",
+    "Task",
 ]

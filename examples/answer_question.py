@@ -5,6 +5,7 @@
 import argparse
 from pathlib import Path
 
+from omni import DEFAULT_MAX_TOKENS
 from omni_engine import OmniEngine
 from utils.audio_io import write_wav
 
@@ -16,7 +17,7 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", default="checkpoint")
     parser.add_argument("--input", default=str(SAMPLE))
     parser.add_argument("--out", default="output/response.wav")
-    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     args = parser.parse_args()
 
     engine = OmniEngine(args.ckpt_dir)

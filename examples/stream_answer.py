@@ -1,11 +1,12 @@
 """Stream an answer and print when each chunk arrives, its size and its text.
 
-    python examples/stream_test.py --ckpt-dir checkpoint [--input q.wav] [--max-tokens N]
+    python examples/stream_answer.py --ckpt-dir checkpoint [--input q.wav] [--max-tokens N]
 """
 import argparse
 import time
 from pathlib import Path
 
+from omni import DEFAULT_MAX_TOKENS
 from omni_engine import OmniEngine
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "samples" / "output1.wav"
@@ -15,7 +16,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt-dir", default="checkpoint")
     parser.add_argument("--input", default=str(SAMPLE))
-    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     args = parser.parse_args()
 
     engine = OmniEngine(args.ckpt_dir)

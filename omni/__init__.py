@@ -4,17 +4,32 @@ This is the surface the entry points, `serving/` and `realtime/` use; the submod
 """
 from .audio import (
     CHUNK_SECONDS, OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, PCM_SCALE, SAMPLE_RATE as INPUT_SAMPLE_RATE, load_audio,
+    sweep_stale_temp_dirs,
 )
-from .codec import SAMPLES_PER_FRAME
-from .engine import OmniChunk, OmniEngine, OmniResult, prompt_length
+from .checkpoint import HUB_REPOS, snac_dir
+from .codec import (
+    LEVEL_OF_SLOT, N_LEVELS, SAMPLES_PER_FRAME, Frame, SnacCodec, frames_to_codes, streams_to_frames,
+)
+from .device import resolve_device
+from .engine import DEFAULT_MAX_BATCH, OmniChunk, OmniEngine, OmniResult, prompt_length
 from .errors import AudioInputError, CheckpointDownloadError, CheckpointError, ImageInputError, OmniError
+from .generate import Step, to_streams
 from .image import fit_image
-from .sampling import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, GenerationConfig
-from .tokens import Task
+from .runtime import DEFAULT_MODE, MODE_NAMES
+from .sampling import (
+    DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, GenerationConfig,
+)
+from .tokens import AUDIO_CODES, EOA, EOT, N_AUDIO_LAYERS, PAD_T, Task
+from .tuning import Overrides
+
+FAMILIES = tuple(HUB_REPOS)  # the model families a checkpoint can be downloaded for
 
 __all__ = [
-    "AudioInputError", "CHUNK_SECONDS", "CheckpointDownloadError", "CheckpointError", "DEFAULT_MAX_TOKENS",
-    "DEFAULT_STREAM_STRIDE", "GenerationConfig", "INPUT_SAMPLE_RATE", "ImageInputError", "OUTPUT_SAMPLE_RATE",
-    "OmniChunk", "OmniEngine", "OmniError", "OmniResult", "PCM_SAMPLE_WIDTH", "PCM_SCALE", "SAMPLES_PER_FRAME", "Task",
-    "fit_image", "load_audio", "prompt_length",
+    "AUDIO_CODES", "AudioInputError", "CHUNK_SECONDS", "CheckpointDownloadError", "CheckpointError",
+    "DEFAULT_MAX_BATCH", "DEFAULT_MAX_TOKENS", "DEFAULT_MODE", "DEFAULT_STREAM_STRIDE", "DEFAULT_TEMPERATURE",
+    "DEFAULT_TOP_K", "DEFAULT_TOP_P", "EOA", "EOT", "FAMILIES", "Frame", "GenerationConfig", "INPUT_SAMPLE_RATE",
+    "ImageInputError", "LEVEL_OF_SLOT", "MODE_NAMES", "N_AUDIO_LAYERS", "N_LEVELS", "OUTPUT_SAMPLE_RATE",
+    "OmniChunk", "OmniEngine", "OmniError", "OmniResult", "Overrides", "PAD_T", "PCM_SAMPLE_WIDTH", "PCM_SCALE",
+    "SAMPLES_PER_FRAME", "SnacCodec", "Step", "Task", "fit_image", "frames_to_codes", "load_audio", "prompt_length",
+    "resolve_device", "snac_dir", "streams_to_frames", "sweep_stale_temp_dirs", "to_streams",
 ]

@@ -16,25 +16,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from .generate import Sequence, Step, decode_step
 from .model import OmniLM
+from .units import Units
 
-Setup = Generator[None, None, Sequence]
+Setup = Units[Sequence]
 DRIVER_WAIT_S = 0.05  # a waiting thread re-checks this often, besides being woken after every turn
-T = TypeVar("T")
-
-
-def drain(units: Generator[None, None, T]) -> T:
-    """Run work written in units (a generator that yields between them) to the end; its result."""
-    while True:
-        try:
-            next(units)
-        except StopIteration as done:
-            return done.value
 
 
 @dataclass

@@ -6,15 +6,16 @@ holds two copies of them.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import urllib.request
 from pathlib import Path
 
 import torch
 
+from .codec import SNAC_CONFIG, SNAC_HUB_REPO, SNAC_WEIGHTS
 from .config import CONFIG_FILE, ModelConfig
 from .errors import CheckpointDownloadError, CheckpointError
+from .machine import user_cache_root
 from .model import OmniLM
 
 WEIGHTS_FILE = "lit_model.pth"
@@ -111,7 +112,7 @@ def clip_path(ckpt_dir: Path) -> Path:
 def _local_or_cached(local: Path, cache_name: str, url: str, sha256: str) -> Path:
     if local.is_file():
         return local
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / cache_name / local.name
+    cache = user_cache_root() / cache_name / local.name
     if not cache.is_file():
         download_verified(url, sha256, cache, local.parent)
     return cache
@@ -142,8 +143,6 @@ def download_verified(url: str, sha256: str, target: Path, ckpt_dir: Path) -> No
 
 def snac_dir(ckpt_dir: Path) -> Path:
     """`ckpt_dir/snac/` if present, else the hub's `hubertsiuzdak/snac_24khz` (downloaded if needed)."""
-    from .codec import SNAC_CONFIG, SNAC_HUB_REPO, SNAC_WEIGHTS
-
     local = ckpt_dir / SNAC_DIR
     if (local / SNAC_CONFIG).is_file():
         return local

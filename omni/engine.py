@@ -5,7 +5,6 @@ import itertools
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,19 +18,21 @@ from tokenizers import Tokenizer
 from .audio import (
     N_SAMPLES, SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel, pad_or_trim, trimmed_length,
 )
+from .batch import Job, Scheduler, Setup
 from .checkpoint import TOKENIZER_FILE, clip_path, ensure_checkpoint, load_lm, snac_dir, whisper_path
 from .clip import VisionTower, load_vision_tower
 from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, FrameScheduler, SnacCodec
 from .config import CONFIG_FILE, ModelConfig
+from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError
-from .batch import Job, Scheduler, Setup, drain
 from .generate import Sequence, SpeechDecoder, Step, TextDecoder, check_length, to_streams
-from .runtime import load_whisper, prepare_lm, release_freed_memory, resolve_mode, trim_heap
-from .sampling import GenerationConfig
 from .image import ImageSource, load_image
-from .tokens import EOT, IMAGE_PROMPT_EXTRA, PROMPT_EXTRA, Task, build_image_prompt, build_prompt
+from .runtime import DEFAULT_MODE, load_whisper, prepare_lm, release_freed_memory, resolve_mode, trim_heap
+from .sampling import GenerationConfig
+from .tokens import IMAGE_PROMPT_EXTRA, PROMPT_EXTRA, Task, TextStream, build_image_prompt, build_prompt
+from .tuning import Overrides
+from .units import drain
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WARMUP_SECONDS = 1.0
 WARMUP_TONE_HZ = 220.0
 WARMUP_LEVEL = 0.3
@@ -39,7 +40,6 @@ WARMUP_STEPS = 12  # enough decode steps for one audio chunk
 # Requests decoding together (`max_batch`), by device: on a 2-core CPU a step of 2 requests cost 1.05x one,
 # of 4 requests 2.2x (bench.py --concurrency, README "Many at once"); a GPU has room for dozens (not measured).
 DEFAULT_MAX_BATCH = {"cpu": 2, "cuda": 32}
-REPLACEMENT_CHAR = "\ufffd"  # what a byte-level BPE decode shows for a cut UTF-8 sequence
 
 Cancel = threading.Event | Callable[[], bool] | None
 
@@ -91,51 +91,6 @@ class OmniResult:
         return np.frombuffer(self.pcm, dtype="<i2").astype(np.float32) / PCM_SCALE
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available; use device='cpu' or 'auto'")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float32  # the official numerics
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
-    if dtype == torch.float16 and device.type == "cpu":
-        warnings.warn("float16 is slow and inexact on CPU; using float32", stacklevel=3)
-        return torch.float32
-    return dtype
-
-
-class TextStream:
-    """Turns text ids into deltas, holding back a delta that ends inside a UTF-8 sequence."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.ended = False
-        self.shown = ""
-
-    def push(self, token: int) -> None:
-        if token == EOT:
-            self.ended = True
-        elif not self.ended:
-            self.ids.append(token)
-
-    def delta(self, final: bool = False) -> str:
-        text = self.tokenizer.decode(self.ids)
-        if (text.endswith(REPLACEMENT_CHAR) and not final) or not text.startswith(self.shown):
-            return ""
-        new, self.shown = text[len(self.shown):], text
-        return new
-
-
 class OmniEngine:
     """A loaded Mini-Omni model that answers audio or text questions with speech and/or text.
 
@@ -146,11 +101,12 @@ class OmniEngine:
     """
 
     def __init__(self, ckpt_dir: str | Path = "checkpoint", device: str | torch.device = "auto",
-                 dtype: str | torch.dtype | None = None, family: str = "mini-omni", mode: str = "exact",
-                 trim_encoder: bool = False, max_batch: int | None = None) -> None:
+                 dtype: str | torch.dtype | None = None, family: str = "mini-omni", mode: str = DEFAULT_MODE,
+                 trim_encoder: bool = False, max_batch: int | None = None, overrides: Overrides | None = None) -> None:
+        """`overrides`: speed choices forced instead of measured (default: the environment's)."""
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
-        self.runtime = resolve_mode(mode, self._device)
+        self.runtime = resolve_mode(mode, self._device, overrides)
         if self.runtime.int8 and self._dtype != torch.float32:
             raise ValueError(f"mode='fast' quantizes the fp32 weights to int8; leave dtype unset (got {self._dtype})")
         # Whisper on the question's own length instead of 30 s: much cheaper, but other features.
@@ -340,8 +296,8 @@ class OmniEngine:
             yield
 
     def _decoder(self, task: Task, rows: int) -> SpeechDecoder | TextDecoder:
-        full_head = self.runtime.official_cost
-        return SpeechDecoder(rows == 2, full_head) if task.speaks else TextDecoder(full_head)
+        cost = self.runtime.cost
+        return SpeechDecoder(rows == 2, cost) if task.speaks else TextDecoder(cost)
 
     def _answer(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None, pixels: torch.Tensor | None,
                 cfg: GenerationConfig, cancel: Callable[[], bool], timings: Timings) -> Iterator[OmniChunk]:
@@ -377,7 +333,7 @@ class OmniEngine:
         # torch's global RNG is left as it was, so a seeded answer is the same whatever ran before it.
         sampler = torch.Generator(self._device).manual_seed(cfg.seed) if cfg.seed is not None else None
         sequence = Sequence(self.model, inputs.prompt, inputs.decoder, cfg, inputs.audio_features,
-                            inputs.image_features, self.runtime.official_cost, sampler)
+                            inputs.image_features, self.runtime.cost, sampler)
         yield from self._timed_units(sequence.prefill(), timings, "prefill")
         return sequence
 

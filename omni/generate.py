@@ -9,7 +9,7 @@ Two decoding policies cover every task:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,28 @@ from .tokens import (
 # Prompt positions run per prefill chunk: a newcomer's prefill then delays the running requests'
 # decode steps by about one step each. The chunking is fixed, so a request's numbers never depend on load.
 PREFILL_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class CostPlan:
+    """How much work decoding a request does. Every plan gives the same tokens (they differ only by
+    exact rewrites); the mode picks one at load (`omni.runtime`) and every request follows it."""
+
+    full_head: bool = False  # every row multiplies the whole head, not only the part it is read for
+    full_span: bool = False  # the cache is the model's whole length, and attention reads all of it (masked)
+    whole_prefill: bool = False  # the prompt on every row in one piece, not chunked with the shared part run once
+
+    def head_parts(self, parts: tuple[str, ...]) -> tuple[str, ...]:
+        """The head parts rows wanting `parts` are read for."""
+        return ("all",) * len(parts) if self.full_head else parts
+
+    def cache_length(self, cfg: GenerationConfig, block_size: int) -> int:
+        """Positions a request's cache holds: all the model can take, or what `cfg.max_tokens` needs."""
+        return block_size if self.full_span else cfg.max_tokens - 1
+
+
+EXACT_COST = CostPlan()  # the exact and fast modes: only what the answer needs
+OFFICIAL_COST = CostPlan(full_head=True, full_span=True, whole_prefill=True)  # the official implementation's work
 
 
 @dataclass(frozen=True)
@@ -50,10 +72,10 @@ class SpeechDecoder:
     The tokens stay on the device: one `.tolist()` per step is the step's only wait for the device.
     """
 
-    def __init__(self, batch: bool, full_head: bool = False) -> None:
+    def __init__(self, batch: bool, cost: CostPlan = EXACT_COST) -> None:
         self.batch_size = 2 if batch else 1
-        # Which head part each row is read for; the official code computes "all" on every row.
-        self.parts = ("all",) * self.batch_size if full_head or not batch else ("audio", "text")
+        # Which head part each row is read for; the single row is read for both.
+        self.parts = cost.head_parts(("audio", "text") if batch else ("all",))
         self.text_ended = False
         self.last: torch.Tensor | None = None  # (8,) the last step's local ids, on the device
 
@@ -100,8 +122,8 @@ class TextDecoder:
 
     batch_size = 1
 
-    def __init__(self, full_head: bool = False) -> None:
-        self.parts = ("all",) if full_head else ("text",)
+    def __init__(self, cost: CostPlan = EXACT_COST) -> None:
+        self.parts = cost.head_parts(("text",))
         self.last: torch.Tensor | None = None  # (1,) the last text id, on the device
 
     def advance(self, logits: list[torch.Tensor], cfg: GenerationConfig, first: bool,
@@ -145,17 +167,17 @@ class Sequence:
 
     def __init__(self, model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextDecoder,
                  cfg: GenerationConfig, audio_features: torch.Tensor | None = None,
-                 image_features: torch.Tensor | None = None, official_cost: bool = False,
+                 image_features: torch.Tensor | None = None, cost: CostPlan = EXACT_COST,
                  generator: torch.Generator | None = None) -> None:
         B, _, T = prompt.shape
         assert B == decoder.batch_size, f"prompt batch {B} != decoder batch {decoder.batch_size}"
-        check_length(T, cfg, model.config.block_size)
+        # the caller has checked the request (`check_length`): here it is an invariant
+        assert T < cfg.max_tokens <= model.config.block_size + 1, f"prompt {T}, max_tokens {cfg.max_tokens}"
         self.model, self.prompt, self.decoder, self.cfg = model, prompt, decoder, cfg
         self.features = (audio_features, image_features)
-        self.official_cost = official_cost
+        self.cost = cost
         self.generator = generator
-        max_len = model.config.block_size if official_cost else cfg.max_tokens - 1
-        self.cache = model.new_cache(B, max_len, full_span=official_cost)
+        self.cache = model.new_cache(B, cost.cache_length(cfg, model.config.block_size), full_span=cost.full_span)
         self.pos = T  # the position the next decode step fills
         self.first: Step | None = None  # the prefill's step, once `prefill()` has run
 
@@ -174,16 +196,17 @@ class Sequence:
         (a scheduler runs other requests' decode steps in between); sets `self.first`.
 
         The two rows of the batch-of-two prompt differ only in their last position, so (unless the
-        official cost is wanted) the shared part runs on row 0 and its cache is copied to row 1.
-        The official cost runs the whole prompt, both rows, in one piece.
+        cost plan wants the whole prefill) the shared part runs on row 0 and its cache is copied to
+        row 1. The whole prefill runs the prompt, both rows, in one piece, as the official code does.
         """
         model, prompt = self.model, self.prompt
         B, _, T = prompt.shape
         audio, image = self.features
         x = model.embed(prompt, audio, image)  # (B, T, C)
-        shared = not self.official_cost and B == 2 and torch.equal(prompt[0, :, :-1], prompt[1, :, :-1]) and all(
+        whole = self.cost.whole_prefill
+        shared = not whole and B == 2 and torch.equal(prompt[0, :, :-1], prompt[1, :, :-1]) and all(
             f is None or torch.equal(f[0], f[1]) for f in self.features)
-        if self.official_cost:
+        if whole:
             chunk = T
         body_rows = 1 if shared else B
         body_end = T - 1 if shared else T
@@ -216,81 +239,3 @@ def decode_step(model: OmniLM, sequences: list[Sequence]) -> list[Step | None]:
         steps.append(s.decoder.advance(logits[seg.rows], s.cfg, first=False, generator=s.generator))
         s.pos += 1
     return steps
-
-
-def generate(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextDecoder,
-             cfg: GenerationConfig, audio_features: torch.Tensor | None = None,
-             cancel: Callable[[], bool] = lambda: False,
-             image_features: torch.Tensor | None = None, official_cost: bool = False,
-             generator: torch.Generator | None = None) -> Iterator[Step]:
-    """One request alone: one `Step` for the prefill and one per decode step until a stop rule fires
-    (the engine's scheduler runs the same `Sequence` steps, batched with other requests).
-
-    Args:
-        prompt: `(B, 8, T)` global ids, B = `decoder.batch_size`.
-        audio_features: `(B, L, whisper_dim)` injected at positions 1..L during the prefill.
-        cancel: polled before every decode step; True ends the iteration at once.
-        image_features: `(B, 50, vision_dim)` CLIP tokens of an image question (prefill only).
-        official_cost: compute as the official code does (whole-cache attention, both prompt rows
-            prefilled in one piece); the tokens are the same.
-        generator: the request's own random generator for sampling (None: torch's global RNG).
-    """
-    seq = Sequence(model, prompt, decoder, cfg, audio_features, image_features, official_cost, generator)
-    for _ in seq.prefill():
-        pass
-    yield seq.first
-    while not seq.finished and not cancel():
-        step = decode_step(model, [seq])[0]
-        if step is None:
-            return
-        yield step
-
-
-@torch.inference_mode()
-def teacher_forced_agreement(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder,
-                             steps: list[Step], audio_features: torch.Tensor | None = None) -> list[float]:
-    """Feed a reference answer's tokens and report, per stream, how often this model's greedy pick
-    matches the reference's next token (8 fractions; text counted up to the reference's EOT)."""
-    return fidelity(model, prompt, decoder, steps, audio_features)["top1"]
-
-
-@torch.inference_mode()
-def teacher_forced_logits(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder, steps: list[Step],
-                          audio_features: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Feed a reference answer's tokens; yield, per position, the `(7, 4160)` audio and `(152000,)`
-    text logits this model gives before seeing that position's reference step."""
-    B, _, T = prompt.shape
-    cache = model.new_cache(B, T + len(steps))
-    h = model(prompt, 0, audio_features, cache=cache)
-    for i in range(len(steps)):
-        if i:
-            h = model(decoder.feedback(steps[i - 1], prompt.device), T + i - 1, cache=cache)
-        logits = model.lm_head.rows(h[:, -1], decoder.parts)
-        audio_row = logits[0][PADDED_TEXT_VOCAB:] if decoder.parts[0] == "all" else logits[0]
-        yield audio_row.view(N_AUDIO_LAYERS, PADDED_AUDIO_VOCAB), logits[-1][:PADDED_TEXT_VOCAB]
-
-
-def fidelity(model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder, steps: list[Step],
-             audio_features: torch.Tensor | None = None, reference: list | None = None) -> dict[str, list[float]]:
-    """Teacher-forced agreement with a reference answer, per stream (7 audio layers, then text):
-    `top1`, how often the greedy pick equals the reference token; with `reference` (the reference
-    model's own logits, as `teacher_forced_logits` yields them), `kl`, the mean KL(reference || this).
-    Text counts up to the reference's EOT."""
-    n = N_AUDIO_LAYERS + 1
-    hits, kl, counts = [0.0] * n, [0.0] * n, [0] * n
-    text_open = True
-    for i, (audio, text) in enumerate(teacher_forced_logits(model, prompt, decoder, steps, audio_features)):
-        rows = [(layer, audio[layer], steps[i].audio[layer]) for layer in range(N_AUDIO_LAYERS)]
-        if text_open:
-            rows.append((n - 1, text, steps[i].text))
-            text_open = steps[i].text != EOT
-        for stream, row, ref in rows:
-            hits[stream] += int(row.argmax()) == ref
-            counts[stream] += 1
-            if reference is not None:
-                ref_row = reference[i][0][stream] if stream < N_AUDIO_LAYERS else reference[i][1]
-                kl[stream] += float(torch.sum(ref_row.softmax(-1) * (ref_row.log_softmax(-1) - row.log_softmax(-1))))
-    out = {"top1": [h / max(c, 1) for h, c in zip(hits, counts)]}
-    if reference is not None:
-        out["kl"] = [k / max(c, 1) for k, c in zip(kl, counts)]
-    return out

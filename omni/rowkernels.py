@@ -12,9 +12,10 @@ so a row's numbers never depend on its batch:
 Their tables have a row lookup, so the tied head and the embedding share one copy.
 
 A kernel is compiled with the system C compiler (`$CC`, `cc` or `gcc`) into the cache directory (about a
-second, once per source and compiler) and loaded with ctypes. It links the OpenMP runtime torch has
-already loaded, so both share one thread pool. Where the CPU lacks the instructions, no compiler is found
-or the build fails, `load()` returns None, `why_not()` says why, and the modes keep their library kernels.
+second, once per source, flags and compiler binary) and loaded with ctypes. It links the OpenMP runtime
+torch has already loaded, so both share one thread pool. Where the CPU lacks the instructions, `load()`
+returns None and `why_not()` says why; where no compiler is found or the build fails, it also warns once,
+naming the reason. Either way the modes keep their library kernels.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .linear import HEAD_PARTS, SPLIT_PARTS, by_part, cache_dir, cpu_flags, int8_rows
+from .linear import HEAD_PARTS, SPLIT_PARTS, by_part, int8_rows
+from .machine import cache_dir, cpu_flags
 
 SOURCES = Path(__file__).with_name("csrc")
 BUILD_TIMEOUT_S = 120
@@ -60,8 +63,9 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 _why_not: dict[str, str] = {}
 
 
-def load(name: str) -> ctypes.CDLL | None:
-    """Kernel `name`'s library (built now if needed), or None: see `why_not(name)`."""
+def load(name: str, cache: Path | None = None) -> ctypes.CDLL | None:
+    """Kernel `name`'s library (built now into `cache`, default `cache_dir()`, if needed), or None:
+    see `why_not(name)`. Decided once per process."""
     if name in _loaded:
         return _loaded[name]
     kernel = KERNELS[name]
@@ -71,11 +75,13 @@ def load(name: str) -> ctypes.CDLL | None:
         _why_not[name] = f"the CPU lacks {', '.join(missing)}"
     else:
         try:
-            lib = ctypes.CDLL(str(_build(name, kernel)))
+            lib = ctypes.CDLL(str(_build(name, kernel, cache or cache_dir())))
             entry = getattr(lib, f"{name}_linear")
             entry.argtypes, entry.restype = list(kernel.signature), None
         except (OSError, AttributeError, subprocess.SubprocessError, RuntimeError) as e:
             _why_not[name], lib = f"the kernel did not build: {e}", None
+            warnings.warn(f"the {name} kernel is unavailable ({_why_not[name]}); using the library kernels",
+                          stacklevel=2)
     _loaded[name] = lib
     return lib
 
@@ -85,14 +91,23 @@ def why_not(name: str) -> str | None:
     return _why_not.get(name)
 
 
-def _build(name: str, kernel: Kernel) -> Path:
+def _compiler() -> tuple[str, str]:
+    """The C compiler, and what identifies its build without running it: its resolved path, size and
+    modification time (a compiler upgrade changes them, so the kernel is rebuilt)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc, gcc) on PATH")
+    path = shutil.which(cc) if cc else None
+    if path is None:
+        raise RuntimeError(f"no C compiler ({cc or 'cc, gcc'}) on PATH")
+    real = Path(path).resolve()
+    stat = real.stat()
+    return cc, f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _build(name: str, kernel: Kernel, cache: Path) -> Path:
+    cc, identity = _compiler()
     source = SOURCES / f"{name}.c"
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S).stdout
-    digest = hashlib.sha256("\0".join([source.read_text(), version, *kernel.compile_flags]).encode()).hexdigest()
-    target = cache_dir() / "kernels" / f"{name}-{digest[:16]}.so"
+    digest = hashlib.sha256("\0".join([source.read_text(), identity, *kernel.compile_flags]).encode()).hexdigest()
+    target = cache / "kernels" / f"{name}-{digest[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

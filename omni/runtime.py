@@ -12,27 +12,29 @@
   every row, attention over the whole 2048-long cache, both prompt rows prefilled), so benchmarks
   can report the official cost measured in the same run.
 
-Each choice is made once, here, at load: `prepare_lm` installs the language model's parts and
-`load_whisper` loads the encoder as the chosen kind.
+Each choice is made once, here, at load: `resolve_mode` turns a mode name and the `Overrides` into a
+`Runtime`, `prepare_lm` installs the language model's parts and `load_whisper` loads the encoder as
+the chosen kind; the `Runtime`'s `CostPlan` is how much work every request does.
 """
 from __future__ import annotations
 
 import copy
 import ctypes
 import gc
-import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .linear import (TIE_MARGIN, TUNE_ROUNDS, DenseHead, DenseLinear, Int8Embedding, Int8Head, Int8Linear, Products,
-                     has_bf16, has_vnni, install, measured_once, tune_products)
 from . import rowkernels
+from .generate import EXACT_COST, OFFICIAL_COST, CostPlan
+from .linear import DenseHead, DenseLinear, Int8Embedding, Int8Head, Int8Linear, Products, install
+from .machine import has_bf16, has_vnni
 from .model import OmniLM
 from .rowkernels import F32Table, Q8Table, RowsEmbedding, RowsHead, RowsLinear
+from .tuning import ENV, TIE_MARGIN, TUNE_ROUNDS, Overrides, measured_once, tune_products
 from .whisper import EncoderBlock, RowChunks, WhisperEncoder, encoder_shape, load_whisper_encoder
 
 # How fast mode's Whisper encoder computes: int8 blocks (fbgemm, any x86 CPU; convolutions and
@@ -50,41 +52,54 @@ INT8_MLP_ROWS = 512
 
 
 @dataclass(frozen=True)
-class Runtime:
-    name: str
+class Mode:
+    """What a mode computes with."""
+
     linear: str  # "tuned": fp32, products measured at load; "official": F.linear; "int8"
-    official_cost: bool  # full head on every row, whole-cache attention, no shared prefill
+    cost: CostPlan  # how much work each request's decoding does
+
+
+MODES = {
+    "exact": Mode(linear="tuned", cost=EXACT_COST),
+    "fast": Mode(linear="int8", cost=EXACT_COST),
+    "baseline": Mode(linear="official", cost=OFFICIAL_COST),
+}
+MODE_NAMES = tuple(MODES)  # the --mode choices of every entry point; the first is the default
+DEFAULT_MODE = MODE_NAMES[0]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the engine computes, decided once at load: a mode on a device, with the user's overrides."""
+
+    name: str
+    linear: str  # as in `Mode`, after the device: "int8" only on a CPU
+    cost: CostPlan
+    overrides: Overrides  # speed choices forced instead of measured
 
     @property
     def int8(self) -> bool:
         return self.linear == "int8"
 
 
-MODES = {
-    "exact": Runtime("exact", linear="tuned", official_cost=False),
-    "fast": Runtime("fast", linear="int8", official_cost=False),
-    "baseline": Runtime("baseline", linear="official", official_cost=True),
-}
-
-
-def resolve_mode(mode: str, device: torch.device) -> Runtime:
+def resolve_mode(mode: str, device: torch.device, overrides: Overrides | None = None) -> Runtime:
+    """Mode `mode` on `device`, with `overrides` (default: the environment's, `Overrides.from_env()`)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {sorted(MODES)}")
-    runtime = MODES[mode]
-    if runtime.int8 and device.type != "cpu":
-        # the int8 kernels are CPU-only; on a GPU fast mode keeps the exact mode's parts.
-        runtime = replace(runtime, linear="tuned")
-    return runtime
+    linear, cost = MODES[mode].linear, MODES[mode].cost
+    if linear == "int8" and device.type != "cpu":
+        linear = "tuned"  # the int8 kernels are CPU-only; on a GPU fast mode keeps the exact mode's parts
+    return Runtime(mode, linear, cost, overrides if overrides is not None else Overrides.from_env())
 
 
 def prepare_lm(model: OmniLM, runtime: Runtime) -> None:
     """Install the runtime's linear layers, head and embedding into a loaded model, in place."""
     if runtime.int8:
-        _install_int8(model)
+        _install_int8(model, runtime.overrides)
         return
     head = model.lm_head.weight
     if runtime.linear == "tuned":
-        plans = _plans(model)
+        plans = _plans(model, runtime.overrides)
         head_plan = plans.get("head", Products())
     else:  # nn.Linear's F.linear everywhere, all rows through the whole head at once
         plans, head_plan = {}, Products(head="full")
@@ -120,19 +135,21 @@ def encoder_kinds() -> tuple[str, ...]:
 
 def encoder_kind(runtime: Runtime, shape: dict[str, int]) -> str:
     """fp32 outside fast mode (and so on a GPU); in it, the fastest of `encoder_kinds()` on one encoder
-    block of `shape`, measured once per machine and cached (`MINI_OMNI_ENCODER=int8|bf16` forces one)."""
+    block of `shape`, measured once per machine and cached (`overrides.encoder`, MINI_OMNI_ENCODER=int8|bf16,
+    forces one)."""
     if not runtime.int8:
         return "fp32"
-    forced = os.environ.get("MINI_OMNI_ENCODER")
+    forced = runtime.overrides.encoder
     if forced:
         if forced not in ENCODER_KINDS:
-            raise ValueError(f"MINI_OMNI_ENCODER={forced!r}; choose one of {ENCODER_KINDS}")
+            raise ValueError(f"{ENV['encoder']}={forced!r}; choose one of {ENCODER_KINDS}")
         return forced
     kinds = encoder_kinds()
     if len(kinds) == 1:
         return kinds[0]
     return measured_once({"encoder": shape, "kinds": list(kinds)},
-                         lambda: {"kind": choose_encoder_kind(measure_encoder_kinds(shape, kinds))})["kind"]
+                         lambda: {"kind": choose_encoder_kind(measure_encoder_kinds(shape, kinds))},
+                         runtime.overrides.cache)["kind"]
 
 
 def choose_encoder_kind(seconds: dict[str, float]) -> str:
@@ -185,7 +202,7 @@ def _group(weight: torch.Tensor) -> str:
     return "x".join(map(str, weight.shape))
 
 
-def _plans(model: OmniLM) -> dict[str, Products]:
+def _plans(model: OmniLM, overrides: Overrides) -> dict[str, Products]:
     """Products plans for the decode step's weights, by shape, and for the head (on CPU: measured)."""
     if model.lm_head.weight.device.type != "cpu":
         return {}
@@ -194,7 +211,7 @@ def _plans(model: OmniLM) -> dict[str, Products]:
         for linear in (m for m in block.modules() if type(m) is nn.Linear):
             groups.setdefault(_group(linear.weight), []).append(linear.weight)
     groups["head"] = [model.lm_head.weight]
-    return tune_products(groups)
+    return tune_products(groups, overrides)
 
 
 def _detach_vectors(module: nn.Module) -> None:
@@ -215,14 +232,14 @@ def _detach_params(module: nn.Module, max_dim: int = 2) -> None:
                 setattr(sub, name, copies[id(param)])
 
 
-def _install_int8(model: OmniLM) -> None:
+def _install_int8(model: OmniLM, overrides: Overrides) -> None:
     """int8 blocks, adapters, head (its text and audio parts) and embedding, with the kernel chosen for
     this CPU (`int8_kernel`); with q8rows the head and the embedding are one table.
 
     Afterwards no tensor refers to the memory-mapped fp32 checkpoint, so its pages leave memory.
     """
     weight = model.transformer.wte.weight.detach()
-    kernel = int8_kernel(model.config.intermediate_size, model.config.n_embd)
+    kernel = int8_kernel(model.config.intermediate_size, model.config.n_embd, overrides)
     if kernel == "q8rows":
         table = Q8Table(weight)
         model.lm_head, model.transformer.wte = RowsHead(table), RowsEmbedding(table)
@@ -238,22 +255,23 @@ def _install_int8(model: OmniLM) -> None:
     gc.collect()  # the swapped-out fp32 modules sit in reference cycles that hold the file's mapping
 
 
-def int8_kernel(n_out: int, n_in: int) -> str:
+def int8_kernel(n_out: int, n_in: int, overrides: Overrides) -> str:
     """Fast mode's int8 products for the language model: fbgemm's dynamic linear, or the q8rows
     kernel where the CPU has AVX512-VNNI and it builds, if it beats fbgemm on a decode step's row
     counts; measured once per machine on random `(n_out, n_in)` weights and cached
-    (`MINI_OMNI_INT8=fbgemm|q8rows` forces one)."""
-    forced = os.environ.get("MINI_OMNI_INT8")
+    (`overrides.int8`, MINI_OMNI_INT8=fbgemm|q8rows, forces one)."""
+    forced, q8 = overrides.int8, rowkernels.load("q8rows", overrides.cache)
     if forced:
         if forced not in INT8_KERNELS:
-            raise ValueError(f"MINI_OMNI_INT8={forced!r}; choose one of {INT8_KERNELS}")
-        if forced == "q8rows" and rowkernels.load("q8rows") is None:
-            raise ValueError(f"MINI_OMNI_INT8=q8rows, but {rowkernels.why_not('q8rows')}")
+            raise ValueError(f"{ENV['int8']}={forced!r}; choose one of {INT8_KERNELS}")
+        if forced == "q8rows" and q8 is None:
+            raise ValueError(f"{ENV['int8']}=q8rows, but {rowkernels.why_not('q8rows')}")
         return forced
-    if rowkernels.load("q8rows") is None:
+    if q8 is None:
         return INT8_KERNELS[0]
     what = {"int8": [n_out, n_in], "kernels": list(INT8_KERNELS), "rows": list(INT8_TUNED_ROWS)}
-    return measured_once(what, lambda: {"kernel": choose_int8_kernel(measure_int8_kernels(n_out, n_in))})["kernel"]
+    return measured_once(what, lambda: {"kernel": choose_int8_kernel(measure_int8_kernels(n_out, n_in))},
+                         overrides.cache)["kernel"]
 
 
 def choose_int8_kernel(seconds: dict[str, float]) -> str:

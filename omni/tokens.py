@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
+from tokenizers import Tokenizer
 
 # Text side: Qwen2's 151,936 ids plus 64 specials -> 152,000 text logits.
 TEXT_VOCAB = 151936
@@ -136,3 +137,29 @@ def build_image_prompt(task: Task, n_audio_frames: int) -> torch.Tensor:
     text = [PAD_T] * (len(audio) - 1) + [ANSWER_T]
     rows = [[audio_id(a, layer) for a in audio] for layer in range(N_AUDIO_LAYERS)]
     return torch.tensor(rows + [text], dtype=torch.long)
+
+
+REPLACEMENT_CHAR = "\ufffd"  # what a byte-level BPE decode shows for a cut UTF-8 sequence
+
+
+class TextStream:
+    """Turns text ids into deltas, holding back a delta that ends inside a UTF-8 sequence."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.ended = False
+        self.shown = ""
+
+    def push(self, token: int) -> None:
+        if token == EOT:
+            self.ended = True
+        elif not self.ended:
+            self.ids.append(token)
+
+    def delta(self, final: bool = False) -> str:
+        text = self.tokenizer.decode(self.ids)
+        if (text.endswith(REPLACEMENT_CHAR) and not final) or not text.startswith(self.shown):
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new

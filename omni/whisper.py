@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .batch import drain
 from .errors import CheckpointError
+from .units import drain
 
 ENCODER_PREFIX = "encoder."
 MLP_RATIO = 4

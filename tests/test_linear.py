@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import omni.linear as linear
-from omni.linear import (TUNED_ROWS, DenseHead, Int8Linear, Products, available_formulations, choose_products,
-                         tune_products)
+import omni.tuning as tuning
+from omni.linear import TUNED_ROWS, DenseHead, Int8Linear, Products
+from omni.tuning import Overrides, available_formulations, choose_products, tune_products
 from omni.tokens import PADDED_VOCAB
 
 
@@ -77,23 +77,23 @@ def test_the_choice_is_measured_once_then_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("MINI_OMNI_CACHE", str(tmp_path))
     monkeypatch.delenv("MINI_OMNI_PRODUCTS", raising=False)
     groups = {"16x8": [torch.randn(16, 8) for _ in range(3)], "head": [torch.randn(64, 8)]}
-    first = tune_products(groups)
+    first = tune_products(groups, Overrides.from_env())
     assert set(first) == set(groups)
     assert len(json.loads((tmp_path / "products.json").read_text())) == 1
 
     def no_measuring(weights):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(linear, "measure_products", no_measuring)
-    assert tune_products(groups) == first
+    monkeypatch.setattr(tuning, "measure_products", no_measuring)
+    assert tune_products(groups, Overrides.from_env()) == first
 
 
 def test_a_formulation_can_be_forced(monkeypatch):
     monkeypatch.setenv("MINI_OMNI_PRODUCTS", "wxt")
-    assert tune_products({"a": [torch.randn(4, 4)]})["a"].by_rows == ("wxt",) * len(TUNED_ROWS)
+    assert tune_products({"a": [torch.randn(4, 4)]}, Overrides.from_env())["a"].by_rows == ("wxt",) * len(TUNED_ROWS)
     monkeypatch.setenv("MINI_OMNI_PRODUCTS", "blas")
     with pytest.raises(ValueError, match="MINI_OMNI_PRODUCTS"):
-        tune_products({"a": [torch.randn(4, 4)]})
+        tune_products({"a": [torch.randn(4, 4)]}, Overrides.from_env())
 
 
 def test_int8_forward_is_the_per_row_formula():

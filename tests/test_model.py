@@ -170,7 +170,7 @@ def test_requests_at_different_positions_share_a_step(model):
 def test_shared_chunked_prefill_equals_the_official_one(model):
     """The batch-of-two prompt's shared part runs once, in chunks, and its cache is copied to row 1:
     the same logits and cache as both rows through every position at once (the official cost)."""
-    from omni.generate import Sequence, SpeechDecoder
+    from omni.generate import OFFICIAL_COST, Sequence, SpeechDecoder
     from omni.sampling import GenerationConfig
 
     torch.manual_seed(2)
@@ -182,7 +182,7 @@ def test_shared_chunked_prefill_equals_the_official_one(model):
     with torch.no_grad():
         shared = Sequence(model, prompt, SpeechDecoder(batch=True), cfg, feats)
         chunks = sum(1 for _ in shared.prefill(chunk=3))
-        official = Sequence(model, prompt, SpeechDecoder(batch=True), cfg, feats, official_cost=True)
+        official = Sequence(model, prompt, SpeechDecoder(batch=True), cfg, feats, cost=OFFICIAL_COST)
         assert sum(1 for _ in official.prefill()) == 0  # one piece
     assert chunks == 3  # 8 shared positions in chunks of 3, then the last position of both rows
     assert shared.first == official.first

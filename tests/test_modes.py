@@ -3,12 +3,13 @@ import pytest
 import torch
 
 from omni.audio import feature_frames, load_audio, log_mel, pad_or_trim, trimmed_length
-from omni.generate import Step, teacher_forced_agreement
+from omni.generate import OFFICIAL_COST, Step
 from omni.linear import DenseHead, DenseLinear, Int8Head, Int8Linear
 from omni.rowkernels import RowsHead, RowsLinear
 from omni.runtime import MODES, resolve_mode
 from omni.tokens import Task
 from omni_engine import OmniEngine
+from utils.fidelity import teacher_forced_agreement
 
 MAX = 140
 
@@ -20,7 +21,7 @@ def fast_engine(tiny_ckpt):
 
 def test_baseline_costs_more_but_gives_the_exact_tokens(tiny_ckpt, engine, sample_wav):
     baseline = OmniEngine(tiny_ckpt, device="cpu", mode="baseline")
-    assert baseline.runtime.official_cost
+    assert baseline.runtime.cost == OFFICIAL_COST
     official = baseline.model.transformer.h[0].mlp.fc_1.products  # F.linear, as nn.Linear computes
     assert set(official.by_rows) == {"linear"} and baseline.model.lm_head.products.head == "full"
     assert baseline.run(sample_wav, max_tokens=MAX).streams == engine.run(sample_wav, max_tokens=MAX).streams
@@ -96,3 +97,17 @@ def test_mode_resolution():
     assert resolve_mode("fast", torch.device("cpu")).int8
     assert not resolve_mode("fast", torch.device("cuda")).int8  # int8 kernels are CPU-only
     assert set(MODES) == {"exact", "fast", "baseline"}
+
+
+def test_speed_overrides_are_arguments_with_the_environment_as_default(monkeypatch, tmp_path):
+    from omni.runtime import encoder_kind
+    from omni.tuning import Overrides
+
+    monkeypatch.setenv("MINI_OMNI_ENCODER", "bf16")
+    monkeypatch.setenv("MINI_OMNI_CACHE", str(tmp_path))
+    assert Overrides.from_env() == Overrides(encoder="bf16", cache=tmp_path)
+    assert resolve_mode("fast", torch.device("cpu")).overrides.encoder == "bf16"
+    chosen = resolve_mode("fast", torch.device("cpu"), Overrides(encoder="int8"))
+    assert encoder_kind(chosen, {}) == "int8"  # the argument, not the environment
+    with pytest.raises(ValueError, match="MINI_OMNI_ENCODER"):
+        encoder_kind(resolve_mode("fast", torch.device("cpu"), Overrides(encoder="fp16")), {})

@@ -44,13 +44,14 @@ def test_every_measured_choice_gives_the_official_tokens(tiny_ckpt, monkeypatch,
     from omni.linear import Products
     from omni_engine import OmniEngine
 
-    from omni.linear import TUNED_ROWS, available_formulations
+    from omni.linear import TUNED_ROWS
+    from omni.tuning import available_formulations
     from omni.rowkernels import F32Table
 
     if plan[0] not in available_formulations():
         pytest.skip(f"this machine has no {plan[0]}")
     chosen = Products((plan[0],) * len(TUNED_ROWS), head=plan[1])
-    monkeypatch.setattr(omni.runtime, "tune_products", lambda groups: {name: chosen for name in groups})
+    monkeypatch.setattr(omni.runtime, "tune_products", lambda groups, overrides: {name: chosen for name in groups})
     engine = OmniEngine(tiny_ckpt, device="cpu")
     if chosen.kernel:
         assert isinstance(engine.model.lm_head.table, F32Table) and engine.model.transformer.wte.table is engine.model.lm_head.table

@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from omni import linear, rowkernels, runtime
+from omni import linear, rowkernels, runtime, tuning
 from omni.linear import HEAD_PARTS, Int8Embedding, int8_rows
 from omni.rowkernels import F32Table, Q8Table, RowsHead, RowsLinear
 from omni.tokens import PADDED_VOCAB
+from omni.tuning import Overrides
 from omni_engine import OmniEngine
 
 needs_kernel = pytest.mark.skipif(rowkernels.load("q8rows") is None,
@@ -55,13 +56,13 @@ def test_the_kernel_is_chosen_by_measurement_and_falls_back_to_fbgemm(monkeypatc
     assert runtime.choose_int8_kernel({"fbgemm": 1.0, "q8rows": 1.5}) == "fbgemm"
     monkeypatch.setitem(rowkernels._loaded, "q8rows", None)
     monkeypatch.setitem(rowkernels._why_not, "q8rows", "the CPU lacks avx512_vnni")
-    assert runtime.int8_kernel(64, 32) == "fbgemm"
+    assert runtime.int8_kernel(64, 32, Overrides.from_env()) == "fbgemm"
     monkeypatch.setenv("MINI_OMNI_INT8", "q8rows")
     with pytest.raises(ValueError, match="avx512_vnni"):
-        runtime.int8_kernel(64, 32)
+        runtime.int8_kernel(64, 32, Overrides.from_env())
     monkeypatch.setenv("MINI_OMNI_INT8", "mkl")
     with pytest.raises(ValueError, match="MINI_OMNI_INT8"):
-        runtime.int8_kernel(64, 32)
+        runtime.int8_kernel(64, 32, Overrides.from_env())
 
 
 @needs_f32
@@ -97,14 +98,36 @@ def test_head_and_embedding_share_one_table(kind):
 def test_f32rows_takes_a_group_only_when_it_beats_the_plan_for_every_row_count_together():
     rows = linear.TUNED_ROWS
     library = {"linear": {n: 1.0 for n in rows}, "wxt": {n: 0.5 for n in rows}}
-    assert linear.choose_products({**library, "f32rows": {n: 0.3 for n in rows}}).kernel
-    assert not linear.choose_products({**library, "f32rows": {n: 0.495 for n in rows}}).kernel  # a tie
-    assert not linear.choose_products(library).kernel
+    assert tuning.choose_products({**library, "f32rows": {n: 0.3 for n in rows}}).kernel
+    assert not tuning.choose_products({**library, "f32rows": {n: 0.495 for n in rows}}).kernel  # a tie
+    assert not tuning.choose_products(library).kernel
 
 
 @needs_f32
 def test_f32rows_is_refused_for_a_model_in_another_dtype(monkeypatch):
     monkeypatch.setenv("MINI_OMNI_PRODUCTS", "f32rows")
-    assert linear.tune_products({"a": [torch.randn(4, 4)]})["a"].kernel
+    assert tuning.tune_products({"a": [torch.randn(4, 4)]}, Overrides.from_env())["a"].kernel
     with pytest.raises(ValueError, match="computes in fp32"):
-        linear.tune_products({"a": [torch.randn(4, 4, dtype=torch.bfloat16)]})
+        tuning.tune_products({"a": [torch.randn(4, 4, dtype=torch.bfloat16)]}, Overrides.from_env())
+
+
+def test_a_built_kernel_is_reused_without_running_the_compiler(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nfor last; do :; done\n: > "$last"\n')  # "builds" its -o file
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    kernel = rowkernels.KERNELS["f32rows"]
+    first = rowkernels._build("f32rows", kernel, tmp_path / "cache")
+    assert rowkernels._build("f32rows", kernel, tmp_path / "cache") == first
+    assert len(calls.read_text().splitlines()) == 1  # one build; nothing run on the second load
+
+
+def test_a_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(rowkernels, "_loaded", {})
+    monkeypatch.setattr(rowkernels, "_why_not", {})
+    monkeypatch.setattr(rowkernels, "cpu_flags", lambda: set(rowkernels.KERNELS["f32rows"].cpu_flags))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(UserWarning, match="no C compiler"):
+        assert rowkernels.load("f32rows", tmp_path) is None
+    assert "no C compiler" in rowkernels.why_not("f32rows")
