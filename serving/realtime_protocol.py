@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from realtime.vad import START_MS, VadConfig
+from voice.vad import START_MS, VadConfig
 
 BETA, GA = "beta", "ga"
 API_RATE = 24000  # Hz: the protocol's pcm16 audio, in and out

@@ -39,8 +39,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from realtime.signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, float_to_pcm, pcm_to_float
-from realtime.vad import MAX_UTTERANCE_S, Segment, Segmenter, SpeechEvent
+from voice.signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, float_to_pcm, pcm_to_float
+from voice.vad import MAX_UTTERANCE_S, Segment, Segmenter, SpeechEvent
 from omni import OmniChunk
 from .realtime_protocol import (
     API_RATE, BETA, GA, ProtocolError, SessionConfig, answer_part, event_name, render_response, render_session,

@@ -187,5 +187,5 @@ class RealtimeEndpoint:
 
 
 def _silero():
-    from realtime.vad import SileroVad
+    from voice.vad import SileroVad
     return SileroVad()

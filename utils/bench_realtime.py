@@ -24,7 +24,7 @@ import wave
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from realtime.signal import Resampler, float_to_pcm, pcm_to_float
+from voice.signal import Resampler, float_to_pcm, pcm_to_float
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
 
