@@ -94,6 +94,28 @@ def test_turn_machine_stop_before_the_new_utterance_ends():
     assert m.handle(Event.STOPPED) == [] and m.state is State.USER_SPEAKING
 
 
+def test_turn_machine_talking_on_while_the_old_answer_stops():
+    m = TurnMachine()
+    for event in (Event.ONSET, Event.END_OF_SPEECH, Event.ONSET, Event.END_OF_SPEECH):
+        m.handle(event)
+    assert m.handle(Event.ONSET) == [Action.TAKE_FRAME]  # already cancelled: no second cancel
+    assert m.handle(Event.STOPPED) == [] and m.state is State.USER_SPEAKING  # the question is not complete yet
+    assert m.handle(Event.END_OF_SPEECH) == [Action.ASK] and m.state is State.THINKING
+
+
+def test_turn_machine_server_events():
+    m = TurnMachine(barge_in=False)  # the Realtime client's interrupt_response: false
+    assert m.handle(Event.ASKED) == [] and m.state is State.THINKING  # response.create, no spoken turn
+    assert m.handle(Event.ONSET) == [Action.TAKE_FRAME] and m.state is State.INTERRUPTED  # the answer plays on
+    assert m.handle(Event.END_OF_SPEECH) == [] and m.handle(Event.FINISHED) == [Action.ASK]
+    assert m.handle(Event.STOPPED) == [] and m.state is State.LISTENING  # the client cancelled it
+    assert m.handle(Event.ONSET) == [Action.TAKE_FRAME] and m.handle(Event.DROPPED) == []
+    assert m.state is State.LISTENING  # the input buffer was cleared: no question
+    m.handle(Event.ONSET)
+    assert m.handle(Event.ASKED) == [] and m.state is State.INTERRUPTED  # an answer under the user's speech
+    assert m.handle(Event.DROPPED) == [] and m.handle(Event.FINISHED) == [] and m.state is State.LISTENING
+
+
 def test_echo_guard_removes_a_delayed_filtered_echo_and_passes_the_user():
     rng = np.random.default_rng(1)
     n = 30 * FRAME_SAMPLES

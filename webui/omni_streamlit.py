@@ -98,7 +98,7 @@ def server_line(st, client: OmniClient) -> Health | None:
 
 
 @dataclass(frozen=True)
-class Turn:
+class Exchange:
     """One question and its answer, as the press-to-talk history shows them."""
 
     question: bytes  # the recording, a WAV file
@@ -135,7 +135,7 @@ class PressToTalk:
         st.session_state.autoplay = True
         st.rerun()
 
-    def ask(self, state, question: bytes, image: bytes | None) -> Turn:
+    def ask(self, state, question: bytes, image: bytes | None) -> Exchange:
         st = self.st
         self.user_message(question, image)
         reply = Answer()
@@ -148,9 +148,9 @@ class PressToTalk:
                     state.info(STATES["answering"])
                     live_text.text(reply.text)
             except ServerError as e:
-                return Turn(question, image, reply.wav() if reply.pcm else None, reply.text, str(e), failed=True)
+                return Exchange(question, image, reply.wav() if reply.pcm else None, reply.text, str(e), failed=True)
         reply.finish()
-        return Turn(question, image, reply.wav(), reply.text, reply.timing(), failed=False)
+        return Exchange(question, image, reply.wav(), reply.text, reply.timing(), failed=False)
 
     def user_message(self, question: bytes, image: bytes | None) -> None:
         with self.st.chat_message("user"):
