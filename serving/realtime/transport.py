@@ -78,6 +78,10 @@ class ServiceRunner:
             record.outcome = "bad_request"
             self.service.finish(ticket, record)
             return JobEnd(job.key, "failed", str(e))
+        except Exception:  # reported by _run; the queue place must not stay taken
+            record.outcome = "error"
+            self.service.finish(ticket, record)
+            raise
         if not self.service.wait_turn(ticket, record, job.cancel.is_set):
             return JobEnd(job.key, "cancelled")
         return self._run_answer(job, ticket, record, chunks, prompt, max_tokens)
