@@ -11,9 +11,9 @@ import sys
 from typing import Any
 
 from omni import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE
-from realtime.camera import FRAME_INTERVAL_S
-from realtime.loop import LoopConfig
-from realtime.vad import END_MS, PREROLL_MS, SPEECH_THRESHOLD, START_MS, VadConfig
+from voice.camera import FRAME_INTERVAL_S
+from voice.loop import LoopConfig
+from voice.vad import END_MS, PREROLL_MS, SPEECH_THRESHOLD, START_MS, VadConfig
 
 DEFAULT_CAMERA = 0
 DEFAULT_OUT_DIR = "output/realtime"
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from realtime.devices import DeviceError
+    from voice.devices import DeviceError
 
     try:
         run(args)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     if args.list_devices:
-        from realtime.devices import list_devices
+        from voice.devices import list_devices
         print(list_devices())
         return
     vad = VadConfig(args.threshold, args.start_ms, args.end_ms, args.preroll_ms)
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     if args.input_file:
         answer_file(args, config, camera)
         return
-    from realtime.devices import run_live
+    from voice.devices import run_live
 
     run_live(lambda: load_engine(args, warm=True), config, sys.stdout, args.input_device, args.output_device,
              camera, args.camera_interval)
@@ -78,8 +78,8 @@ def load_engine(args: argparse.Namespace, warm: bool = False) -> Any:
 
 
 def answer_file(args: argparse.Namespace, config: LoopConfig, camera: int | None) -> None:
-    from realtime.devices import open_camera
-    from realtime.sim import answer_file as simulate_file
+    from voice.devices import open_camera
+    from utils.voice_sim import answer_file as simulate_file
 
     engine = load_engine(args)
     feed = open_camera(camera, engine, args.camera_interval, sys.stdout)  # only if the model can see

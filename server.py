@@ -17,7 +17,7 @@ from omni.audio import sweep_stale_temp_dirs
 from omni_engine import MODE_HELP
 from serving.app import DEFAULT_MAX_BYTES, create_app
 from serving.asgi import WsgiBridge, combine
-from serving.realtime_ws import DEFAULT_MAX_SESSIONS, RealtimeEndpoint
+from serving.realtime.transport import DEFAULT_MAX_SESSIONS, RealtimeEndpoint
 from serving.security import ANY_ORIGIN, API_KEY_ENV, AccessPolicy, is_loopback_bind
 from serving.service import EngineService
 

@@ -1,6 +1,6 @@
 """Mini-Omni inference core: importable without any web, UI or device library.
 
-This is the surface the entry points, `serving/` and `realtime/` use; the submodules are internals.
+This is the surface the entry points, `serving/` and `voice/` use; the submodules are internals.
 """
 from .audio import (
     CHUNK_SECONDS, OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, PCM_SCALE, SAMPLE_RATE as INPUT_SAMPLE_RATE, load_audio,

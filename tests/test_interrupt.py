@@ -1,14 +1,14 @@
 """Barge-in, echo and camera behaviour of the realtime loop: conversations from espeak-ng recordings through
-the real loop, Silero VAD and the tiny engine, on a virtual clock (see realtime/scenarios.py)."""
+the real loop, Silero VAD and the tiny engine, on a virtual clock (see utils/voice_scenarios.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from realtime import scenarios as s
-from realtime.camera import fit_frame
-from realtime.sim import SpokenAnswerEngine
-from realtime.turns import State
+from utils import voice_scenarios as s
+from voice.camera import fit_frame
+from utils.voice_sim import SpokenAnswerEngine
+from voice.turns import State
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from realtime.camera import CameraFeed, fit_frame
-from realtime.echo import EchoConfig, EchoGuard
-from realtime.loop import VoiceLoop
-from realtime.signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, energy
-from realtime.sim import FakeCamera, FakeSink, VirtualClock
-from realtime.turns import Action, Event, State, TurnMachine
-from realtime.vad import Segmenter, SileroVad, SpeechEvent, VadConfig
+from voice.camera import CameraFeed, fit_frame
+from voice.echo import EchoConfig, EchoGuard
+from voice.loop import VoiceLoop
+from voice.signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, energy
+from utils.voice_sim import FakeCamera, FakeSink, VirtualClock
+from voice.turns import Action, Event, State, TurnMachine
+from voice.vad import Segmenter, SileroVad, SpeechEvent, VadConfig
 from tests.conftest import ROOT
 
 
@@ -94,6 +94,28 @@ def test_turn_machine_stop_before_the_new_utterance_ends():
     assert m.handle(Event.STOPPED) == [] and m.state is State.USER_SPEAKING
 
 
+def test_turn_machine_talking_on_while_the_old_answer_stops():
+    m = TurnMachine()
+    for event in (Event.ONSET, Event.END_OF_SPEECH, Event.ONSET, Event.END_OF_SPEECH):
+        m.handle(event)
+    assert m.handle(Event.ONSET) == [Action.TAKE_FRAME]  # already cancelled: no second cancel
+    assert m.handle(Event.STOPPED) == [] and m.state is State.USER_SPEAKING  # the question is not complete yet
+    assert m.handle(Event.END_OF_SPEECH) == [Action.ASK] and m.state is State.THINKING
+
+
+def test_turn_machine_server_events():
+    m = TurnMachine(barge_in=False)  # the Realtime client's interrupt_response: false
+    assert m.handle(Event.ASKED) == [] and m.state is State.THINKING  # response.create, no spoken turn
+    assert m.handle(Event.ONSET) == [Action.TAKE_FRAME] and m.state is State.INTERRUPTED  # the answer plays on
+    assert m.handle(Event.END_OF_SPEECH) == [] and m.handle(Event.FINISHED) == [Action.ASK]
+    assert m.handle(Event.STOPPED) == [] and m.state is State.LISTENING  # the client cancelled it
+    assert m.handle(Event.ONSET) == [Action.TAKE_FRAME] and m.handle(Event.DROPPED) == []
+    assert m.state is State.LISTENING  # the input buffer was cleared: no question
+    m.handle(Event.ONSET)
+    assert m.handle(Event.ASKED) == [] and m.state is State.INTERRUPTED  # an answer under the user's speech
+    assert m.handle(Event.DROPPED) == [] and m.handle(Event.FINISHED) == [] and m.state is State.LISTENING
+
+
 def test_echo_guard_removes_a_delayed_filtered_echo_and_passes_the_user():
     rng = np.random.default_rng(1)
     n = 30 * FRAME_SAMPLES
@@ -166,7 +188,7 @@ def test_loop_rejects_a_wrong_frame(engine):
 
 
 def test_devices_report_missing_hardware_clearly():
-    devices = pytest.importorskip("realtime.devices")
+    devices = pytest.importorskip("voice.devices")
     try:
         listing = devices.list_devices()
     except devices.DeviceError as e:
@@ -177,7 +199,7 @@ def test_devices_report_missing_hardware_clearly():
 
 
 def test_a_camera_is_opened_only_for_a_model_that_sees_and_is_optional():
-    devices = pytest.importorskip("realtime.devices")
+    devices = pytest.importorskip("voice.devices")
 
     class Model:
         family = "mini-omni"
@@ -196,8 +218,8 @@ NULL_ALSA = "pcm.!default { type null }\nctl.!default { type hw card 0 }\n"  # A
 DEVICE_SCRIPT = """
 import sys, time
 import numpy as np
-from realtime.devices import Microphone, Speaker
-from realtime.signal import FRAME_SAMPLES, float_to_pcm
+from voice.devices import Microphone, Speaker
+from voice.signal import FRAME_SAMPLES, float_to_pcm
 speaker, mic = Speaker(24000), Microphone()
 speaker.write(float_to_pcm(np.full(24000, 0.1, np.float32)), turn=1)
 frame = mic.read()
@@ -215,7 +237,7 @@ mic.close()
 
 
 def test_speaker_and_microphone_open_on_alsa_null_devices(tmp_path):
-    devices = pytest.importorskip("realtime.devices")
+    devices = pytest.importorskip("voice.devices")
     try:
         devices._sounddevice()
     except devices.DeviceError as e:

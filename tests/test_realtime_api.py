@@ -19,7 +19,7 @@ import pytest
 
 from omni.engine import prompt_length
 from omni.tokens import Task
-from realtime.signal import Resampler, float_to_pcm, pcm_to_float
+from voice.signal import Resampler, float_to_pcm, pcm_to_float
 from tests.conftest import IMAGE, ROOT
 from tests.http_client import Server
 

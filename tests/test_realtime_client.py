@@ -7,7 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from webui.realtime_client import (SAMPLE_RATE, Conversation, RealtimeConnection, realtime_url, session_update)
+from serving.realtime.protocol import API_RATE
+from webui.realtime_client import Conversation, RealtimeConnection, realtime_url, session_update
 
 
 class FakePlayback:
@@ -31,7 +32,7 @@ class Clock:
 
 
 def _delta(response_id: str, seconds: float) -> dict:
-    pcm = np.full(int(seconds * SAMPLE_RATE), 1000, dtype="<i2").tobytes()
+    pcm = np.full(int(seconds * API_RATE), 1000, dtype="<i2").tobytes()
     return {"type": "response.audio.delta", "response_id": response_id, "delta": base64.b64encode(pcm).decode()}
 
 
@@ -63,7 +64,7 @@ def test_a_turn_from_speech_to_answer(talk):
     conversation.handle({"type": "response.audio_transcript.delta", "response_id": "r1", "delta": "Hello"})
     conversation.handle({"type": "response.output_audio_transcript.delta", "response_id": "r1", "delta": " there"})
     view = conversation.view()
-    assert view.state == "speaking" and len(playback.pushed) == 0.5 * SAMPLE_RATE * 2
+    assert view.state == "speaking" and len(playback.pushed) == 0.5 * API_RATE * 2
     turn = view.turns[0]
     assert turn.question_s == pytest.approx(1.8) and turn.answer_text == "Hello there"
     assert turn.first_audio_ms == pytest.approx(400)
@@ -202,7 +203,7 @@ def test_relay_resamples_the_microphone_to_24khz_mono():
     sent = []
     relay = Relay("ws://unused", session_update(), camera=False)
     relay._connection = type("C", (), {"send": staticmethod(sent.append)})()
-    relay._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    relay._resampler = av.AudioResampler(format="s16", layout="mono", rate=API_RATE)
     t = np.arange(960 * 10) / 48000
     tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype("<i2")
     for i in range(10):  # 200 ms of 48 kHz stereo in 20 ms frames, as Chromium sends them
@@ -212,6 +213,6 @@ def test_relay_resamples_the_microphone_to_24khz_mono():
         relay.on_audio(frame)
     pcm = b"".join(base64.b64decode(e["audio"]) for e in sent)
     samples = np.frombuffer(pcm, dtype="<i2")
-    assert abs(samples.size - 0.2 * SAMPLE_RATE) <= 64  # the resampler holds back a few samples
+    assert abs(samples.size - 0.2 * API_RATE) <= 64  # the resampler holds back a few samples
     spectrum = np.abs(np.fft.rfft(samples))
-    assert abs(np.argmax(spectrum) * SAMPLE_RATE / samples.size - 440) < 10
+    assert abs(np.argmax(spectrum) * API_RATE / samples.size - 440) < 10

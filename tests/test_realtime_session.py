@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from omni_engine import OmniChunk
-from serving.realtime_protocol import BETA, GA
-from serving.realtime_session import JobChunk, JobEnd, RealtimeSession
+from serving.realtime.protocol import BETA, GA
+from serving.realtime import JobChunk, JobEnd, RealtimeSession
 
 RATE = 24000
 
@@ -99,8 +99,31 @@ def test_barge_in_cancels_and_answers_the_new_turn_once_the_old_one_stopped(runn
     assert len(runner.jobs) == 2 and not runner.jobs[1].cancel.is_set()
 
 
+def test_without_interrupt_response_the_answer_plays_on_and_the_new_turn_follows(runner):
+    session = make(runner)
+    session.handle({"type": "session.update", "session": {"turn_detection": {"interrupt_response": False}}})
+    append(session, tone(1.0) + quiet(1.0))
+    first = runner.jobs[-1]
+    events = append(session, tone(1.0) + quiet(1.0))
+    assert "input_audio_buffer.speech_started" in types(events) and not first.cancel.is_set()
+    assert len(runner.jobs) == 1  # the new turn waits for the floor
+    out = session.on_job(JobEnd(first.key, "completed", steps=5, prompt_tokens=40))
+    assert out[types(out).index("response.done")]["response"]["status"] == "completed"
+    assert "response.created" in types(out) and len(runner.jobs) == 2
+
+
+def test_without_create_response_a_turn_is_only_committed(runner):
+    session = make(runner)
+    session.handle({"type": "session.update", "session": {"turn_detection": {"create_response": False}}})
+    events = append(session, tone(1.0) + quiet(1.0))
+    assert types(events) == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                             "input_audio_buffer.committed", "conversation.item.created"] and runner.jobs == []
+    session.handle({"type": "response.create"})
+    assert runner.jobs[-1].task == "A1A2"
+
+
 def test_cancel_flag_counts_steps_past_the_cancel():
-    from serving.realtime_session import CancelFlag
+    from serving.realtime import CancelFlag
     flag = CancelFlag()
     assert not flag() and not flag()  # two decode steps start
     flag.set("client_cancelled")

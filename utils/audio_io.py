@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from omni import PCM_SAMPLE_WIDTH, PCM_SCALE
+from omni import PCM_SAMPLE_WIDTH
+from voice.signal import pcm_to_float
 
 
 def write_wav(path: str | Path, pcm: bytes, sample_rate: int) -> Path:
@@ -34,5 +35,5 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
             raw = f.readframes(f.getnframes())
     except wave.Error as e:
         raise ValueError(f"{path} is not a PCM WAV file: {e}") from e
-    samples = np.frombuffer(raw, "<i2").astype(np.float32) / PCM_SCALE
+    samples = pcm_to_float(raw)
     return samples.reshape(-1, channels).mean(axis=1), rate

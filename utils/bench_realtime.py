@@ -20,15 +20,16 @@ import queue
 import statistics
 import threading
 import time
-import wave
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from realtime.signal import Resampler, float_to_pcm, pcm_to_float
+from omni import PCM_SAMPLE_WIDTH
+from serving.realtime.protocol import API_RATE
+from utils.audio_io import read_wav
+from voice.signal import Resampler, float_to_pcm
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
 
-API_RATE = 24000
 CHUNK_S = 0.1  # seconds of audio per append
 TRAILING_SILENCE_S = 1.0  # silence after each question: the server VAD ends the turn within it
 BARGE_IN_AFTER_S = 1.0  # seconds of the answer heard before speaking over it
@@ -36,13 +37,12 @@ EVENT_TIMEOUT_S = 300.0
 
 
 def load_question(path: Path) -> bytes:
-    with wave.open(str(path)) as w:
-        rate, pcm = w.getframerate(), w.readframes(w.getnframes())
-    return float_to_pcm(Resampler(rate, API_RATE)(pcm_to_float(pcm)))
+    samples, rate = read_wav(path)
+    return float_to_pcm(Resampler(rate, API_RATE)(samples))
 
 
 @dataclass
-class Turn:
+class TurnTiming:
     session: int
     index: int
     barge_in: bool
@@ -108,7 +108,7 @@ class Speaker:
 
 def speak(conn, pcm: bytes, real_time: bool = True) -> float:
     """Append `pcm` in 100 ms chunks at real-time pace; returns when the last chunk went out."""
-    step = int(API_RATE * CHUNK_S) * 2
+    step = int(API_RATE * CHUNK_S) * PCM_SAMPLE_WIDTH
     t0 = time.perf_counter()
     for i, start in enumerate(range(0, len(pcm), step)):
         if real_time:
@@ -117,26 +117,26 @@ def speak(conn, pcm: bytes, real_time: bool = True) -> float:
     return time.perf_counter()
 
 
-def play_out(listener: Listener, first: tuple[float, object], turn: Turn) -> None:
+def play_out(listener: Listener, first: tuple[float, object], turn: TurnTiming) -> None:
     """Play the answer on a simulated speaker until `response.done`; wait until it has played."""
     speaker = Speaker()
-    speaker.push(first[0], len(base64.b64decode(first[1].delta)) / (2 * API_RATE))
+    speaker.push(first[0], len(base64.b64decode(first[1].delta)) / (PCM_SAMPLE_WIDTH * API_RATE))
     done = listener.until("response.done")
     for stamp, event in done:
         if event.type == "response.audio.delta":
-            speaker.push(stamp, len(base64.b64decode(event.delta)) / (2 * API_RATE))
+            speaker.push(stamp, len(base64.b64decode(event.delta)) / (PCM_SAMPLE_WIDTH * API_RATE))
     turn.status = done[-1][1].response.status
     turn.underruns, turn.stall_ms, turn.audio_s = speaker.underruns, round(1000 * speaker.stall_s, 1), \
         round(speaker.queued_s, 2)
     time.sleep(max(0.0, speaker.ends_at() - time.perf_counter()))  # the user listens to the end
 
 
-def run_session(index: int, args: argparse.Namespace, questions: list[bytes], out: list[Turn]) -> None:
+def run_session(index: int, args: argparse.Namespace, questions: list[bytes], out: list[TurnTiming]) -> None:
     from openai import OpenAI
 
     base = f"127.0.0.1:{args.port}/v1"
     client = OpenAI(api_key=args.api_key or "unused", base_url=f"http://{base}", websocket_base_url=f"ws://{base}")
-    silence = b"\0\0" * int(TRAILING_SILENCE_S * API_RATE)
+    silence = bytes(PCM_SAMPLE_WIDTH * int(TRAILING_SILENCE_S * API_RATE))
     with client.beta.realtime.connect(model="mini-omni") as conn:
         listener = Listener(conn).start()
         listener.until("session.created")
@@ -145,7 +145,7 @@ def run_session(index: int, args: argparse.Namespace, questions: list[bytes], ou
         listener.until("session.updated")
         spoken_end: list[float] = []  # when the interrupting question's speech ended (set by its sender)
         for t in range(args.turns):
-            turn = Turn(index, t + 1, barge_in=t % 2 == 0 and t + 1 < args.turns)
+            turn = TurnTiming(index, t + 1, barge_in=t % 2 == 0 and t + 1 < args.turns)
             if spoken_end:  # this question was spoken over the previous answer
                 speech_end = spoken_end.pop()
             else:
@@ -177,7 +177,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1], 1)
 
 
-def summarize(turns: list[Turn]) -> dict:
+def summarize(turns: list[TurnTiming]) -> dict:
     first = [t.first_audio_ms for t in turns if t.first_audio_ms is not None]
     cancel = [t.cancel_ms for t in turns if t.cancel_ms is not None]
     played = [t for t in turns if not t.barge_in]
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, help="also write the turns and the summary here")
     args = p.parse_args(argv)
     questions = [load_question(path) for path in args.samples]
-    turns: list[Turn] = []
+    turns: list[TurnTiming] = []
     threads = [threading.Thread(target=run_session, args=(i, args, questions, turns)) for i in range(args.sessions)]
     for t in threads:
         t.start()

@@ -13,7 +13,8 @@ import threading
 
 import av
 
-from webui.realtime_client import SAMPLE_RATE, Conversation, Playback, RealtimeConnection, Turn, View, append_event
+from serving.realtime.protocol import API_RATE
+from webui.realtime_client import Conversation, Playback, RealtimeConnection, TurnView, View, append_event
 
 JPEG_QUALITY = 85
 
@@ -30,7 +31,7 @@ class Relay:
         self._lock = threading.Lock()
         self._connection: RealtimeConnection | None = None
         self._conversation: Conversation | None = None
-        self._past: tuple[Turn, ...] = ()  # turns of conversations that ended
+        self._past: tuple[TurnView, ...] = ()  # turns of conversations that ended
         self._resampler: av.AudioResampler | None = None
         self._frame: av.VideoFrame | None = None  # the camera's latest frame
         self.frames_in = 0  # microphone frames received, for the page's diagnostics
@@ -47,7 +48,7 @@ class Relay:
         with self._lock:
             if self._connection is not None:
                 return
-            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=API_RATE)
             conversation = Conversation(playback, self._send, self._take_frame if self.camera else None)
             self._conversation = conversation
             self._connection = RealtimeConnection(self.url, conversation.handle, conversation.closed, self.headers)

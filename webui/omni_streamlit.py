@@ -98,7 +98,7 @@ def server_line(st, client: OmniClient) -> Health | None:
 
 
 @dataclass(frozen=True)
-class Turn:
+class Exchange:
     """One question and its answer, as the press-to-talk history shows them."""
 
     question: bytes  # the recording, a WAV file
@@ -135,7 +135,7 @@ class PressToTalk:
         st.session_state.autoplay = True
         st.rerun()
 
-    def ask(self, state, question: bytes, image: bytes | None) -> Turn:
+    def ask(self, state, question: bytes, image: bytes | None) -> Exchange:
         st = self.st
         self.user_message(question, image)
         reply = Answer()
@@ -148,9 +148,9 @@ class PressToTalk:
                     state.info(STATES["answering"])
                     live_text.text(reply.text)
             except ServerError as e:
-                return Turn(question, image, reply.wav() if reply.pcm else None, reply.text, str(e), failed=True)
+                return Exchange(question, image, reply.wav() if reply.pcm else None, reply.text, str(e), failed=True)
         reply.finish()
-        return Turn(question, image, reply.wav(), reply.text, reply.timing(), failed=False)
+        return Exchange(question, image, reply.wav(), reply.text, reply.timing(), failed=False)
 
     def user_message(self, question: bytes, image: bytes | None) -> None:
         with self.st.chat_message("user"):
@@ -192,9 +192,10 @@ class HandsFree:
     def render(self) -> None:
         from streamlit_webrtc import (WebRtcMode, create_audio_sink_track, create_pcm_audio_source_track,
                                       create_video_sink_track, webrtc_streamer)
+        from serving.realtime.protocol import API_RATE
 
         st, relay = self.st, self.relay
-        playback = create_pcm_audio_source_track(key="answer", sample_rate=24000)
+        playback = create_pcm_audio_source_track(key="answer", sample_rate=API_RATE)
         video = create_video_sink_track(relay.on_video, key="camera") if self.can_see else None
         audio = {"echoCancellation": True, "noiseSuppression": True, "autoGainControl": True}
         self._keep_context()

@@ -7,8 +7,9 @@ Two parts, kept apart so the protocol is testable without a socket:
   (`conversation.item.truncate`).
 - `RealtimeConnection`: the WebSocket, with one thread that sends and one that receives.
 
-Audio is pcm16, mono, 24 kHz both ways (the protocol's default). Event names of the GA protocol
-(`response.output_audio.delta`, ...) are read as their beta names.
+Audio is pcm16, mono, 24 kHz both ways (the protocol's default, `API_RATE`). Event names of the GA protocol
+(`response.output_audio.delta`, ...) are read as their beta names, through the server's own table
+(`serving/realtime/protocol.py`).
 """
 from __future__ import annotations
 
@@ -21,17 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-SAMPLE_RATE = 24000  # Hz: pcm16 mono both ways, the protocol's default
-SAMPLE_WIDTH = 2  # bytes per int16 sample
+from omni import PCM_SAMPLE_WIDTH
+from serving.realtime.protocol import API_RATE, beta_name
+
 BETA_HEADERS = {"OpenAI-Beta": "realtime=v1"}
 CONNECT_TIMEOUT_S = 5
-GA_NAMES = {  # GA event name -> the beta name this module reads
-    "response.output_audio.delta": "response.audio.delta",
-    "response.output_audio.done": "response.audio.done",
-    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
-    "response.output_audio_transcript.done": "response.audio_transcript.done",
-    "response.output_text.delta": "response.text.delta",
-}
 STATES = ("connecting", "listening", "hearing you", "thinking", "speaking", "closed")
 
 
@@ -85,7 +80,7 @@ class Playback(Protocol):
 
 
 @dataclass(frozen=True)
-class Turn:
+class TurnView:
     """One question and its answer, as the page shows them."""
 
     question_s: float | None = None  # seconds of speech the server heard
@@ -103,7 +98,7 @@ class View:
     """What the page draws: the state line, the turns, the last problem."""
 
     state: str
-    turns: tuple[Turn, ...]
+    turns: tuple[TurnView, ...]
     error: str = ""
 
 
@@ -132,7 +127,7 @@ class Conversation:
         self.take_frame = take_frame
         self.clock = clock
         self._lock = threading.Lock()
-        self._turns: list[Turn] = []
+        self._turns: list[TurnView] = []
         self._answer = _Answer()
         self._speech_stopped_at: float | None = None
         self._speech_started_ms: int | None = None  # where the server heard the turn start, in its input audio
@@ -152,7 +147,7 @@ class Conversation:
             self._error = reason or self._error
 
     def handle(self, event: dict) -> None:
-        kind = GA_NAMES.get(event.get("type", ""), event.get("type", ""))
+        kind = beta_name(event.get("type", ""))
         handler = getattr(self, "_on_" + kind.replace(".", "_"), None)
         if handler is not None:
             with self._lock:
@@ -174,7 +169,7 @@ class Conversation:
             frame = self.take_frame()
             if frame is not None:
                 self.send(image_event(frame))  # the server answers this question about the latest picture
-        self._turns.append(Turn())
+        self._turns.append(TurnView())
         self._speech_stopped_at = None
         self._speech_started_ms = event.get("audio_start_ms")
         self._state = "hearing you"
@@ -211,7 +206,7 @@ class Conversation:
     def _on_response_created(self, event: dict) -> None:
         self._answer = _Answer(response_id=event.get("response", {}).get("id"), muted=self._answer.muted)
         if not self._turns:  # a response the page did not see a question for (e.g. a text message)
-            self._turns.append(Turn(status="thinking"))
+            self._turns.append(TurnView(status="thinking"))
         self._state = "thinking"
 
     def _on_response_output_item_added(self, event: dict) -> None:
@@ -223,7 +218,7 @@ class Conversation:
             return  # the tail of an answer the user spoke over
         pcm = base64.b64decode(event.get("delta", ""))
         self.playback.push(pcm)
-        now, seconds = self.clock(), len(pcm) / SAMPLE_WIDTH / SAMPLE_RATE
+        now, seconds = self.clock(), len(pcm) / PCM_SAMPLE_WIDTH / API_RATE
         answer = self._answer
         answer.pushed_s += seconds
         answer.play_until = max(now, answer.play_until) + seconds

@@ -1,9 +1,9 @@
 """Simulate conversations through the real loop and engine, and print the barge-in and echo figures.
 
-    python test_interrupt.py [--ckpt-dir DIR] [--device cpu]
+    python -m utils.interrupt_demo [--ckpt-dir DIR] [--device cpu]
 
 Without --ckpt-dir a tiny random checkpoint is made in a temporary directory (as the tests do). The same
-scenarios run in `tests/test_interrupt.py`; see realtime/scenarios.py.
+scenarios run in `tests/test_interrupt.py`; see utils/voice_scenarios.py.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from omni_engine import OmniEngine
-    from realtime.scenarios import report
+    from utils.voice_scenarios import report
     from utils.make_checkpoint import make_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="omni-interrupt-") as tmp:

@@ -1,4 +1,8 @@
-"""Sample rates, the frame the loop works in, and a streaming resampler (pure numpy)."""
+"""Sample rates, the frame the loop works in, the pcm <-> float pair, and a streaming resampler (pure numpy).
+
+`pcm_to_float` / `float_to_pcm` are the one conversion between int16 PCM bytes and float samples outside
+`omni/`: the voice loop, the Realtime server, the WAV helpers and the tools all use them.
+"""
 from __future__ import annotations
 
 from math import gcd

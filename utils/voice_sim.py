@@ -1,7 +1,8 @@
 """The loop's outside world in software: a virtual clock, a scripted microphone that hears the speaker's
 echo, a fake sink that plays on the virtual clock, a fake camera, and an engine wrapper that records calls.
 
-Used by the tests, by `test_interrupt.py` and by `realtime_vad_player.py --input-file`.
+A developer tool beside the runtime package `voice/`: used by the tests, by `utils/interrupt_demo.py` and by
+`realtime_vad_player.py --input-file`.
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import numpy as np
 from omni import OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME, OmniChunk, load_audio
 from utils.audio_io import write_wav
 
-from .camera import CameraFeed
-from .loop import LoopConfig, VoiceLoop
-from .signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, db_to_gain, float_to_pcm, pcm_to_float
-from .turns import State
+from voice.camera import CameraFeed
+from voice.loop import LoopConfig, VoiceLoop
+from voice.signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, db_to_gain, float_to_pcm, pcm_to_float
+from voice.turns import State
 
 DEVICE_BUFFER_S = 0.02  # audio already handed to the simulated output device: a flush cannot recall it
 ECHO_DELAY_S = 0.05  # speaker -> microphone delay of the simulated echo path

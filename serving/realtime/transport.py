@@ -3,7 +3,7 @@
 The handshake is checked (access policy, engine ready, `--max-sessions`) and refused with a JSON body
 saying why; then each text frame goes to the session's `receive()`, the engine's progress to `on_job()`,
 and whatever they return goes out as text frames. Engine calls go through the service's admission, the
-same FIFO and the same engine thread as `/chat`.
+same FIFO and the same engine thread as `/chat`: a job is admitted before its engine call is set up.
 """
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from omni import INPUT_SAMPLE_RATE, GenerationConfig, OmniChunk, Task, prompt_length
-from .asgi import Receive, Scope, Send, send_json, wsgi_environ
-from .formats import Summary
-from .realtime_protocol import BETA, GA
-from .realtime_session import Job, JobChunk, JobEnd, RealtimeSession
-from .service import EngineService
+from ..asgi import Receive, Scope, Send, send_json, wsgi_environ
+from ..formats import Summary
+from ..service import EngineService, Record
+from .jobs import Job, JobChunk, JobEnd
+from .protocol import BETA, GA
+from .session import RealtimeSession
 
 log = logging.getLogger("omni.realtime")
 
@@ -63,19 +64,7 @@ class ServiceRunner:
             self.post(JobEnd(job.key, "failed", f"{type(e).__name__}: {e}"))
 
     def _answer(self, job: Job) -> JobEnd:
-        engine = self.service.engine
-        task = Task(job.task)
-        text_ids = engine.tokenizer.encode(job.text).ids if job.text is not None else None
-        prompt = prompt_length(task, job.audio, text_ids, job.image is not None)
-        limit = engine.config.block_size + 1  # max_tokens counts the prompt too
-        max_tokens = min(limit, prompt + job.max_output_tokens) if job.max_output_tokens else \
-            GenerationConfig().max_tokens
-        try:
-            chunks = engine.stream(job.audio, text=job.text, task=task, image=job.image,
-                                   sample_rate=INPUT_SAMPLE_RATE if job.audio is not None else None, cancel=job.cancel,
-                                   max_tokens=max(max_tokens, prompt + 1))
-        except ValueError as e:
-            return JobEnd(job.key, "failed", str(e))
+        """Admitted first (as /chat is), then the engine's stream set up, then run when its turn comes."""
         admitted = self.service.admit()
         if admitted is None:
             self.service.reject("busy")
@@ -83,8 +72,36 @@ class ServiceRunner:
                                              "already waiting)")
         ticket, record = admitted
         record.input_seconds = round(job.audio.size / INPUT_SAMPLE_RATE, 3) if job.audio is not None else 0.0
+        try:
+            chunks, prompt, max_tokens = self._stream(job)
+        except ValueError as e:
+            record.outcome = "bad_request"
+            self.service.finish(ticket, record)
+            return JobEnd(job.key, "failed", str(e))
+        except Exception:  # reported by _run; the queue place must not stay taken
+            record.outcome = "error"
+            self.service.finish(ticket, record)
+            raise
         if not self.service.wait_turn(ticket, record, job.cancel.is_set):
             return JobEnd(job.key, "cancelled")
+        return self._run_answer(job, ticket, record, chunks, prompt, max_tokens)
+
+    def _stream(self, job: Job) -> tuple[Iterator[OmniChunk], int, int]:
+        """The engine's (not yet started) chunks for `job`, its prompt length and its max_tokens."""
+        engine = self.service.engine
+        task = Task(job.task)
+        text_ids = engine.tokenizer.encode(job.text).ids if job.text is not None else None
+        prompt = prompt_length(task, job.audio, text_ids, job.image is not None)
+        limit = engine.config.block_size + 1  # max_tokens counts the prompt too
+        max_tokens = min(limit, prompt + job.max_output_tokens) if job.max_output_tokens else \
+            GenerationConfig().max_tokens
+        chunks = engine.stream(job.audio, text=job.text, task=task, image=job.image,
+                               sample_rate=INPUT_SAMPLE_RATE if job.audio is not None else None, cancel=job.cancel,
+                               max_tokens=max(max_tokens, prompt + 1))
+        return chunks, prompt, max_tokens
+
+    def _run_answer(self, job: Job, ticket: object, record: Record, chunks: Iterator[OmniChunk], prompt: int,
+                    max_tokens: int) -> JobEnd:
         steps, text, status, error = 0, "", "cancelled", None
         for event in self.service.answer(ticket, record, chunks, job.cancel.is_set):
             if isinstance(event, OmniChunk):
@@ -187,5 +204,5 @@ class RealtimeEndpoint:
 
 
 def _silero():
-    from realtime.vad import SileroVad
+    from voice.vad import SileroVad  # onnxruntime is loaded when the first session opens, not at import
     return SileroVad()

@@ -1,4 +1,4 @@
-"""Conversations simulated through the real loop, shared by `tests/test_interrupt.py` and `test_interrupt.py`.
+"""Conversations simulated through the voice loop, shared by `tests/test_interrupt.py` and `utils/interrupt_demo.py`.
 
 The questions are espeak-ng recordings from data/samples; the microphone also hears the answer that the
 fake sink actually played, through a simulated echo path.
@@ -13,12 +13,7 @@ from typing import Any
 import numpy as np
 
 from utils.audio_io import read_wav
-
-from .camera import CameraFeed
-from .echo import EchoConfig
-from .loop import LoopConfig, Turn, VoiceLoop
-from .signal import MIC_RATE, energy
-from .sim import (
+from utils.voice_sim import (
     ECHO_DELAY_S,
     EchoPath,
     FakeCamera,
@@ -29,6 +24,10 @@ from .sim import (
     VirtualClock,
     simulate,
 )
+from voice.camera import CameraFeed
+from voice.echo import EchoConfig
+from voice.loop import LoopConfig, Turn, VoiceLoop
+from voice.signal import MIC_RATE, energy
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 QUESTION_1, QUESTION_2 = "output1.wav", "output2.wav"

@@ -2,21 +2,27 @@
 
 The session logic works on one neutral `SessionConfig` and beta event names; this module parses what a
 client sends in either dialect into that config, and renders sessions, items, responses and event names
-the way the connection's dialect spells them. Pure functions and frozen dataclasses: no I/O.
+the way the connection's dialect spells them. The one table of event names that differ between the
+dialects is here, read by the server and by the page's client (`webui/realtime_client.py`) alike. Pure
+functions and frozen dataclasses: no I/O.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, replace
 from typing import Any
 
-from realtime.vad import START_MS, VadConfig
+from omni import OUTPUT_SAMPLE_RATE
+from voice.vad import START_MS, VadConfig
 
 BETA, GA = "beta", "ga"
-API_RATE = 24000  # Hz: the protocol's pcm16 audio, in and out
+# Hz: the protocol's pcm16 audio, in and out. The model speaks at this rate too, so its PCM goes out as it is.
+API_RATE = OUTPUT_SAMPLE_RATE
 PCM16 = "pcm16"  # the beta name of that format
 GA_PCM = {"type": "audio/pcm", "rate": API_RATE}  # its GA name
-FORMAT_ERROR = ("only pcm16 audio is supported: 16-bit little-endian PCM, 24 kHz, mono "
-                "(beta: \"pcm16\"; GA: {\"type\": \"audio/pcm\", \"rate\": 24000})")
+FORMAT_ERROR = (f"only pcm16 audio is supported: 16-bit little-endian PCM, {API_RATE // 1000} kHz, mono "
+                f"(beta: \"pcm16\"; GA: {{\"type\": \"audio/pcm\", \"rate\": {API_RATE}}})")
 VOICE = "mini-omni"  # the model has one voice; a requested voice is accepted and reported as this
 MAX_OUTPUT_LIMIT = 4096  # the protocol's upper bound for max_output_tokens
 GA_NAMES = {  # beta server event name -> GA name, where they differ
@@ -27,6 +33,7 @@ GA_NAMES = {  # beta server event name -> GA name, where they differ
     "response.text.delta": "response.output_text.delta",
     "response.text.done": "response.output_text.done",
 }
+BETA_NAMES = {ga: beta for beta, ga in GA_NAMES.items()}  # GA server event name -> its beta name
 
 
 class ProtocolError(ValueError):
@@ -39,7 +46,7 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class TurnDetection:
-    """`server_vad` settings, mapped onto the Silero segmenter of `realtime/`."""
+    """`server_vad` settings, mapped onto the Silero segmenter of `voice/`."""
 
     threshold: float = 0.5  # Silero speech probability
     prefix_padding_ms: int = 300  # audio kept from before the speech (the segmenter's pre-roll)
@@ -179,7 +186,20 @@ def response_options(config: SessionConfig, response: Any, dialect: str) -> tupl
 
 
 def event_name(name: str, dialect: str) -> str:
+    """A server event's name (beta spelling) as `dialect` spells it."""
     return GA_NAMES.get(name, name) if dialect == GA else name
+
+
+def beta_name(name: str) -> str:
+    """A server event's name in either dialect -> its beta spelling (what a client written for beta reads)."""
+    return BETA_NAMES.get(name, name)
+
+
+def decode_b64(value: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ProtocolError(f"{param} is not valid base64 ({e})", "invalid_base64", param) from e
 
 
 def render_session(config: SessionConfig, dialect: str, session_id: str, model: str) -> dict[str, Any]:
