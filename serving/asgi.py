@@ -145,7 +145,8 @@ class WsgiBridge:
 
 
 def combine(http: AsgiApp, websockets: dict[str, AsgiApp]) -> AsgiApp:
-    """The server's ASGI app: WebSocket routes by path, everything else to `http`."""
+    """The server's ASGI app: WebSocket routes by path, HTTP requests to `http`. There is no lifespan
+    scope: server.py runs uvicorn with `lifespan="off"` (the engine loads in the background instead)."""
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             await http(scope, receive, send)
@@ -157,8 +158,4 @@ def combine(http: AsgiApp, websockets: dict[str, AsgiApp]) -> AsgiApp:
                                                      f"try {sorted(websockets)}"}, kind="websocket")
                 return
             await route(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
     return app
