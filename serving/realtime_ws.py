@@ -20,7 +20,7 @@ from .asgi import Receive, Scope, Send, send_json, wsgi_environ
 from .formats import Summary
 from .realtime_protocol import BETA, GA
 from .realtime_session import Job, JobChunk, JobEnd, RealtimeSession
-from .service import EngineService
+from .service import EngineService, Refused
 
 log = logging.getLogger("omni.realtime")
 
@@ -71,22 +71,20 @@ class ServiceRunner:
         max_tokens = min(limit, prompt + job.max_output_tokens) if job.max_output_tokens else \
             GenerationConfig().max_tokens
         try:
-            chunks = engine.stream(job.audio, text=job.text, task=task, image=job.image,
-                                   sample_rate=INPUT_SAMPLE_RATE if job.audio is not None else None, cancel=job.cancel,
-                                   max_tokens=max(max_tokens, prompt + 1))
+            turn = self.service.admit()
+            chunks = turn.prepare(lambda: engine.stream(
+                job.audio, text=job.text, task=task, image=job.image, cancel=job.cancel,
+                sample_rate=INPUT_SAMPLE_RATE if job.audio is not None else None,
+                max_tokens=max(max_tokens, prompt + 1)))
+        except Refused as e:
+            return JobEnd(job.key, "failed", e.message)
         except ValueError as e:
             return JobEnd(job.key, "failed", str(e))
-        admitted = self.service.admit()
-        if admitted is None:
-            self.service.reject("busy")
-            return JobEnd(job.key, "failed", f"the server is busy ({self.service.queue.max_waiting} requests "
-                                             "already waiting)")
-        ticket, record = admitted
-        record.input_seconds = round(job.audio.size / INPUT_SAMPLE_RATE, 3) if job.audio is not None else 0.0
-        if not self.service.wait_turn(ticket, record, job.cancel.is_set):
+        turn.record.input_seconds = round(job.audio.size / INPUT_SAMPLE_RATE, 3) if job.audio is not None else 0.0
+        if not turn.wait(job.cancel.is_set):
             return JobEnd(job.key, "cancelled")
         steps, text, status, error = 0, "", "cancelled", None
-        for event in self.service.answer(ticket, record, chunks, job.cancel.is_set):
+        for event in turn.answer(chunks, job.cancel.is_set):
             if isinstance(event, OmniChunk):
                 steps += len(event.steps)
                 text += event.text
