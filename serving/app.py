@@ -46,8 +46,14 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
                policy: AccessPolicy | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_bytes  # also enforced while reading a body without a length
-    policy = policy or AccessPolicy()
+    _add_guard(app, policy or AccessPolicy(), max_bytes)
+    _add_info_routes(app, service)
+    _add_chat(app, service)
+    return app
 
+
+def _add_guard(app: Flask, policy: AccessPolicy, max_bytes: int) -> None:
+    """Who may ask and how much, checked before every route; every refusal as JSON `{"error": ...}`."""
     @app.before_request
     def guard():
         refusal = policy.refusal(request.environ, needs_key=request.path not in OPEN_ROUTES)
@@ -70,6 +76,8 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
     def http_error(e: HTTPException):
         return jsonify(error=f"{e.name}: {e.description}"), e.code
 
+
+def _add_info_routes(app: Flask, service: EngineService) -> None:
     @app.get("/")
     def index():
         return Response(index_html(service), mimetype="text/html")
@@ -98,6 +106,8 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
             raise ApiError(404, f"no recent request with that id and {TOKEN_HEADER}")
         return jsonify(record)
 
+
+def _add_chat(app: Flask, service: EngineService) -> None:
     @app.post("/chat")
     def chat():
         service.check_ready()
@@ -121,5 +131,3 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
                             headers=headers)
         response.call_on_close(turn.finish)
         return response
-
-    return app
