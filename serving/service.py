@@ -2,8 +2,8 @@
 thread, and a record of recent answers.
 
 The service owns concurrency; the engine owns tensors. Every request, from `POST /chat` or from a
-`/v1/realtime` session, is admitted here (or refused with `Refused` when the queue is full) before it
-makes any engine call, waits for its turn, then streams the engine's chunks:
+`/v1/realtime` session, is admitted here (or refused with `Refused`: the engine is not loaded, or the
+queue is full) before it makes any engine call, waits for its turn, then streams the engine's chunks:
 
     turn = service.admit()                                 # Refused: not ready, or the queue is full
     chunks = turn.prepare(lambda: engine.stream(...))      # the engine's checks; ValueError: a bad request
@@ -101,12 +101,11 @@ class TurnQueue:
 
 
 class Refused(Exception):
-    """The service cannot take a request now: `outcome` names it in the metrics, `retry` says whether
+    """The service cannot take a request now (already counted in the metrics); `retry` says whether
     asking again later can help (not after a failed load)."""
 
-    def __init__(self, outcome: str, message: str, retry: bool = True) -> None:
+    def __init__(self, message: str, retry: bool = True) -> None:
         super().__init__(message)
-        self.outcome = outcome
         self.message = message
         self.retry = retry
 
@@ -175,9 +174,9 @@ class EngineService:
             return
         self.reject("not_ready")
         if self.load_error:
-            raise Refused("not_ready", f"the model failed to load ({self.load_error}); fix the checkpoint and "
+            raise Refused(f"the model failed to load ({self.load_error}); fix the checkpoint and "
                                        "restart the server", retry=False)
-        raise Refused("not_ready", f"the model is {self.status}")
+        raise Refused(f"the model is {self.status}")
 
     def admit(self) -> Turn:
         """A place in the queue and a fresh record, or `Refused`. The request's time counts from here."""
@@ -185,7 +184,7 @@ class EngineService:
         ticket = self.queue.enter()
         if ticket is None:
             self.reject("busy")
-            raise Refused("busy", f"the server is busy ({self.queue.max_waiting} requests already waiting)")
+            raise Refused(f"the server is busy ({self.queue.max_waiting} requests already waiting)")
         self.metrics.in_flight.inc()
         self.metrics.queue_depth.set(self.queue.depth)
         return Turn(self, ticket, self._new_record())
