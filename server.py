@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 
-from omni.audio import sweep_stale_temp_dirs
+from omni import DEFAULT_MAX_BATCH, sweep_stale_temp_dirs
 from omni_engine import MODE_HELP
 from serving.app import DEFAULT_MAX_BYTES, create_app
 from serving.asgi import WsgiBridge, combine
@@ -21,7 +21,7 @@ from serving.realtime.transport import DEFAULT_MAX_SESSIONS, RealtimeEndpoint
 from serving.security import ANY_ORIGIN, API_KEY_ENV, AccessPolicy, is_loopback_bind
 from serving.service import EngineService
 
-THREADS_BESIDE_QUEUE = 3  # /health, /metrics and a spare beside the running and waiting requests
+THREADS_BESIDE_QUEUE = 3  # /health, /metrics and a spare beside the admitted (running and waiting) requests
 CONNECTION_LIMIT = 100  # open connections beyond which uvicorn answers 503
 WS_MAX_FRAME = 8 * 1024 * 1024  # largest WebSocket message: 30 s of pcm16 24 kHz is 1.4 MB, 1.9 MB in base64
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; a longer URL is refused
@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"], help=MODE_HELP)
     p.add_argument("--max-batch", type=int, default=None,
-                   help="requests decoded together in one batch (default: 2 on CPU, 32 on a GPU)")
+                   help=f"requests decoded together in one batch (default: {DEFAULT_MAX_BATCH['cpu']} on CPU, "
+                        f"{DEFAULT_MAX_BATCH['cuda']} on a GPU)")
     p.add_argument("--max-queue", type=int, default=4, help="requests that may wait behind the running ones")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,
@@ -71,7 +72,6 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from omni_engine import OmniEngine
-    from omni.engine import DEFAULT_MAX_BATCH
 
     log = logging.getLogger("omni.server")
     if swept := sweep_stale_temp_dirs():
@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
                                                      max_batch=args.max_batch), args.max_queue)
     service.start()
     policy = AccessPolicy(args.api_key, frozenset(args.allow_origin), frozenset(args.allow_host))
+    # A thread for every request the service admits (the engine's batch and the queue behind it), and spares.
     http = WsgiBridge(create_app(service, args.max_bytes, policy), args.max_bytes,
-                      args.max_queue + (args.max_batch or max(DEFAULT_MAX_BATCH.values())) + THREADS_BESIDE_QUEUE)
+                      lambda: service.capacity + THREADS_BESIDE_QUEUE)
     realtime = RealtimeEndpoint(service, args.max_sessions, access=policy_check(policy))
     app = combine(http, {"/v1/realtime": realtime})
     warn_if_exposed(args, log)

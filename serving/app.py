@@ -1,19 +1,19 @@
 """The Flask application: routes only. Parsing, encoding and queueing live beside it."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
-from omni import CHUNK_SECONDS, INPUT_SAMPLE_RATE, AudioInputError, OmniChunk, load_audio
+from omni import CHUNK_SECONDS, INPUT_SAMPLE_RATE, OmniChunk, OmniEngine, load_audio
 from .asgi import DISCONNECTED_KEY
 from .formats import MIMETYPES, PCM_HEADERS, encode
 from .index import index_html
 from .parse import ApiError, ChatRequest, parse_chat
 from .security import AccessPolicy
-from .service import EngineService
+from .service import EngineService, Record, Refused
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 RETRY_AFTER_S = 2
@@ -25,23 +25,35 @@ def _never() -> bool:
     return False
 
 
-def _decode(audio: bytes):
-    try:
-        samples = load_audio(audio)
-    except AudioInputError as e:
-        raise ApiError(400, str(e)) from e
+def _open_answer(engine: OmniEngine, req: ChatRequest, record: Record,
+                 disconnected: Callable[[], bool]) -> Iterator[OmniChunk]:
+    """The answer's chunks, not started yet; a ValueError names what is wrong with the request.
+
+    The question is decoded here, once: the 30 s refusal and the record need its length before the
+    engine's turn. The engine gets the samples at its own rate, so its check of them decodes nothing.
+    """
+    samples = load_audio(req.audio)  # AudioInputError (a ValueError): not audio, empty, silent
     seconds = samples.size / INPUT_SAMPLE_RATE
     if seconds > CHUNK_SECONDS:
-        raise ApiError(400, f"the audio is {seconds:.1f} s long; the model hears at most {CHUNK_SECONDS} s")
-    return samples
+        raise ValueError(f"the audio is {seconds:.1f} s long; the model hears at most {CHUNK_SECONDS} s")
+    record.input_seconds = round(seconds, 3)
+    # Checks the options and decodes the image now; generation starts when the body is read.
+    return engine.stream(samples, sample_rate=INPUT_SAMPLE_RATE, image=req.image, cancel=disconnected,
+                         **req.options)
 
 
 def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
                policy: AccessPolicy | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_bytes  # also enforced while reading a body without a length
-    policy = policy or AccessPolicy()
+    _add_guard(app, policy or AccessPolicy(), max_bytes)
+    _add_info_routes(app, service)
+    _add_chat(app, service)
+    return app
 
+
+def _add_guard(app: Flask, policy: AccessPolicy, max_bytes: int) -> None:
+    """Who may ask and how much, checked before every route; every refusal as JSON `{"error": ...}`."""
     @app.before_request
     def guard():
         refusal = policy.refusal(request.environ, needs_key=request.path not in OPEN_ROUTES)
@@ -56,10 +68,16 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
     def api_error(e: ApiError):
         return jsonify(error=e.message), e.status, e.headers
 
+    @app.errorhandler(Refused)
+    def refused(e: Refused):  # not loaded yet, or the queue is full: 503, with Retry-After where it can help
+        return jsonify(error=e.message), 503, ({"Retry-After": str(RETRY_AFTER_S)} if e.retry else {})
+
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
         return jsonify(error=f"{e.name}: {e.description}"), e.code
 
+
+def _add_info_routes(app: Flask, service: EngineService) -> None:
     @app.get("/")
     def index():
         return Response(index_html(service), mimetype="text/html")
@@ -88,24 +106,11 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
             raise ApiError(404, f"no recent request with that id and {TOKEN_HEADER}")
         return jsonify(record)
 
-    def decode_and_check(req: ChatRequest, disconnected) -> tuple[Iterator[OmniChunk], float]:
-        """The engine's (not yet started) chunks for an admitted request, and its input length in seconds."""
-        samples = _decode(req.audio)
-        try:  # checks the options and decodes the image now; generation starts when the body is read
-            chunks = service.engine.stream(samples, sample_rate=INPUT_SAMPLE_RATE, image=req.image, cancel=disconnected,
-                                           **req.options)
-        except ValueError as e:
-            raise ApiError(400, str(e)) from e
-        return chunks, round(samples.size / INPUT_SAMPLE_RATE, 3)
 
+def _add_chat(app: Flask, service: EngineService) -> None:
     @app.post("/chat")
     def chat():
-        if service.engine is None:
-            service.reject("not_ready")
-            if service.load_error:  # retrying will not help: say so, without Retry-After
-                raise ApiError(503, f"the model failed to load ({service.load_error}); fix the checkpoint and "
-                                    "restart the server")
-            raise ApiError(503, f"the model is {service.status}", {"Retry-After": str(RETRY_AFTER_S)})
+        service.check_ready()
         disconnected = request.environ.get(DISCONNECTED_KEY, _never)
         try:
             req = parse_chat(request)
@@ -113,25 +118,16 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
             service.reject("bad_request")
             raise
         # Admission comes before decoding: a decode holds a place in the same bounded queue as an answer.
-        admitted = service.admit()
-        if admitted is None:
-            service.reject("busy")
-            raise ApiError(503, f"the server is busy ({service.queue.max_waiting} requests already waiting)",
-                           {"Retry-After": str(RETRY_AFTER_S)})
-        ticket, record = admitted
+        turn = service.admit()
         try:
-            chunks, record.input_seconds = decode_and_check(req, disconnected)
-        except ApiError:
-            record.outcome = "bad_request"
-            service.finish(ticket, record)
-            raise
-        if not service.wait_turn(ticket, record, disconnected):
+            chunks = turn.prepare(lambda: _open_answer(service.engine, req, turn.record, disconnected))
+        except ValueError as e:
+            raise ApiError(400, str(e)) from e
+        if not turn.wait(disconnected):
             return jsonify(error="the client left while waiting"), 499
-        events = service.answer(ticket, record, chunks, disconnected)
-        headers = {"X-Request-Id": record.id, TOKEN_HEADER: record.token, "Cache-Control": "no-store",
+        headers = {"X-Request-Id": turn.record.id, TOKEN_HEADER: turn.record.token, "Cache-Control": "no-store",
                    **PCM_HEADERS}
-        response = Response(encode(req.format, events), mimetype=MIMETYPES[req.format], headers=headers)
-        response.call_on_close(lambda: service.finish(ticket, record))
+        response = Response(encode(req.format, turn.answer(chunks, disconnected)), mimetype=MIMETYPES[req.format],
+                            headers=headers)
+        response.call_on_close(turn.finish)
         return response
-
-    return app

@@ -63,12 +63,27 @@ async def send_json(send: Send, status: int, body: dict, kind: str = "http", clo
 
 
 class WsgiBridge:
-    """Serve a WSGI app under ASGI: a bounded pool of threads, streamed bodies, hang-up detection."""
+    """Serve a WSGI app under ASGI: a bounded pool of threads, streamed bodies, hang-up detection.
 
-    def __init__(self, app: Callable, max_bytes: int, threads: int) -> None:
+    `threads()` says how many requests may run at once; the server's grows once when its engine has
+    loaded (the running requests then come from the engine's batch size), and the pool follows it.
+    """
+
+    def __init__(self, app: Callable, max_bytes: int, threads: Callable[[], int]) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="http")
+        self.threads = threads
+        self.size = threads()
+        self.pool = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="http")
+
+    def _current_pool(self) -> ThreadPoolExecutor:
+        """The pool, replaced when `threads()` has changed (runs on the event loop's thread only, so no
+        request is handed to a pool being shut down); the old one's threads finish their requests."""
+        if (size := self.threads()) != self.size:
+            old, self.size = self.pool, size
+            self.pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="http")
+            old.shutdown(wait=False)
+        return self.pool
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._read_body(scope, receive)
@@ -80,7 +95,7 @@ class WsgiBridge:
         watcher = asyncio.create_task(self._watch(receive, gone))
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.pool, self._run, scope, body, send, loop, gone)
+            await loop.run_in_executor(self._current_pool(), self._run, scope, body, send, loop, gone)
         finally:  # also on server shutdown: the thread then stops its answer at the next decode step
             gone.set()
             watcher.cancel()
@@ -145,7 +160,8 @@ class WsgiBridge:
 
 
 def combine(http: AsgiApp, websockets: dict[str, AsgiApp]) -> AsgiApp:
-    """The server's ASGI app: WebSocket routes by path, everything else to `http`."""
+    """The server's ASGI app: WebSocket routes by path, HTTP requests to `http`. There is no lifespan
+    scope: server.py runs uvicorn with `lifespan="off"` (the engine loads in the background instead)."""
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             await http(scope, receive, send)
@@ -157,8 +173,4 @@ def combine(http: AsgiApp, websockets: dict[str, AsgiApp]) -> AsgiApp:
                                                      f"try {sorted(websockets)}"}, kind="websocket")
                 return
             await route(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
     return app

@@ -1,25 +1,35 @@
-"""One engine behind a bounded FIFO queue, with metrics and a record of recent answers.
+"""The server's one admission point: a bounded FIFO queue in front of the engine, the engine's one
+thread, and a record of recent answers.
 
-The service owns concurrency; the engine owns tensors. A request is admitted (or refused when the
-queue is full), waits for its turn inside its response body, then streams the engine's chunks.
+The service owns concurrency; the engine owns tensors. Every request, from `POST /chat` or from a
+`/v1/realtime` session, is admitted here (or refused with `Refused`: the engine is not loaded, or the
+queue is full) before it makes any engine call, waits for its turn, then streams the engine's chunks:
+
+    turn = service.admit()                                 # Refused: not ready, or the queue is full
+    chunks = turn.prepare(lambda: engine.stream(...))      # the engine's checks; ValueError: a bad request
+    if turn.wait(cancel):                                  # False: the client left while waiting
+        for event in turn.answer(chunks, cancel): ...      # OmniChunks, then a Summary; the turn ends
+
+Up to the engine's `max_batch` requests run at once (its scheduler decodes them in one batch), at most
+`max_queue` wait behind them. Only running requests call into the engine, so the scheduler's own
+waiting line only ever holds a request for the moment between its submission and the next turn.
 """
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
-import secrets
 import uuid
 from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from typing import TypeVar
 
 from omni import OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, OmniChunk, OmniEngine
 from .formats import Event, Summary
+from .metrics import Metrics
 
 log = logging.getLogger("omni.server")
 
@@ -27,10 +37,8 @@ TURN_POLL_S = 0.05  # how often a waiting request checks whether its client went
 RECORDS_KEPT = 256  # answers whose text stays retrievable at GET /requests/<id> (with the request's token)
 TOKEN_BYTES = 16  # 128 random bits: the secret that lets only the asking client read its record
 HIDDEN_FIELDS = ("finished", "started", "token")
-TTFC_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20)
-RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 BYTES_PER_SECOND = OUTPUT_SAMPLE_RATE * PCM_SAMPLE_WIDTH
-CANCEL_STEP_BUCKETS = (0, 1, 2, 4, 8, 16)
+T = TypeVar("T")
 
 
 class TurnQueue:
@@ -92,84 +100,14 @@ class TurnQueue:
         return bool(self._running)
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("omni_requests", "Requests by outcome", ["outcome"], registry=self.registry)
-        self.ttfc = Histogram("omni_time_to_first_chunk_seconds", "Request start to first audio/text chunk",
-                              buckets=TTFC_BUCKETS, registry=self.registry)
-        self.rtf = Histogram("omni_real_time_factor", "Generation time / seconds of audio produced",
-                             buckets=RTF_BUCKETS, registry=self.registry)
-        self.queue_depth = Gauge("omni_queue_depth", "Requests waiting for the engine", registry=self.registry)
-        self.in_flight = Gauge("omni_in_flight", "Requests being answered", registry=self.registry)
-        self.queue_wait = Histogram("omni_queue_wait_seconds", "Admission to the start of the answer",
-                                    buckets=TTFC_BUCKETS, registry=self.registry)
-        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends
-        self.realtime = RealtimeMetrics(self.registry)
-        self.realtime_sessions = Gauge("omni_realtime_sessions", "Open /v1/realtime sessions", registry=self.registry)
-        self.realtime_refused = Counter("omni_realtime_refused", "Refused /v1/realtime handshakes by HTTP status",
-                                        ["status"], registry=self.registry)
+class Refused(Exception):
+    """The service cannot take a request now (already counted in the metrics); `retry` says whether
+    asking again later can help (not after a failed load)."""
 
-
-    def watch(self, engine: OmniEngine) -> None:
-        """Also report the engine's batching: requests decoding together, steps and step time by batch size."""
-        self.registry.register(BatchCollector(engine))
-
-
-class BatchCollector:
-    """Reads the engine scheduler's counters at each scrape (prometheus_client's custom collector)."""
-
-    def __init__(self, engine: OmniEngine) -> None:
-        self.scheduler = engine.scheduler
-
-    def collect(self) -> Iterator[Metric]:
-        stats = self.scheduler.stats
-        yield GaugeMetricFamily("omni_batch_requests", "Requests in the engine's batch (setting up or decoding)",
-                                value=stats.active)
-        yield GaugeMetricFamily("omni_max_batch", "Requests the engine decodes together at most (--max-batch)",
-                                value=self.scheduler.max_batch)
-        steps = CounterMetricFamily("omni_decode_steps", "Decode steps by batch size (requests in the step)",
-                                    labels=["batch"])
-        seconds = CounterMetricFamily("omni_decode_step_seconds", "Time in decode steps by batch size",
-                                      labels=["batch"])
-        for batch, n in sorted(stats.steps.items()):
-            steps.add_metric([str(batch)], n)
-            seconds.add_metric([str(batch)], stats.step_seconds[batch])
-        yield steps
-        yield seconds
-
-
-class RealtimeMetrics:
-    """What the Realtime sessions report: answers by outcome, latency, barge-ins, how fast cancels land."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.responses = Counter("omni_realtime_responses", "Realtime responses by final status", ["status"],
-                                 registry=registry)
-        self.first_audio_s = Histogram("omni_realtime_first_audio_seconds",
-                                       "End of speech (server VAD) to the answer's first audio delta",
-                                       buckets=TTFC_BUCKETS, registry=registry)
-        self.barge_ins = Counter("omni_realtime_barge_ins", "Answers interrupted by the user's speech",
-                                 registry=registry)
-        self.truncations = Counter("omni_realtime_truncations", "Answers the client cut short where its listener "
-                                   "stopped hearing them (conversation.item.truncate)", registry=registry)
-        self.cancel_steps_h = Histogram("omni_realtime_cancel_steps",
-                                        "Decode steps the engine started after a cancel (0: stopped at its next check)",
-                                        buckets=CANCEL_STEP_BUCKETS, registry=registry)
-
-    def response_done(self, status: str) -> None:
-        self.responses.labels(status).inc()
-
-    def first_audio(self, seconds: float) -> None:
-        self.first_audio_s.observe(seconds)
-
-    def barge_in(self) -> None:
-        self.barge_ins.inc()
-
-    def truncated(self) -> None:
-        self.truncations.inc()
-
-    def cancel_steps(self, steps: int) -> None:
-        self.cancel_steps_h.observe(steps)
+    def __init__(self, message: str, retry: bool = True) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry = retry
 
 
 @dataclass
@@ -225,92 +163,35 @@ class EngineService:
     def status(self) -> str:
         return "ready" if self.engine else ("failed" if self.load_error else "loading")
 
-    def new_record(self) -> Record:
-        record = Record(uuid.uuid4().hex[:12])
-        with self._records_lock:
-            self.records[record.id] = record
-            while len(self.records) > RECORDS_KEPT:
-                self.records.popitem(last=False)
-        return record
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at most at once, running and waiting (the running ones: the engine's batch)."""
+        return self.queue.max_running + self.queue.max_waiting
 
-    def admit(self) -> tuple[object, Record] | None:
-        """A queue ticket and a fresh record, or None when the queue is full. Time counts from here."""
+    def check_ready(self) -> None:
+        """Refuse (and count) a request while the engine is not loaded."""
+        if self.engine is not None:
+            return
+        self.reject("not_ready")
+        if self.load_error:
+            raise Refused(f"the model failed to load ({self.load_error}); fix the checkpoint and "
+                                       "restart the server", retry=False)
+        raise Refused(f"the model is {self.status}")
+
+    def admit(self) -> Turn:
+        """A place in the queue and a fresh record, or `Refused`. The request's time counts from here."""
+        self.check_ready()
         ticket = self.queue.enter()
         if ticket is None:
-            return None
+            self.reject("busy")
+            raise Refused(f"the server is busy ({self.queue.max_waiting} requests already waiting)")
         self.metrics.in_flight.inc()
         self.metrics.queue_depth.set(self.queue.depth)
-        return ticket, self.new_record()
+        return Turn(self, ticket, self._new_record())
 
-    def wait_turn(self, ticket: object, record: Record, disconnected: Callable[[], bool]) -> bool:
-        """Block until the engine is this request's; False (and the request closed) if the client left."""
-        if not self.queue.wait_turn(ticket, disconnected):
-            self.finish(ticket, record)
-            return False
-        record.outcome = "running"
-        self.metrics.queue_wait.observe(time.perf_counter() - record.started)
-        self.metrics.queue_depth.set(self.queue.depth)
-        return True
-
-    def answer(self, ticket: object, record: Record, chunks: Iterator[OmniChunk],
-               disconnected: Callable[[], bool]) -> Iterator[Event]:
-        """The events of one answer (the engine's `chunks`, started once the turn has come), then a `Summary`."""
-        try:
-            yield from self._generate(record, chunks, disconnected, record.started)
-        finally:
-            self.finish(ticket, record)
-
-    def finish(self, ticket: object, record: Record) -> None:
-        """Release the turn and account for the request; safe to call more than once.
-
-        The WSGI server calls it when it closes the response, which also covers a body that was
-        never started because the client left first.
-        """
-        with self._records_lock:
-            if record.finished:
-                return
-            record.finished = True
-        self.queue.leave(ticket)
-        if record.outcome in ("running", "queued"):  # the body was dropped mid-way
-            record.outcome = "cancelled"
-        self.metrics.in_flight.dec()
-        self.metrics.queue_depth.set(self.queue.depth)
-        self.metrics.requests.labels(record.outcome).inc()
-        ttfc = f"{record.first_chunk_s:.3f}s" if record.first_chunk_s is not None else "-"
-        log.info("request %s input=%.2fs ttfc=%s chunks=%d steps=%d audio=%.2fs outcome=%s",
-                 record.id, record.input_seconds, ttfc, record.chunks, record.steps, record.audio_seconds,
-                 record.outcome)
-
-    def _generate(self, record: Record, chunks: Iterator[OmniChunk], disconnected: Callable[[], bool],
-                  start: float) -> Iterator[Event]:
-        gen_start = time.perf_counter()
-        try:
-            while (chunk := self._worker.submit(next, chunks, None).result()) is not None:
-                self._count(record, chunk, start)
-                yield chunk
-        except Exception as e:  # the response has started: report in-band and in the record
-            record.outcome, record.error = "error", f"{type(e).__name__}: {e}"
-            log.exception("request %s failed", record.id)
-            yield Summary("error", record.text, record.steps, record.audio_seconds, record.error)
-            return
-        finally:
-            self._worker.submit(chunks.close).result()  # the engine drops the request, also when the client left
-        if disconnected():
-            record.outcome = "cancelled"
-            return
-        record.outcome = "completed"
-        if record.audio_seconds:
-            self.metrics.rtf.observe((time.perf_counter() - gen_start) / record.audio_seconds)
-        yield Summary("completed", record.text, record.steps, record.audio_seconds)
-
-    def _count(self, record: Record, chunk: OmniChunk, start: float) -> None:
-        if record.first_chunk_s is None:
-            record.first_chunk_s = round(time.perf_counter() - start, 4)
-            self.metrics.ttfc.observe(record.first_chunk_s)
-        record.chunks += 1
-        record.steps += len(chunk.steps)
-        record.audio_seconds = round(record.audio_seconds + len(chunk.pcm) / BYTES_PER_SECOND, 4)
-        record.text += chunk.text
+    def on_engine_thread(self, call: Callable[..., T], *args: object) -> T:
+        """Run `call(*args)` on the engine's thread and return its result."""
+        return self._worker.submit(call, *args).result()
 
     def reject(self, outcome: str) -> None:
         self.metrics.requests.labels(outcome).inc()
@@ -322,3 +203,105 @@ class EngineService:
         if record is None or not secrets.compare_digest(record.token.encode(), token.encode()):
             return None
         return {k: v for k, v in asdict(record).items() if k not in HIDDEN_FIELDS}
+
+    def _new_record(self) -> Record:
+        record = Record(uuid.uuid4().hex[:12])
+        with self._records_lock:
+            self.records[record.id] = record
+            while len(self.records) > RECORDS_KEPT:
+                self.records.popitem(last=False)
+        return record
+
+
+class Turn:
+    """One admitted request, from admission until `finish()`: its place in the queue and its record."""
+
+    def __init__(self, service: EngineService, ticket: object, record: Record) -> None:
+        self.service, self.ticket, self.record = service, ticket, record
+        self._ending = threading.Lock()  # the response's close and the answer's end may race to finish
+
+    def prepare(self, stream: Callable[[], Iterator[OmniChunk]]) -> Iterator[OmniChunk]:
+        """`stream()`: the engine's checks of this request, returning its chunks (not started yet).
+
+        If it raises, the turn ends first: a `ValueError` (a bad request) as "bad_request", anything
+        else as "error"; the exception goes on to the caller.
+        """
+        try:
+            return stream()
+        except Exception as e:
+            self.finish("bad_request" if isinstance(e, ValueError) else "error")
+            raise
+
+    def wait(self, disconnected: Callable[[], bool]) -> bool:
+        """Block until the engine is this request's; False (and the turn ended) if the client left."""
+        service = self.service
+        if not service.queue.wait_turn(self.ticket, disconnected):
+            self.finish()
+            return False
+        self.record.outcome = "running"
+        service.metrics.queue_wait.observe(time.perf_counter() - self.record.started)
+        service.metrics.queue_depth.set(service.queue.depth)
+        return True
+
+    def answer(self, chunks: Iterator[OmniChunk], disconnected: Callable[[], bool]) -> Iterator[Event]:
+        """The events of one answer (the engine's `chunks`, started once the turn has come), then a `Summary`."""
+        try:
+            yield from self._generate(chunks, disconnected)
+        finally:
+            self.finish()
+
+    def finish(self, outcome: str | None = None) -> None:
+        """Release the place in the queue and account for the request; safe to call more than once.
+
+        The WSGI server calls it when it closes the response, which also covers a body that was
+        never started because the client left first.
+        """
+        service, record = self.service, self.record
+        with self._ending:
+            if record.finished:
+                return
+            record.finished = True
+        service.queue.leave(self.ticket)
+        if outcome is not None:
+            record.outcome = outcome
+        elif record.outcome in ("running", "queued"):  # the body was dropped mid-way
+            record.outcome = "cancelled"
+        service.metrics.in_flight.dec()
+        service.metrics.queue_depth.set(service.queue.depth)
+        service.metrics.requests.labels(record.outcome).inc()
+        ttfc = f"{record.first_chunk_s:.3f}s" if record.first_chunk_s is not None else "-"
+        log.info("request %s input=%.2fs ttfc=%s chunks=%d steps=%d audio=%.2fs outcome=%s",
+                 record.id, record.input_seconds, ttfc, record.chunks, record.steps, record.audio_seconds,
+                 record.outcome)
+
+    def _generate(self, chunks: Iterator[OmniChunk], disconnected: Callable[[], bool]) -> Iterator[Event]:
+        record, service = self.record, self.service
+        gen_start = time.perf_counter()
+        try:
+            while (chunk := service.on_engine_thread(next, chunks, None)) is not None:
+                self._count(chunk)
+                yield chunk
+        except Exception as e:  # the response has started: report in-band and in the record
+            record.outcome, record.error = "error", f"{type(e).__name__}: {e}"
+            log.exception("request %s failed", record.id)
+            yield Summary("error", record.text, record.steps, record.audio_seconds, record.error)
+            return
+        finally:
+            service.on_engine_thread(chunks.close)  # the engine drops the request, also when the client left
+        if disconnected():
+            record.outcome = "cancelled"
+            return
+        record.outcome = "completed"
+        if record.audio_seconds:
+            service.metrics.rtf.observe((time.perf_counter() - gen_start) / record.audio_seconds)
+        yield Summary("completed", record.text, record.steps, record.audio_seconds)
+
+    def _count(self, chunk: OmniChunk) -> None:
+        record = self.record
+        if record.first_chunk_s is None:
+            record.first_chunk_s = round(time.perf_counter() - record.started, 4)
+            self.service.metrics.ttfc.observe(record.first_chunk_s)
+        record.chunks += 1
+        record.steps += len(chunk.steps)
+        record.audio_seconds = round(record.audio_seconds + len(chunk.pcm) / BYTES_PER_SECOND, 4)
+        record.text += chunk.text

@@ -297,6 +297,42 @@ def test_health_while_loading_and_after_a_failed_load(engine, sample_bytes):
     assert "failed to load" in refused.json["error"] and "restart" in refused.json["error"]
 
 
+def test_the_http_threads_follow_what_the_service_admits(engine):
+    import asyncio
+
+    from serving.asgi import WsgiBridge
+    from serving.service import EngineService
+
+    def no_content(environ, start_response):
+        start_response("204 No Content", [])
+        return []
+
+    service = EngineService(lambda: engine, max_queue=3)
+    bridge = WsgiBridge(no_content, 1000, lambda: service.capacity + 1)
+    assert bridge.size == 1 + 3 + 1  # while loading: one running request at most
+    service.start().result(timeout=120)
+    assert service.capacity == engine.scheduler.max_batch + 3
+
+    async def get() -> list[dict]:
+        messages = [{"type": "http.request", "body": b""}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(60)  # the client stays until the bridge stops watching it
+            return {"type": "http.disconnect"}
+
+        sent = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+        await bridge({"type": "http", "path": "/", "headers": []}, receive, send)
+        return sent
+
+    assert asyncio.run(get())[0]["status"] == 204
+    assert bridge.size == engine.scheduler.max_batch + 3 + 1
+
+
 def test_first_stride_field(server, sample_bytes, expected):
     status, _, body = server.chat(sample_bytes, path="/chat?format=ndjson", max_tokens=MAX, first_stride=1)
     events = [json.loads(line) for line in body.decode().splitlines()]

@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from omni import OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH
+
 SAMPLES = sorted((Path(__file__).resolve().parent.parent / "data" / "samples").glob("*.wav"))
 RSS_PERIOD_S = 5.0
 MAX_REQUESTS_PER_CLIENT = 10_000  # a hard bound besides the time limit
 READ_BLOCK = 16384
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-PCM_BYTES_PER_SECOND = 24000 * 2  # the default /chat answer: int16 mono 24 kHz
+PCM_BYTES_PER_SECOND = OUTPUT_SAMPLE_RATE * PCM_SAMPLE_WIDTH  # the default /chat answer: int16 mono
 
 
 def percentile(values: list[float], q: float) -> float:

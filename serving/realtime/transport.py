@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from omni import INPUT_SAMPLE_RATE, GenerationConfig, OmniChunk, Task, prompt_length
 from ..asgi import Receive, Scope, Send, send_json, wsgi_environ
 from ..formats import Summary
-from ..service import EngineService, Record
+from ..service import EngineService, Refused, Turn
 from .jobs import Job, JobChunk, JobEnd
 from .protocol import BETA, GA
 from .session import RealtimeSession
@@ -65,45 +65,38 @@ class ServiceRunner:
 
     def _answer(self, job: Job) -> JobEnd:
         """Admitted first (as /chat is), then the engine's stream set up, then run when its turn comes."""
-        admitted = self.service.admit()
-        if admitted is None:
-            self.service.reject("busy")
-            return JobEnd(job.key, "failed", f"the server is busy ({self.service.queue.max_waiting} requests "
-                                             "already waiting)")
-        ticket, record = admitted
-        record.input_seconds = round(job.audio.size / INPUT_SAMPLE_RATE, 3) if job.audio is not None else 0.0
+        prompt, max_tokens = self._budget(job)
         try:
-            chunks, prompt, max_tokens = self._stream(job)
+            turn = self.service.admit()
+            chunks = turn.prepare(lambda: self._stream(job, max(max_tokens, prompt + 1)))
+        except Refused as e:
+            return JobEnd(job.key, "failed", e.message)
         except ValueError as e:
-            record.outcome = "bad_request"
-            self.service.finish(ticket, record)
             return JobEnd(job.key, "failed", str(e))
-        except Exception:  # reported by _run; the queue place must not stay taken
-            record.outcome = "error"
-            self.service.finish(ticket, record)
-            raise
-        if not self.service.wait_turn(ticket, record, job.cancel.is_set):
+        turn.record.input_seconds = round(job.audio.size / INPUT_SAMPLE_RATE, 3) if job.audio is not None else 0.0
+        if not turn.wait(job.cancel.is_set):
             return JobEnd(job.key, "cancelled")
-        return self._run_answer(job, ticket, record, chunks, prompt, max_tokens)
+        return self._run_answer(job, turn, chunks, prompt, max_tokens)
 
-    def _stream(self, job: Job) -> tuple[Iterator[OmniChunk], int, int]:
-        """The engine's (not yet started) chunks for `job`, its prompt length and its max_tokens."""
+    def _budget(self, job: Job) -> tuple[int, int]:
+        """The prompt length of `job` and its max_tokens (which count the prompt too)."""
         engine = self.service.engine
-        task = Task(job.task)
         text_ids = engine.tokenizer.encode(job.text).ids if job.text is not None else None
-        prompt = prompt_length(task, job.audio, text_ids, job.image is not None)
-        limit = engine.config.block_size + 1  # max_tokens counts the prompt too
+        prompt = prompt_length(Task(job.task), job.audio, text_ids, job.image is not None)
+        limit = engine.config.block_size + 1
         max_tokens = min(limit, prompt + job.max_output_tokens) if job.max_output_tokens else \
             GenerationConfig().max_tokens
-        chunks = engine.stream(job.audio, text=job.text, task=task, image=job.image,
-                               sample_rate=INPUT_SAMPLE_RATE if job.audio is not None else None, cancel=job.cancel,
-                               max_tokens=max(max_tokens, prompt + 1))
-        return chunks, prompt, max_tokens
+        return prompt, max_tokens
 
-    def _run_answer(self, job: Job, ticket: object, record: Record, chunks: Iterator[OmniChunk], prompt: int,
-                    max_tokens: int) -> JobEnd:
+    def _stream(self, job: Job, max_tokens: int) -> Iterator[OmniChunk]:
+        """The engine's chunks for `job`, not yet started."""
+        return self.service.engine.stream(
+            job.audio, text=job.text, task=Task(job.task), image=job.image, cancel=job.cancel,
+            sample_rate=INPUT_SAMPLE_RATE if job.audio is not None else None, max_tokens=max_tokens)
+
+    def _run_answer(self, job: Job, turn: Turn, chunks: Iterator[OmniChunk], prompt: int, max_tokens: int) -> JobEnd:
         steps, text, status, error = 0, "", "cancelled", None
-        for event in self.service.answer(ticket, record, chunks, job.cancel.is_set):
+        for event in turn.answer(chunks, job.cancel.is_set):
             if isinstance(event, OmniChunk):
                 steps += len(event.steps)
                 text += event.text
