@@ -3,6 +3,10 @@
 Frame `k` of the answer takes layer `j`'s token from decode position `k + j + 1` (layer j starts
 j + 1 steps after the text). A frame's 7 tokens are SNAC's codes in depth-first order:
 level 0 gets [t0], level 1 gets [t1, t4], level 2 gets [t2, t3, t5, t6].
+
+An answer's audio is streamed by `SnacCodec.stream`: "gapless" joins carry SNAC's context from chunk to
+chunk (snac_stream.py), so the chunks join into the whole-answer decode; "official" joins decode each
+chunk on its own, as the official code does, with a click at every join (docs/joins.png).
 """
 from __future__ import annotations
 

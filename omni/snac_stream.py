@@ -8,7 +8,9 @@ not arrived yet, so the committed audio is the whole decode's, up to float round
 width, summed over layers, is the decoder's look-ahead (`StreamingDecoder.lookahead`: 4757 samples,
 2.32 frames, for SNAC 24 kHz). Audio further ahead can be *previewed*: the held-back outputs computed
 as if the answer ended where the codes end, without touching the state; SNAC's receptive field fades
-fast enough that a preview a few hundred samples deep is within about -76 dB of the final audio.
+fast enough that a preview 661 samples deep (what a look-ahead of 2 frames leaves short) is within
+about -78 dB of the final audio on the tiny checkpoint. Exact streaming needs no approximation in any
+layer; only the wish to wait 2 frames rather than 2.32 is met by previewing.
 
 Three kinds of operation cover every decoder layer:
 - `Pointwise`: Snake, Tanh, 1x1 convolutions, the noise blocks: no context, no state.
@@ -193,9 +195,7 @@ def build_ops(layers: list[nn.Module]) -> list:
 class DecoderState:
     """One answer's carried decoder state. Never shared between answers."""
 
-    layers: list[dict]
-    noise: bool
-    generator: torch.Generator | None
+    layers: list[dict]  # each layer's carried samples and counts; the noise blocks' switch and generator
     committed: int = 0  # output samples final so far
     ended: bool = False
 
@@ -219,7 +219,7 @@ class StreamingDecoder:
         states = [op.new_state() for op in self.ops]
         for st in states:
             st.update(noise=noise, generator=generator)
-        return DecoderState(states, noise, generator)
+        return DecoderState(states)
 
     def _commits(self, states: list[dict], n: int) -> list[int]:
         counts = []
