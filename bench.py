@@ -266,6 +266,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=lambda v: [int(n) for n in v.split(",")], default=[],
                     help="also answer N questions at once, for each N in this list (e.g. 1,2,4,8)")
     ap.add_argument("--json", type=Path, help="write the report here")
+    ap.add_argument("--codec", action="store_true", help="SNAC's decoders only: gapless vs official (bench_codec)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--reference", help=argparse.SUPPRESS)
@@ -286,6 +287,12 @@ def main(argv: list[str] | None = None) -> None:
 
             print(f"making a full-size random {family} checkpoint in {args.ckpt_dir} (once)")
             make_checkpoint(args.ckpt_dir, "full", seed=0, family=family)
+    if args.codec:
+        from utils.bench_codec import main as bench_codec
+
+        extra = ["--json", str(args.json)] if args.json else []
+        bench_codec(["--ckpt-dir", str(args.ckpt_dir), "--device", args.device, *extra])
+        return
     modes = [m.strip() for m in ("exact,fast" if args.fidelity and args.modes == "baseline,exact,fast"
                                  else args.modes).split(",") if m.strip()]
     order = sorted(modes, key=lambda m: m != "exact")  # exact first: the others are compared with it

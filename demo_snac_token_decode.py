@@ -18,9 +18,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from omni import (
-    AUDIO_CODES, DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, LEVEL_OF_SLOT, N_AUDIO_LAYERS, N_LEVELS, OUTPUT_SAMPLE_RATE,
-    SAMPLES_PER_FRAME, Frame, GenerationConfig, OmniEngine, OmniError, SnacCodec, Task, frames_to_codes,
-    resolve_device, snac_dir, streams_to_frames, to_streams,
+    AUDIO_CODES, DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, EOA, LEVEL_OF_SLOT, N_AUDIO_LAYERS, N_LEVELS,
+    OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME, Frame, GenerationConfig, OmniEngine, OmniError, SnacCodec, Task,
+    frames_to_codes, frames_to_streams, resolve_device, snac_dir, streams_to_frames, to_streams,
 )
 from utils.audio_io import write_wav
 
@@ -53,14 +53,13 @@ def explain(streams: list[list[int]], frames: list[Frame]) -> None:
 
 
 def decode(frames: list[Frame], args: argparse.Namespace) -> bytes:
-    """SNAC-decode the frames in chunks of the default stream stride, as the engine streams them.
-    SNAC's decoder adds noise; seeded as the engine seeds a request's chunks (the request's seed, then
-    one more per chunk), a greedy answer's dump decodes to that answer's audio."""
+    """SNAC-decode the frames step by step in chunks of the default stream stride, as the engine streams them.
+    SNAC's decoder adds noise; seeded as the engine seeds a request's (from the request's seed), a greedy
+    answer's dump decodes to that answer's audio."""
     codec = SnacCodec.from_dir(snac_dir(Path(args.ckpt_dir)), resolve_device(args.device))
-    seed = GenerationConfig().seed
-    chunks = range(0, len(frames), DEFAULT_STREAM_STRIDE)
-    return b"".join(codec.decode(frames[start:start + DEFAULT_STREAM_STRIDE], seed + n)
-                    for n, start in enumerate(tqdm(chunks, desc="SNAC decode", unit="chunk")))
+    stream = codec.stream(DEFAULT_STREAM_STRIDE, noise_seed=GenerationConfig().seed)
+    steps = list(zip(*frames_to_streams(frames, fill=EOA)))  # the stagger the model made them in
+    return b"".join([stream.push(step) for step in tqdm(steps, desc="SNAC decode", unit="step")] + [stream.flush()])
 
 
 def read_dump(path: str) -> list[list[int]]:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from omni import (
     DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EOA, EOT, FAMILIES,
-    PAD_T, to_streams,
+    OFFICIAL_JOINS, PAD_T, to_streams,
 )
 from omni_engine import DEFAULT_MODE, MODE_HELP, MODE_NAMES, OmniEngine, OmniError, Task
 
@@ -35,7 +35,8 @@ PROGRESS_TEXT_CHARS = 40  # the tail of the answer text shown beside the step co
 
 
 class OmniInference:
-    """The official `OmniInference` interface over `OmniEngine`, for code written against it.
+    """The official `OmniInference` interface over `OmniEngine`, for code written against it: its chunks are
+    decoded one by one (joins="official"), so it gives the official bytes.
 
     Unlike the official class, `device` defaults to "auto" (CUDA when available, else CPU).
     """
@@ -55,7 +56,7 @@ class OmniInference:
         if (eos_id_a, eos_id_t) != (EOA, EOT):
             raise ValueError(f"only the model's own stop ids are supported (eos_id_a={EOA}, eos_id_t={EOT})")
         for chunk in self.engine.stream(audio_path, stream_stride=stream_stride, max_tokens=max_returned_tokens,
-                                        temperature=temperature, top_k=top_k, top_p=top_p):
+                                        temperature=temperature, top_k=top_k, top_p=top_p, joins=OFFICIAL_JOINS):
             if chunk.pcm:
                 yield chunk.pcm
 
@@ -102,7 +103,8 @@ class OmniVisionInference(OmniInference):
             raise ValueError(f"only the model's own stop ids are supported (eos_id_a={EOA}, eos_id_t={EOT})")
         pcm = []
         for chunk in self.engine.stream(audio_path, image=image_path, stream_stride=stream_stride,
-                                        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p):
+                                        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        joins=OFFICIAL_JOINS):
             pcm.append(chunk.pcm)
             yield chunk.pcm, chunk.text
             if first_only and chunk.pcm:

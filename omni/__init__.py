@@ -8,7 +8,7 @@ from .audio import (
 )
 from .checkpoint import HUB_REPOS, snac_dir
 from .codec import (
-    LEVEL_OF_SLOT, N_LEVELS, SAMPLES_PER_FRAME, Frame, SnacCodec, frames_to_codes, streams_to_frames,
+    LEVEL_OF_SLOT, N_LEVELS, SAMPLES_PER_FRAME, Frame, SnacCodec, frames_to_codes, frames_to_streams, streams_to_frames,
 )
 from .device import resolve_device
 from .engine import DEFAULT_MAX_BATCH, OmniChunk, OmniEngine, OmniResult, prompt_length
@@ -17,7 +17,8 @@ from .generate import Step, to_streams
 from .image import fit_image
 from .runtime import DEFAULT_MODE, MODE_NAMES
 from .sampling import (
-    DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, GenerationConfig,
+    DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, OFFICIAL_JOINS,
+    GenerationConfig,
 )
 from .tokens import AUDIO_CODES, EOA, EOT, N_AUDIO_LAYERS, PAD_T, Task
 from .tuning import Overrides
@@ -28,8 +29,9 @@ __all__ = [
     "AUDIO_CODES", "AudioInputError", "CHUNK_SECONDS", "CheckpointDownloadError", "CheckpointError",
     "DEFAULT_MAX_BATCH", "DEFAULT_MAX_TOKENS", "DEFAULT_MODE", "DEFAULT_STREAM_STRIDE", "DEFAULT_TEMPERATURE",
     "DEFAULT_TOP_K", "DEFAULT_TOP_P", "EOA", "EOT", "FAMILIES", "Frame", "GenerationConfig", "INPUT_SAMPLE_RATE",
-    "ImageInputError", "LEVEL_OF_SLOT", "MODE_NAMES", "N_AUDIO_LAYERS", "N_LEVELS", "OUTPUT_SAMPLE_RATE",
-    "OmniChunk", "OmniEngine", "OmniError", "OmniResult", "Overrides", "PAD_T", "PCM_SAMPLE_WIDTH", "PCM_SCALE",
-    "SAMPLES_PER_FRAME", "SnacCodec", "Step", "Task", "fit_image", "frames_to_codes", "load_audio", "prompt_length",
-    "resolve_device", "snac_dir", "streams_to_frames", "sweep_stale_temp_dirs", "to_streams",
+    "ImageInputError", "LEVEL_OF_SLOT", "MODE_NAMES", "N_AUDIO_LAYERS", "N_LEVELS", "OFFICIAL_JOINS",
+    "OUTPUT_SAMPLE_RATE", "OmniChunk", "OmniEngine", "OmniError", "OmniResult", "Overrides", "PAD_T",
+    "PCM_SAMPLE_WIDTH", "PCM_SCALE", "SAMPLES_PER_FRAME", "SnacCodec", "Step", "Task", "fit_image",
+    "frames_to_codes", "frames_to_streams", "load_audio", "prompt_length", "resolve_device", "snac_dir",
+    "streams_to_frames", "sweep_stale_temp_dirs", "to_streams"
 ]

@@ -3,10 +3,15 @@
 Frame `k` of the answer takes layer `j`'s token from decode position `k + j + 1` (layer j starts
 j + 1 steps after the text). A frame's 7 tokens are SNAC's codes in depth-first order:
 level 0 gets [t0], level 1 gets [t1, t4], level 2 gets [t2, t3, t5, t6].
+
+An answer's audio is streamed by `SnacCodec.stream`: "gapless" joins carry SNAC's context from chunk to
+chunk (snac_stream.py), so the chunks join into the whole-answer decode; "official" joins decode each
+chunk on its own, as the official code does, with a click at every join (docs/joins.png).
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -17,6 +22,8 @@ from torch.nn.utils import parametrize
 
 from .audio import INT16_MAX, INT16_MIN, OUTPUT_SAMPLE_RATE, PCM_SCALE
 from .errors import CheckpointError
+from .sampling import GAPLESS_JOINS, JOINS, OFFICIAL_JOINS
+from .snac_stream import DecoderState, StreamingDecoder
 from .tokens import AUDIO_CODES, N_AUDIO_LAYERS
 
 SAMPLES_PER_FRAME = 2048  # hop 512 x 4 level-2 codes: 85.3 ms of audio per decode step
@@ -30,6 +37,10 @@ SNAC_WEIGHTS = "pytorch_model.bin"
 # torch's two spellings of a weight-normed weight: legacy hooks and parametrizations.
 LEGACY_NORM_KEYS = ("weight_g", "weight_v")
 PARAM_NORM_KEYS = ("parametrizations.weight.original0", "parametrizations.weight.original1")
+# Frames of codes the gapless stream waits for past a chunk's last sample. SNAC's decoder needs 2.32
+# frames (4757 samples) for exact audio; the last 661 samples before each join are previewed instead,
+# within -78 dB of the final audio on the tiny checkpoint (docs/joins.png, utils/bench_codec.py).
+LOOKAHEAD_FRAMES = 2
 
 Frame = tuple[int, ...]  # 7 local audio codes
 
@@ -153,6 +164,7 @@ class SnacCodec:
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.model = model
         self.device = device
+        self.streaming = StreamingDecoder(model)  # the layers' streaming view; each answer has its own state
 
     @classmethod
     def from_dir(cls, snac_dir: str | Path, device: torch.device) -> "SnacCodec":
@@ -175,17 +187,120 @@ class SnacCodec:
         fold_weight_norms(model)
         return cls(model.to(device).eval(), device)
 
-    @torch.inference_mode()
-    def decode(self, frames: list[Frame], noise_seed: int | None = None) -> bytes:
-        """Frames -> int16 LE mono PCM at 24 kHz, 2048 samples per frame.
+    def codes(self, frames: list[Frame]) -> list[torch.Tensor]:
+        """Frames -> SNAC codes on the codec's device. A slot holding a special token (>= 4096; a trained
+        model never puts one inside a frame) is decoded as code 0 rather than failing."""
+        return [c.masked_fill(c >= AUDIO_CODES, 0) for c in frames_to_codes(frames, self.device)]
 
-        A slot holding a special token (>= 4096; a trained model never puts one inside a frame)
-        is decoded as code 0 rather than failing. SNAC's decoder adds noise drawn from torch's
-        global RNG; with `noise_seed` it is drawn from that seed and the global state is restored after.
+    @torch.inference_mode()
+    def decode(self, frames: list[Frame], noise_seed: int | None = None, noise: bool = True) -> bytes:
+        """Frames -> int16 LE mono PCM at 24 kHz, 2048 samples per frame, decoded together.
+
+        SNAC's decoder adds noise drawn from torch's global RNG; with `noise_seed` it is drawn from that
+        seed and the global state is restored after. `noise=False` leaves the noise blocks out.
         """
         if not frames:
             return b""
-        codes = [c.masked_fill(c >= AUDIO_CODES, 0) for c in frames_to_codes(frames, self.device)]
         with seeded_rng(noise_seed, self.device):
-            wave = self.model.decode(codes)  # (1, 1, samples)
+            wave = self.model.decode(self.codes(frames)) if noise else self._decode_quiet(self.codes(frames))
         return pcm_from_wave(wave.reshape(-1).float().cpu().numpy())
+
+    def _decode_quiet(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """SNAC's decode, layer by layer, without its noise blocks: `(1, 1, samples)`."""
+        from snac.layers import DecoderBlock, NoiseBlock
+
+        x = self.model.quantizer.from_codes(codes)
+        for layer in self.model.decoder.model:
+            for part in layer.block if isinstance(layer, DecoderBlock) else (layer,):
+                x = x if isinstance(part, NoiseBlock) else part(x)
+        return x
+
+    def stream(self, stride: int, first_stride: int | None = None, joins: str = GAPLESS_JOINS,
+               noise_seed: int | None = None, noise: bool = True,
+               lookahead: int | None = LOOKAHEAD_FRAMES) -> AnswerAudio:
+        """One answer's audio decoder: `push(step_audio) -> bytes` per decode step, `flush() -> bytes` at the end.
+
+        Args:
+            stride: frames per chunk after the first; first_stride: frames in the first (None = stride).
+            joins: "gapless" (one decode of the whole answer, streamed) or "official" (each chunk alone).
+            noise_seed: seeds SNAC's noise (official: seed, seed + 1, ... per chunk); None draws from torch's
+                global RNG. noise: False leaves SNAC's noise blocks out (for measuring).
+            lookahead: gapless only: frames of codes waited for past a chunk's end; None waits for all the
+                decoder needs (exact audio, 2.32 frames for SNAC 24 kHz).
+        """
+        if joins not in JOINS:
+            raise ValueError(f"joins must be one of {JOINS}, got {joins!r}")
+        if joins == OFFICIAL_JOINS:
+            return OfficialStream(self, stride, first_stride, noise_seed, noise)
+        return GaplessStream(self, stride, first_stride, noise_seed, noise, lookahead)
+
+
+class OfficialStream:
+    """The official chunks: each decoded on its own, on the official schedule, plus the tail it drops."""
+
+    def __init__(self, codec: SnacCodec, stride: int, first_stride: int | None, noise_seed: int | None,
+                 noise: bool) -> None:
+        self.codec, self.noise = codec, noise
+        self.frames = FrameScheduler(stride, first_stride)
+        self.noise_seeds = itertools.count(noise_seed) if noise_seed is not None else itertools.repeat(None)
+
+    def push(self, audio: Frame) -> bytes:
+        return self._decode(self.frames.push(audio))
+
+    def flush(self) -> bytes:
+        return self._decode(self.frames.flush())
+
+    def _decode(self, frames: list[Frame]) -> bytes:
+        return self.codec.decode(frames, next(self.noise_seeds), self.noise) if frames else b""
+
+
+class GaplessStream:
+    """One decode of the whole answer, streamed: a chunk of `stride` frames' audio leaves once the frames
+    `lookahead` past its end are in; its last samples, whose context is still short of what the decoder
+    needs, are previewed (`StreamingDecoder.step`), and everything else is final."""
+
+    def __init__(self, codec: SnacCodec, stride: int, first_stride: int | None, noise_seed: int | None,
+                 noise: bool, lookahead: int | None) -> None:
+        self.codec, self.decoder = codec, codec.streaming
+        self.stride, self.first_stride = stride, first_stride or stride
+        generator = torch.Generator(codec.device).manual_seed(noise_seed) if noise_seed is not None else None
+        self.state: DecoderState = self.decoder.new_state(noise, generator)
+        self.wait = self.decoder.lookahead if lookahead is None else lookahead * SAMPLES_PER_FRAME
+        self.frames = FrameScheduler(1)  # hands out each frame as soon as it is complete
+        self.pending: list[Frame] = []
+        self.complete = 0  # frames in
+        self.sent = 0  # samples out
+        self.final = torch.zeros(0)  # final samples from `sent` on, not sent yet
+
+    def push(self, audio: Frame) -> bytes:
+        new = self.frames.push(audio)
+        self.pending += new
+        self.complete += len(new)
+        due = self.first_stride if self.sent == 0 else self.stride
+        target = self.sent + due * SAMPLES_PER_FRAME
+        if self.complete * SAMPLES_PER_FRAME - self.wait < target:
+            return b""
+        return self._emit(target, end=False)
+
+    def flush(self) -> bytes:
+        """The rest of the answer, decoded to its end."""
+        self.pending += self.frames.flush()
+        return self._emit(None, end=True)
+
+    @torch.inference_mode()
+    def _emit(self, target: int | None, end: bool) -> bytes:
+        before = self.state.committed
+        final, preview = self.decoder.step(self.state, self.codec.codes(self.pending), target or 0, end)
+        self.pending = []
+        after = self.state.committed
+        # Final samples from `sent` on (those before it went out already, previewed), then the preview.
+        known = torch.cat([self.final.to(final), final[max(0, self.sent - before):]])
+        audio = torch.cat([known, preview[max(0, self.sent - after):]])
+        count = audio.numel() if end else target - self.sent
+        assert audio.numel() >= count, f"{audio.numel()} samples decoded for a chunk of {count}"
+        self.final = known[count:]
+        self.sent += count
+        return pcm_from_wave(audio[:count].float().cpu().numpy())
+
+
+AnswerAudio = OfficialStream | GaplessStream  # what `SnacCodec.stream` returns

@@ -1,7 +1,6 @@
 """`OmniEngine`: load a checkpoint once, then answer questions as a stream of audio/text chunks."""
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -21,7 +20,7 @@ from .audio import (
 from .batch import Job, Scheduler, Setup
 from .checkpoint import TOKENIZER_FILE, clip_path, ensure_checkpoint, load_lm, snac_dir, whisper_path
 from .clip import VisionTower, load_vision_tower
-from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, FrameScheduler, SnacCodec
+from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, AnswerAudio, Frame, SnacCodec
 from .config import CONFIG_FILE, ModelConfig
 from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError
@@ -174,10 +173,11 @@ class OmniEngine:
                 a path, the bytes of an image file, a PIL image or an `(H, W, 3)` uint8 array.
             cancel: an Event or callable, checked before every decode step; set, it ends the stream.
             config / options: a `GenerationConfig`, or its fields as keywords (stream_stride, first_stride,
-                max_tokens, temperature, top_k, top_p, seed).
+                max_tokens, temperature, top_k, top_p, seed, joins).
         Returns:
-            an iterator of `OmniChunk`: the first audio chunk after the official number of decode
-            steps (10 at stride 4), then one every `stream_stride` steps, then the remaining frames.
+            an iterator of `OmniChunk`: the first audio chunk once its frames and the decoder's look-ahead
+            are decoded (12 decode steps at stride 4; joins="official": 10, the official number), then
+            one every `stream_stride` steps, then the rest.
         """
         if config is not None and options:
             raise TypeError(f"pass a GenerationConfig or its fields as keywords, not both ({sorted(options)})")
@@ -227,11 +227,14 @@ class OmniEngine:
         else:
             setattr(timings, name, value + elapsed)
 
-    def _decode_audio(self, frames: list | None, timings: Timings, noise_seed: int | None) -> bytes:
-        if not frames:
-            return b""
-        with self._timed(timings, "snac"):
-            return self.codec.decode(frames, noise_seed)
+    def _decode_audio(self, audio: AnswerAudio, frame: Frame | None, timings: Timings) -> bytes:
+        """The answer's audio after one more decode step's tokens (`frame`), or its tail (None); the time of
+        each call that decoded a chunk goes to `timings.snac`."""
+        start = time.perf_counter()
+        pcm = audio.push(frame) if frame is not None else audio.flush()
+        if pcm:  # bytes on the host: the device has finished
+            timings.snac.append(time.perf_counter() - start)
+        return pcm
 
     @staticmethod
     def _check_task(task: str | Task, audio: AudioSource | None, text: str | None) -> Task:
@@ -344,16 +347,16 @@ class _Answer:
 
     def __init__(self, engine: OmniEngine, task: Task, cfg: GenerationConfig, timings: Timings) -> None:
         self.engine, self.timings = engine, timings
-        self.frames = FrameScheduler(cfg.stream_stride, cfg.first_stride) if task.speaks else None
-        self.noise_seeds = itertools.count(cfg.seed) if cfg.seed is not None else itertools.repeat(None)
+        # The answer's own SNAC decoder state; SNAC's noise is seeded from the request's seed.
+        self.audio = (engine.codec.stream(cfg.stream_stride, cfg.first_stride, cfg.joins, cfg.seed)
+                      if task.speaks else None)
         self.pending: list[Step] = []
         self.pieces: queue.SimpleQueue = queue.SimpleQueue()
 
     def step(self, step: Step) -> None:
         self.pending.append(step)
-        ready = self.frames.push(step.audio) if self.frames is not None else None
-        if ready or self.frames is None:
-            pcm = self.engine._decode_audio(ready, self.timings, next(self.noise_seeds))
+        pcm = self.engine._decode_audio(self.audio, step.audio, self.timings) if self.audio is not None else b""
+        if pcm or self.audio is None:
             self.pieces.put((pcm, tuple(self.pending), False))
             self.pending = []
 
@@ -362,8 +365,7 @@ class _Answer:
             if error is not None:
                 self.pieces.put(error)
             elif not cancelled:  # the tail the official code drops
-                frames = self.frames.flush() if self.frames is not None else None
-                tail = self.engine._decode_audio(frames, self.timings, next(self.noise_seeds))
+                tail = self.engine._decode_audio(self.audio, None, self.timings) if self.audio is not None else b""
                 self.pieces.put((tail, tuple(self.pending), True))
         except Exception as e:  # noqa: BLE001 - reported to the consumer, like any failure of its answer
             self.pieces.put(e)

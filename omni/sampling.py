@@ -13,6 +13,10 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_MAX_TOKENS = 2048
 # Decode steps per streamed audio chunk; each step is one SNAC frame (85.3 ms of audio).
 DEFAULT_STREAM_STRIDE = 4
+# How the chunks of an answer's audio join: "gapless" streams one decode of the whole answer
+# (omni/snac_stream.py); "official" decodes each chunk on its own, as the official code does.
+GAPLESS_JOINS, OFFICIAL_JOINS = "gapless", "official"
+JOINS = (GAPLESS_JOINS, OFFICIAL_JOINS)
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class GenerationConfig:
     stream_stride: int = DEFAULT_STREAM_STRIDE  # SNAC frames per streamed chunk
     first_stride: int | None = None  # frames in the first chunk; smaller starts audio sooner (None = stream_stride, as official)
     seed: int | None = 0  # seeds this request's own generators so answers repeat; None draws from torch's global RNG
+    joins: str = GAPLESS_JOINS  # "gapless": no clicks between chunks; "official": each chunk alone (official bytes)
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
@@ -40,6 +45,8 @@ class GenerationConfig:
             raise ValueError(f"stream_stride must be an int >= 1, got {self.stream_stride!r}")
         if self.first_stride is not None and (not isinstance(self.first_stride, int) or self.first_stride < 1):
             raise ValueError(f"first_stride must be an int >= 1 or None, got {self.first_stride!r}")
+        if self.joins not in JOINS:
+            raise ValueError(f"joins must be one of {JOINS}, got {self.joins!r}")
 
     @property
     def greedy(self) -> bool:

@@ -29,7 +29,7 @@ def test_generate_is_the_joined_stream(engine, sample_wav):
 @pytest.mark.parametrize("stride", [4, 2])
 def test_chunks_follow_the_official_schedule_plus_the_tail(engine, sample_wav, stride):
     T = prompt_len(sample_wav)
-    chunks = list(engine.stream(sample_wav, max_tokens=T + 30, stream_stride=stride))
+    chunks = list(engine.stream(sample_wav, max_tokens=T + 30, stream_stride=stride, joins="official"))
     steps = [len(c.steps) for c in chunks]
     assert steps[0] == 1 + stride + 6  # the prefill token, then stride + 6 decode steps (10 at stride 4)
     assert all(n == stride for n in steps[1:-1])
@@ -42,7 +42,7 @@ def test_chunks_follow_the_official_schedule_plus_the_tail(engine, sample_wav, s
 def test_first_stride_shortens_the_wait_for_audio_only(engine, sample_wav):
     T = prompt_len(sample_wav)
     official = engine.run(sample_wav, max_tokens=T + 30)
-    early = list(engine.stream(sample_wav, max_tokens=T + 30, first_stride=1))
+    early = list(engine.stream(sample_wav, max_tokens=T + 30, first_stride=1, joins="official"))
     assert len(early[0].steps) == 1 + 6 + 1 and len(early[0].pcm) == BYTES_PER_FRAME
     assert to_streams([s for c in early for s in c.steps]) == official.streams  # the same tokens
 
