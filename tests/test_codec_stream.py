@@ -15,6 +15,7 @@ from utils.bench_codec import join_window, snr_db
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "official_tokens.json").read_text())
 MIN_SNR_DB = 60.0  # the issue's bound, overall and within 20 ms of every join
 BYTES_PER_FRAME = SAMPLES_PER_FRAME * 2
+SHORT = 67  # steps of the answer for the tests that stream it many times: 60 frames, 5 s
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_a_long_answer_streamed_equals_it_decoded_whole(codec, answer, lookahead
 
 
 def test_chunk_size_is_a_free_choice(codec, answer):
-    steps, frames = answer
+    steps = answer[0][:SHORT]
     exact = {stride: wave(b"".join(streamed(codec, steps, stride, noise=False, lookahead=None)))
              for stride in (1, 2, 4, 7)}
     assert all(np.abs(exact[s] - exact[1]).max() <= 1 for s in exact)  # the same audio, to float rounding
@@ -98,7 +99,7 @@ def test_the_engine_streams_gapless_by_default_and_official_on_request(engine, s
 
 def test_answers_never_share_decoder_state(codec, answer):
     """Two answers streamed at once, their pushes interleaved on two threads, each equal their solo bytes."""
-    steps, _ = answer
+    steps = answer[0][:SHORT]
     solo = [streamed(codec, steps, 4, noise_seed=seed) for seed in (0, 1)]
     streams = [codec.stream(4, noise_seed=seed) for seed in (0, 1)]
     together: list[list[bytes]] = [[], []]
@@ -115,7 +116,7 @@ def test_answers_never_share_decoder_state(codec, answer):
 
 
 def test_noise_is_seeded_per_answer(codec, answer):
-    steps, _ = answer
+    steps = answer[0][:SHORT]
     assert streamed(codec, steps, 4, noise_seed=3) == streamed(codec, steps, 4, noise_seed=3)
     assert streamed(codec, steps, 4, noise_seed=3) != streamed(codec, steps, 4, noise=False)
 
