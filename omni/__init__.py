@@ -33,5 +33,5 @@ __all__ = [
     "OUTPUT_SAMPLE_RATE", "OmniChunk", "OmniEngine", "OmniError", "OmniResult", "Overrides", "PAD_T",
     "PCM_SAMPLE_WIDTH", "PCM_SCALE", "SAMPLES_PER_FRAME", "SnacCodec", "Step", "Task", "fit_image",
     "frames_to_codes", "frames_to_streams", "load_audio", "prompt_length", "resolve_device", "snac_dir",
-    "streams_to_frames", "sweep_stale_temp_dirs", "to_streams"
+    "streams_to_frames", "sweep_stale_temp_dirs", "to_streams",
 ]
