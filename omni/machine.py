@@ -47,10 +47,14 @@ def has_vnni() -> bool:
     return any(f in cpu_info()["flags"] for f in VNNI_FLAGS)
 
 
+def onednn_bf16() -> bool:
+    """Whether this torch build's oneDNN runs bf16 products on this CPU at all (it refuses on AVX2-only CPUs)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def has_bf16() -> bool:
     """Whether bf16 products run on the CPU's own bf16 units (AVX512-BF16 or AMX) through oneDNN."""
-    return (any(f in cpu_info()["flags"] for f in BF16_FLAGS) and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return any(f in cpu_info()["flags"] for f in BF16_FLAGS) and onednn_bf16()
 
 
 def user_cache_root() -> Path:

