@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from serving.realtime.protocol import API_RATE
+from serving.realtime.wire import API_RATE
 from webui.realtime_client import Conversation, RealtimeConnection, realtime_url, session_update
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from omni_engine import OmniChunk
 from serving.realtime.protocol import BETA, GA
-from serving.realtime import JobChunk, JobEnd, RealtimeSession
+from serving.realtime.jobs import JobChunk, JobEnd
+from serving.realtime.session import RealtimeSession
 
 RATE = 24000
 
@@ -123,7 +124,7 @@ def test_without_create_response_a_turn_is_only_committed(runner):
 
 
 def test_cancel_flag_counts_steps_past_the_cancel():
-    from serving.realtime import CancelFlag
+    from serving.realtime.jobs import CancelFlag
     flag = CancelFlag()
     assert not flag() and not flag()  # two decode steps start
     flag.set("client_cancelled")

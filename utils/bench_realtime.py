@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omni import PCM_SAMPLE_WIDTH
-from serving.realtime.protocol import API_RATE
+from serving.realtime.wire import API_RATE
 from utils.audio_io import read_wav
 from voice.signal import Resampler, float_to_pcm
 

@@ -13,7 +13,7 @@ import threading
 
 import av
 
-from serving.realtime.protocol import API_RATE
+from serving.realtime.wire import API_RATE
 from webui.realtime_client import Conversation, Playback, RealtimeConnection, TurnView, View, append_event
 
 JPEG_QUALITY = 85

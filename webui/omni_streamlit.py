@@ -192,7 +192,7 @@ class HandsFree:
     def render(self) -> None:
         from streamlit_webrtc import (WebRtcMode, create_audio_sink_track, create_pcm_audio_source_track,
                                       create_video_sink_track, webrtc_streamer)
-        from serving.realtime.protocol import API_RATE
+        from serving.realtime.wire import API_RATE
 
         st, relay = self.st, self.relay
         playback = create_pcm_audio_source_track(key="answer", sample_rate=API_RATE)

@@ -22,8 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from omni import PCM_SAMPLE_WIDTH
-from serving.realtime.protocol import API_RATE, beta_name
+from serving.realtime.wire import API_RATE, PCM16_WIDTH, beta_name
 
 BETA_HEADERS = {"OpenAI-Beta": "realtime=v1"}
 CONNECT_TIMEOUT_S = 5
@@ -218,7 +217,7 @@ class Conversation:
             return  # the tail of an answer the user spoke over
         pcm = base64.b64decode(event.get("delta", ""))
         self.playback.push(pcm)
-        now, seconds = self.clock(), len(pcm) / PCM_SAMPLE_WIDTH / API_RATE
+        now, seconds = self.clock(), len(pcm) / PCM16_WIDTH / API_RATE
         answer = self._answer
         answer.pushed_s += seconds
         answer.play_until = max(now, answer.play_until) + seconds

@@ -15,25 +15,16 @@ from typing import Any
 
 from omni import OUTPUT_SAMPLE_RATE
 from voice.vad import START_MS, VadConfig
+from .wire import API_RATE, GA_NAMES
 
 BETA, GA = "beta", "ga"
-# Hz: the protocol's pcm16 audio, in and out. The model speaks at this rate too, so its PCM goes out as it is.
-API_RATE = OUTPUT_SAMPLE_RATE
+assert API_RATE == OUTPUT_SAMPLE_RATE, "the model's PCM goes out as it is: it must be at the protocol's rate"
 PCM16 = "pcm16"  # the beta name of that format
 GA_PCM = {"type": "audio/pcm", "rate": API_RATE}  # its GA name
 FORMAT_ERROR = (f"only pcm16 audio is supported: 16-bit little-endian PCM, {API_RATE // 1000} kHz, mono "
                 f"(beta: \"pcm16\"; GA: {{\"type\": \"audio/pcm\", \"rate\": {API_RATE}}})")
 VOICE = "mini-omni"  # the model has one voice; a requested voice is accepted and reported as this
 MAX_OUTPUT_LIMIT = 4096  # the protocol's upper bound for max_output_tokens
-GA_NAMES = {  # beta server event name -> GA name, where they differ
-    "response.audio.delta": "response.output_audio.delta",
-    "response.audio.done": "response.output_audio.done",
-    "response.audio_transcript.delta": "response.output_audio_transcript.delta",
-    "response.audio_transcript.done": "response.output_audio_transcript.done",
-    "response.text.delta": "response.output_text.delta",
-    "response.text.done": "response.output_text.done",
-}
-BETA_NAMES = {ga: beta for beta, ga in GA_NAMES.items()}  # GA server event name -> its beta name
 
 
 class ProtocolError(ValueError):
@@ -188,11 +179,6 @@ def response_options(config: SessionConfig, response: Any, dialect: str) -> tupl
 def event_name(name: str, dialect: str) -> str:
     """A server event's name (beta spelling) as `dialect` spells it."""
     return GA_NAMES.get(name, name) if dialect == GA else name
-
-
-def beta_name(name: str) -> str:
-    """A server event's name in either dialect -> its beta spelling (what a client written for beta reads)."""
-    return BETA_NAMES.get(name, name)
 
 
 def decode_b64(value: str, param: str) -> bytes:
