@@ -1,4 +1,5 @@
-"""The import plan of `omni/`: no circle, no import hidden inside a function, and few floors.
+"""The import plan: within `omni/` no circle, no import hidden inside a function, and few floors; between
+the project's packages, only the imports PLAN allows, in one direction.
 
 A module's floor is 0 if it imports no other `omni` module, else one more than the highest floor it
 imports; so every import goes down. Read from the source with `ast`, without importing anything.
@@ -66,3 +67,41 @@ def test_no_circle_and_every_import_goes_down():
         for dep in deps:
             assert level[dep] < level[name], f"{name} (floor {level[name]}) imports {dep} (floor {level[dep]})"
     assert max(level.values()) <= MAX_FLOOR, sorted(level.items(), key=lambda item: item[1])
+
+
+# The plan between the project's packages and top-level modules: each may import only those it lists.
+ENTRY_POINTS = ("inference", "server", "realtime_vad_player", "demo_snac_token_decode", "bench", "examples")
+PLAN = {
+    "omni": set(),  # the core: nothing of the project
+    "omni_engine": {"omni"},  # the public facade
+    "voice": {"omni"},  # the turn-taking core
+    "serving": {"omni", "voice"},  # the server
+    "webui": {"serving"},  # the pages: clients of the server (its wire facts and security names only)
+    "utils": {"omni", "omni_engine", "voice", "serving"},  # developer tools and the entry points' WAV helper
+    **{name: {"omni", "omni_engine", "voice", "serving", "utils"} for name in ENTRY_POINTS},
+}
+
+
+def project_imports() -> dict[str, set[str]]:
+    """Per package (or top-level module): the other packages and top-level modules of the project it imports."""
+    root = PACKAGE.parent
+    out: dict[str, set[str]] = {name: set() for name in PLAN}
+    for name in PLAN:
+        paths = [root / f"{name}.py"] if (root / f"{name}.py").is_file() else list((root / name).rglob("*.py"))
+        for path in paths:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    out[name].add(node.module.split(".")[0])
+                elif isinstance(node, ast.Import):
+                    out[name].update(alias.name.split(".")[0] for alias in node.names)
+        out[name] = (out[name] & set(PLAN)) - {name}
+    return out
+
+
+def test_packages_import_only_what_the_plan_allows():
+    found = project_imports()
+    assert {name: deps - PLAN[name] for name, deps in found.items() if deps - PLAN[name]} == {}
+
+
+def test_the_plan_has_no_circle():
+    floors({name: deps for name, deps in PLAN.items()})
