@@ -37,9 +37,11 @@ SNAC_WEIGHTS = "pytorch_model.bin"
 # torch's two spellings of a weight-normed weight: legacy hooks and parametrizations.
 LEGACY_NORM_KEYS = ("weight_g", "weight_v")
 PARAM_NORM_KEYS = ("parametrizations.weight.original0", "parametrizations.weight.original1")
-# Frames of codes the gapless stream waits for past a chunk's last sample. SNAC's decoder needs 2.32
-# frames (4757 samples) for exact audio; the last 661 samples before each join are previewed instead,
-# within -78 dB of the final audio on the tiny checkpoint (docs/joins.png, utils/bench_codec.py).
+# Frames of codes the gapless stream waits for past the first chunk's last sample. SNAC's decoder needs
+# 2.32 frames (4757 samples) for exact audio; the first chunk's last 661 samples are previewed instead
+# (within -78 dB of the final audio), so first audio leaves a decode step sooner. Later chunks wait for
+# the exact look-ahead: previewing at every join costs +49% SNAC compute at stride 4 on the full-size
+# decoder, exact joins cost no more than the official chunks (utils/bench_codec.py, docs/performance.md).
 LOOKAHEAD_FRAMES = 2
 
 Frame = tuple[int, ...]  # 7 local audio codes
@@ -225,8 +227,9 @@ class SnacCodec:
             joins: "gapless" (one decode of the whole answer, streamed) or "official" (each chunk alone).
             noise_seed: seeds SNAC's noise (official: seed, seed + 1, ... per chunk); None draws from torch's
                 global RNG. noise: False leaves SNAC's noise blocks out (for measuring).
-            lookahead: gapless only: frames of codes waited for past a chunk's end; None waits for all the
-                decoder needs (exact audio, 2.32 frames for SNAC 24 kHz).
+            lookahead: gapless only: frames of codes waited for past the first chunk's end (its last samples
+                previewed); None waits for all the decoder needs (2.32 frames for SNAC 24 kHz), as every
+                later chunk does, so all audio after the first chunk is exact.
         """
         if joins not in JOINS:
             raise ValueError(f"joins must be one of {JOINS}, got {joins!r}")
@@ -255,9 +258,9 @@ class OfficialStream:
 
 
 class GaplessStream:
-    """One decode of the whole answer, streamed: a chunk of `stride` frames' audio leaves once the frames
-    `lookahead` past its end are in; its last samples, whose context is still short of what the decoder
-    needs, are previewed (`StreamingDecoder.step`), and everything else is final."""
+    """One decode of the whole answer, streamed. The first chunk leaves once the frames `lookahead` past
+    its end are in, its last samples (whose context is still short of what the decoder needs) previewed
+    (`StreamingDecoder.step`); every later chunk waits for the decoder's whole look-ahead and is final."""
 
     def __init__(self, codec: SnacCodec, stride: int, first_stride: int | None, noise_seed: int | None,
                  noise: bool, lookahead: int | None) -> None:
@@ -265,7 +268,7 @@ class GaplessStream:
         self.stride, self.first_stride = stride, first_stride or stride
         generator = torch.Generator(codec.device).manual_seed(noise_seed) if noise_seed is not None else None
         self.state: DecoderState = self.decoder.new_state(noise, generator)
-        self.wait = self.decoder.lookahead if lookahead is None else lookahead * SAMPLES_PER_FRAME
+        self.first_wait = self.decoder.lookahead if lookahead is None else lookahead * SAMPLES_PER_FRAME
         self.frames = FrameScheduler(1)  # hands out each frame as soon as it is complete
         self.pending: list[Frame] = []
         self.complete = 0  # frames in
@@ -276,9 +279,9 @@ class GaplessStream:
         new = self.frames.push(audio)
         self.pending += new
         self.complete += len(new)
-        due = self.first_stride if self.sent == 0 else self.stride
+        due, wait = (self.first_stride, self.first_wait) if self.sent == 0 else (self.stride, self.decoder.lookahead)
         target = self.sent + due * SAMPLES_PER_FRAME
-        if self.complete * SAMPLES_PER_FRAME - self.wait < target:
+        if self.complete * SAMPLES_PER_FRAME - wait < target:
             return b""
         return self._emit(target, end=False)
 

@@ -76,8 +76,8 @@ class OverlapStream:
 DECODERS = {  # name -> (look-ahead in frames, a function making the stream)
     "official (each chunk alone)": (0, lambda c, s, noise: c.stream(s, joins="official", noise=noise)),
     f"overlap windows ({OVERLAP_FRAMES}+{OVERLAP_FRAMES} frames)": (OVERLAP_FRAMES, OverlapStream),
-    f"gapless (look-ahead {LOOKAHEAD_FRAMES})": (LOOKAHEAD_FRAMES, lambda c, s, noise: c.stream(s, noise=noise)),
-    "gapless exact": (None, lambda c, s, noise: c.stream(s, noise=noise, lookahead=None)),
+    f"gapless (default, 1st: {LOOKAHEAD_FRAMES})": (LOOKAHEAD_FRAMES, lambda c, s, noise: c.stream(s, noise=noise)),
+    "gapless, all exact": (None, lambda c, s, noise: c.stream(s, noise=noise, lookahead=None)),
 }
 
 
