@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 
-from omni import DEFAULT_MAX_BATCH, sweep_stale_temp_dirs
+from omni import DEFAULT_MAX_BATCH, DEFAULT_MODE, MODE_NAMES, sweep_stale_temp_dirs
 from omni_engine import MODE_HELP
 from serving.app import DEFAULT_MAX_BYTES, create_app
 from serving.asgi import WsgiBridge, combine
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     p.add_argument("--port", type=int, default=60808)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--mode", default="exact", choices=["exact", "fast", "baseline"], help=MODE_HELP)
+    p.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES, help=MODE_HELP)
     p.add_argument("--max-batch", type=int, default=None,
                    help=f"requests decoded together in one batch (default: {DEFAULT_MAX_BATCH['cpu']} on CPU, "
                         f"{DEFAULT_MAX_BATCH['cuda']} on a GPU)")

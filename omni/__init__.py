@@ -4,7 +4,7 @@ This is the surface the entry points, `serving/` and `voice/` use; the submodule
 """
 from .audio import (
     CHUNK_SECONDS, OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, PCM_SCALE, SAMPLE_RATE as INPUT_SAMPLE_RATE, load_audio,
-    sweep_stale_temp_dirs,
+    float_to_pcm, pcm_to_float, sweep_stale_temp_dirs,
 )
 from .checkpoint import HUB_REPOS, snac_dir
 from .codec import (
@@ -31,7 +31,7 @@ __all__ = [
     "DEFAULT_TOP_K", "DEFAULT_TOP_P", "EOA", "EOT", "FAMILIES", "Frame", "GenerationConfig", "INPUT_SAMPLE_RATE",
     "ImageInputError", "LEVEL_OF_SLOT", "MODE_NAMES", "N_AUDIO_LAYERS", "N_LEVELS", "OFFICIAL_JOINS",
     "OUTPUT_SAMPLE_RATE", "OmniChunk", "OmniEngine", "OmniError", "OmniResult", "Overrides", "PAD_T",
-    "PCM_SAMPLE_WIDTH", "PCM_SCALE", "SAMPLES_PER_FRAME", "SnacCodec", "Step", "Task", "fit_image",
-    "frames_to_codes", "frames_to_streams", "load_audio", "prompt_length", "resolve_device", "snac_dir",
+    "PCM_SAMPLE_WIDTH", "PCM_SCALE", "SAMPLES_PER_FRAME", "SnacCodec", "Step", "Task", "fit_image", "float_to_pcm",
+    "frames_to_codes", "frames_to_streams", "load_audio", "pcm_to_float", "prompt_length", "resolve_device", "snac_dir",
     "streams_to_frames", "sweep_stale_temp_dirs", "to_streams",
 ]

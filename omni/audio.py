@@ -21,7 +21,6 @@ SAMPLE_RATE = 16000  # Whisper's input rate (Hz): every question is decoded to t
 OUTPUT_SAMPLE_RATE = 24000  # the answer's rate (Hz): SNAC's 24 kHz model
 PCM_SAMPLE_WIDTH = 2  # bytes per sample of int16 PCM, the answer's format
 PCM_SCALE = 32768.0  # int16 full scale: float samples in [-1, 1) times this
-INT16_MAX, INT16_MIN = 32767, -32768
 N_FFT = 400  # 25 ms analysis window
 HOP_LENGTH = 160  # 10 ms hop -> 100 mel frames per second
 N_MELS = 80
@@ -47,6 +46,17 @@ ERROR_CHARS = 200  # longest decoder message passed on
 
 AudioSource = str | Path | bytes | np.ndarray
 
+
+
+def pcm_to_float(pcm: bytes | np.ndarray) -> np.ndarray:
+    """int16 PCM (LE bytes, or an array of integer samples) -> float32 samples in [-1, 1)."""
+    samples = np.frombuffer(pcm, dtype="<i2") if isinstance(pcm, (bytes, bytearray, memoryview)) else pcm
+    return samples.astype(np.float32) / PCM_SCALE
+
+
+def float_to_pcm(samples: np.ndarray) -> bytes:
+    """float samples -> int16 LE bytes, clipped to [-1, 1) first (the official code lets +-1.0 wrap around)."""
+    return (np.clip(samples, -1.0, 1.0 - 1.0 / PCM_SCALE) * PCM_SCALE).astype("<i2").tobytes()
 
 def _ffmpeg() -> str:
     exe = shutil.which("ffmpeg")
@@ -120,7 +130,7 @@ def _run_ffmpeg(input_args: list[str], stdin: bytes | None, tmp: str, what: str,
     check = np.fromfile(check_path, np.float32)
     if not np.isfinite(check).all():
         raise AudioInputError(f"found NaN or infinite samples in {what}")
-    return np.frombuffer(out, np.int16).astype(np.float32) / PCM_SCALE
+    return pcm_to_float(out)
 
 
 def _from_array(samples: np.ndarray, sample_rate: int | None, timeout_s: float) -> np.ndarray:
@@ -134,7 +144,7 @@ def _from_array(samples: np.ndarray, sample_rate: int | None, timeout_s: float) 
     if samples.dtype.kind not in "iuf":
         raise AudioInputError(f"audio array must hold integer or float samples, got dtype {samples.dtype}")
     if samples.dtype.kind in "iu":  # int16 PCM
-        samples = samples.astype(np.float32) / PCM_SCALE
+        samples = pcm_to_float(samples)
     if samples.ndim == 2:  # (N, channels) -> mono
         samples = samples.mean(axis=1)
     if samples.ndim != 1:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from .audio import INT16_MAX, INT16_MIN, OUTPUT_SAMPLE_RATE, PCM_SCALE
+from .audio import OUTPUT_SAMPLE_RATE, float_to_pcm
 from .errors import CheckpointError
 from .sampling import GAPLESS_JOINS, JOINS, OFFICIAL_JOINS
 from .snac_stream import DecoderState, StreamingDecoder
@@ -108,11 +108,6 @@ class FrameScheduler:
         frames = streams_to_frames(self.streams)[self.emitted:]
         self.emitted += len(frames)
         return frames
-
-
-def pcm_from_wave(wave: np.ndarray) -> bytes:
-    """float waveform -> int16 LE bytes; clipped, where the official code lets +-1.0 wrap around."""
-    return np.clip(wave.astype(np.float64) * PCM_SCALE, INT16_MIN, INT16_MAX).astype("<i2").tobytes()
 
 
 def _remap_weight_norm(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
@@ -205,7 +200,7 @@ class SnacCodec:
             return b""
         with seeded_rng(noise_seed, self.device):
             wave = self.model.decode(self.codes(frames)) if noise else self._decode_quiet(self.codes(frames))
-        return pcm_from_wave(wave.reshape(-1).float().cpu().numpy())
+        return float_to_pcm(wave.reshape(-1).float().cpu().numpy())
 
     def _decode_quiet(self, codes: list[torch.Tensor]) -> torch.Tensor:
         """SNAC's decode, layer by layer, without its noise blocks: `(1, 1, samples)`."""
@@ -303,7 +298,7 @@ class GaplessStream:
         assert audio.numel() >= count, f"{audio.numel()} samples decoded for a chunk of {count}"
         self.final = known[count:]
         self.sent += count
-        return pcm_from_wave(audio[:count].float().cpu().numpy())
+        return float_to_pcm(audio[:count].float().cpu().numpy())
 
 
 AnswerAudio = OfficialStream | GaplessStream  # what `SnacCodec.stream` returns

@@ -15,12 +15,12 @@ import torch
 from tokenizers import Tokenizer
 
 from .audio import (
-    N_SAMPLES, SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel, pad_or_trim, trimmed_length,
+    N_SAMPLES, SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel, pad_or_trim, pcm_to_float, trimmed_length,
 )
 from .batch import Job, Scheduler, Setup
 from .checkpoint import TOKENIZER_FILE, clip_path, ensure_checkpoint, load_lm, snac_dir, whisper_path
 from .clip import VisionTower, load_vision_tower
-from .codec import OUTPUT_SAMPLE_RATE, PCM_SCALE, AnswerAudio, Frame, SnacCodec
+from .codec import OUTPUT_SAMPLE_RATE, AnswerAudio, Frame, SnacCodec
 from .config import CONFIG_FILE, ModelConfig
 from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError
@@ -87,7 +87,7 @@ class OmniResult:
 
     @property
     def wave(self) -> np.ndarray:
-        return np.frombuffer(self.pcm, dtype="<i2").astype(np.float32) / PCM_SCALE
+        return pcm_to_float(self.pcm)
 
 
 class OmniEngine:

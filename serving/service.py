@@ -178,7 +178,7 @@ class EngineService:
                                        "restart the server", retry=False)
         raise Refused(f"the model is {self.status}")
 
-    def admit(self) -> Turn:
+    def admit(self) -> Admission:
         """A place in the queue and a fresh record, or `Refused`. The request's time counts from here."""
         self.check_ready()
         ticket = self.queue.enter()
@@ -187,7 +187,7 @@ class EngineService:
             raise Refused(f"the server is busy ({self.queue.max_waiting} requests already waiting)")
         self.metrics.in_flight.inc()
         self.metrics.queue_depth.set(self.queue.depth)
-        return Turn(self, ticket, self._new_record())
+        return Admission(self, ticket, self._new_record())
 
     def on_engine_thread(self, call: Callable[..., T], *args: object) -> T:
         """Run `call(*args)` on the engine's thread and return its result."""
@@ -213,7 +213,7 @@ class EngineService:
         return record
 
 
-class Turn:
+class Admission:
     """One admitted request, from admission until `finish()`: its place in the queue and its record."""
 
     def __init__(self, service: EngineService, ticket: object, record: Record) -> None:

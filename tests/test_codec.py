@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
+from omni.audio import float_to_pcm
 from omni.codec import (
-    FrameScheduler, SnacCodec, codes_to_frames, frames_to_codes, frames_to_streams, pcm_from_wave, streams_to_frames,
+    FrameScheduler, SnacCodec, codes_to_frames, frames_to_codes, frames_to_streams, streams_to_frames,
 )
 from omni.checkpoint import SNAC_DIR
 from omni.tokens import EOA
@@ -58,7 +59,7 @@ def test_a_smaller_first_chunk_starts_sooner():
 
 
 def test_pcm_clips_instead_of_wrapping():
-    pcm = np.frombuffer(pcm_from_wave(np.array([1.0, -1.0, 0.5, 2.0])), "<i2")
+    pcm = np.frombuffer(float_to_pcm(np.array([1.0, -1.0, 0.5, 2.0])), "<i2")
     assert pcm.tolist() == [32767, -32768, 16384, 32767]
 
 

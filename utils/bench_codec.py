@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni.audio import OUTPUT_SAMPLE_RATE
+from omni.audio import OUTPUT_SAMPLE_RATE, pcm_to_float
 from omni.checkpoint import SNAC_DIR
 from omni.codec import LOOKAHEAD_FRAMES, SAMPLES_PER_FRAME, FrameScheduler, SnacCodec, streams_to_frames
 
@@ -104,12 +104,12 @@ def measure(codec: SnacCodec, stride: int = DEFAULT_STRIDE, rounds: int = DEFAUL
     """One row per decoder (see the module's docstring)."""
     steps = answer_steps()
     frames = streams_to_frames([list(s) for s in zip(*steps)])
-    whole = np.frombuffer(codec.decode(frames, noise=False), "<i2").astype(np.float64)
+    whole = pcm_to_float(codec.decode(frames, noise=False)).astype(np.float64)
     seconds = len(frames) * SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE
     rows = []
     for name, (lookahead, make) in DECODERS.items():
         chunks, _, first = run(make(codec, stride, False), steps)
-        got = np.frombuffer(b"".join(chunks), "<i2").astype(np.float64)
+        got = pcm_to_float(b"".join(chunks)).astype(np.float64)
         near = join_window(np.cumsum([len(c) // 2 for c in chunks])[:-1], got.size)
         rows.append({"decoder": name, "snr_db": snr_db(got, whole), "snr_joins_db": snr_db(got[near], whole[near]),
                      "lookahead_frames": lookahead if lookahead is not None

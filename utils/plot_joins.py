@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from omni.audio import OUTPUT_SAMPLE_RATE
+from omni.audio import OUTPUT_SAMPLE_RATE, pcm_to_float
 from omni.checkpoint import SNAC_DIR
 from omni.codec import SAMPLES_PER_FRAME, SnacCodec, streams_to_frames
 from utils.bench_codec import answer_steps, join_window, snr_db
@@ -43,7 +43,7 @@ def decode_all(codec: SnacCodec) -> dict[str, np.ndarray]:
     for joins in ("official", "gapless"):
         stream = codec.stream(STRIDE, joins=joins, noise=False)
         out[joins] = b"".join([stream.push(step) for step in steps] + [stream.flush()])
-    return {name: np.frombuffer(pcm, "<i2").astype(np.float64) / 32768 for name, pcm in out.items()}
+    return {name: pcm_to_float(pcm).astype(np.float64) for name, pcm in out.items()}
 
 
 def draw(audio: dict[str, np.ndarray], out: Path, label: str) -> None:

@@ -1,7 +1,7 @@
 """Sample rates, the frame the loop works in, the pcm <-> float pair, and a streaming resampler (pure numpy).
 
-`pcm_to_float` / `float_to_pcm` are the one conversion between int16 PCM bytes and float samples outside
-`omni/`: the voice loop, the Realtime server, the WAV helpers and the tools all use them.
+`pcm_to_float` / `float_to_pcm` are `omni`'s one conversion between int16 PCM bytes and float samples,
+here beside the rates for the voice loop, the Realtime server, the WAV helpers and the tools.
 """
 from __future__ import annotations
 
@@ -9,23 +9,13 @@ from math import gcd
 
 import numpy as np
 
-from omni import INPUT_SAMPLE_RATE, PCM_SCALE
+from omni import INPUT_SAMPLE_RATE, float_to_pcm, pcm_to_float  # the one pcm<->float pair, for the loop's users
 
 MIC_RATE = INPUT_SAMPLE_RATE  # Hz: what the microphone delivers and Silero VAD and the engine read
 FRAME_SAMPLES = 512  # samples per loop frame: Silero's window at 16 kHz
 FRAME_SECONDS = FRAME_SAMPLES / MIC_RATE  # 32 ms
 RESAMPLE_ZEROS = 16  # sinc zero crossings on each side of the low-pass kernel
 RESAMPLE_CUTOFF = 0.9  # pass band as a fraction of the lower Nyquist frequency
-
-
-def pcm_to_float(pcm: bytes) -> np.ndarray:
-    """int16 LE bytes -> float32 samples in [-1, 1)."""
-    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / PCM_SCALE
-
-
-def float_to_pcm(samples: np.ndarray) -> bytes:
-    """float samples in [-1, 1] -> int16 LE bytes (clipped)."""
-    return (np.clip(samples, -1.0, 1.0 - 1.0 / PCM_SCALE) * PCM_SCALE).astype("<i2").tobytes()
 
 
 def db_to_gain(db: float) -> float:

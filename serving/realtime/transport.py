@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from omni import INPUT_SAMPLE_RATE, GenerationConfig, OmniChunk, Task, prompt_length
 from ..asgi import Receive, Scope, Send, send_json, wsgi_environ
 from ..formats import Summary
-from ..service import EngineService, Refused, Turn
+from ..service import Admission, EngineService, Refused
 from .jobs import Job, JobChunk, JobEnd
 from .protocol import BETA, GA
 from .session import RealtimeSession
@@ -94,7 +94,8 @@ class ServiceRunner:
             job.audio, text=job.text, task=Task(job.task), image=job.image, cancel=job.cancel,
             sample_rate=INPUT_SAMPLE_RATE if job.audio is not None else None, max_tokens=max_tokens)
 
-    def _run_answer(self, job: Job, turn: Turn, chunks: Iterator[OmniChunk], prompt: int, max_tokens: int) -> JobEnd:
+    def _run_answer(self, job: Job, turn: Admission, chunks: Iterator[OmniChunk], prompt: int,
+                    max_tokens: int) -> JobEnd:
         steps, text, status, error = 0, "", "cancelled", None
         for event in turn.answer(chunks, job.cancel.is_set):
             if isinstance(event, OmniChunk):
