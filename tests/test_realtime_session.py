@@ -161,3 +161,55 @@ def test_bad_events(runner, event, code):
     session = make(runner)
     out = session.handle({**event, "event_id": "evt_1"})
     assert types(out) == ["error"] and out[0]["error"]["code"] == code and out[0]["error"]["event_id"] == "evt_1"
+
+
+MALFORMED = [  # (dialect, event, the field the error names)
+    (BETA, {"type": "session.update", "session": {"modalities": [["audio"]]}}, "session.modalities"),
+    (GA, {"type": "session.update", "session": {"output_modalities": [{"a": 1}]}}, "session.output_modalities"),
+    (GA, {"type": "response.create", "response": {"output_modalities": [["audio"]]}}, "response.output_modalities"),
+    (BETA, {"type": "response.create", "response": {"modalities": [{}]}}, "response.modalities"),
+    (GA, {"type": "session.update", "session": {"audio": "pcm16"}}, "session.audio"),
+    (GA, {"type": "session.update", "session": {"audio": {"input": 7}}}, "session.audio.input"),
+    (GA, {"type": "session.update", "session": {"audio": {"output": [1]}}}, "session.audio.output"),
+]
+
+
+@pytest.mark.parametrize("dialect, event, param", MALFORMED)
+def test_malformed_fields_get_an_error_naming_them(runner, dialect, event, param):
+    session = make(runner, dialect)
+    out = session.receive(json.dumps({**event, "event_id": "evt_7"}))
+    assert types(out) == ["error"] and out[0]["error"]["param"] == param, out
+    assert param in out[0]["error"]["message"] and out[0]["error"]["event_id"] == "evt_7"
+    assert types(session.receive(json.dumps({"type": "session.update", "session": {}}))) == ["session.updated"]
+
+
+def test_deep_nesting_and_nan_get_an_error(runner):
+    session = make(runner)
+    deep = '{"type": "session.update", "session": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert [e["error"]["code"] for e in session.receive(deep)] == ["invalid_json"]
+    out = session.receive('{"type": "response.cancel", "event_id": NaN}')
+    assert out[0]["error"]["code"] == "invalid_json" and "NaN" in out[0]["error"]["message"]
+    json.dumps(out, allow_nan=False)
+
+
+@pytest.mark.parametrize("event_id", [1.5, 7, {"a": 1}, ["x"], None, "e" * 513])
+def test_only_a_short_string_event_id_is_echoed(runner, event_id):
+    out = make(runner).handle({"type": "response.cancel", "event_id": event_id})
+    assert out[0]["error"]["code"] == "response_cancel_not_active" and out[0]["error"]["event_id"] is None
+
+
+def test_an_unexpected_exception_in_a_handler_is_an_error_and_the_session_goes_on(runner, monkeypatch):
+    session = make(runner)
+
+    def broken(event):
+        raise AttributeError("'int' object has no attribute 'get'")
+    monkeypatch.setitem(session._handlers, "conversation.item.retrieve", broken)
+    out = session.handle({"type": "conversation.item.retrieve", "event_id": "evt_9"})
+    assert out[0]["error"]["code"] == "invalid_event" and "AttributeError" in out[0]["error"]["message"]
+    assert out[0]["error"]["event_id"] == "evt_9"
+    assert types(session.handle({"type": "input_audio_buffer.clear"})) == ["input_audio_buffer.cleared"]
+
+
+def test_error_messages_are_bounded(runner):
+    out = make(runner).handle({"type": "x" * 100_000})
+    assert len(out[0]["error"]["message"]) < 2000

@@ -10,6 +10,9 @@ from typing import Any
 from .jobs import Job, Metrics, Runner
 from .protocol import SessionConfig, event_name, render_session
 
+MAX_EVENT_ID_CHARS = 512  # a client's event_id is echoed in its error only when it is a string this short
+MAX_MESSAGE_CHARS = 1000  # an error's message is cut here: it may quote what the client sent
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
@@ -34,7 +37,12 @@ class Context:
         return {"type": event_name(name, self.dialect), "event_id": new_id("event"), **fields}
 
     def error(self, message: str, code: str, param: str | None = None, event: dict | None = None) -> dict:
+        """An `error` event; the client's event_id is echoed only when the protocol's schema allows it (a string)."""
         client_event_id = event.get("event_id") if isinstance(event, dict) else None
+        if not isinstance(client_event_id, str) or len(client_event_id) > MAX_EVENT_ID_CHARS:
+            client_event_id = None
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "..."
         return self.event("error", error={"type": "invalid_request_error", "code": code, "message": message,
                                           "param": param, "event_id": client_event_id})
 

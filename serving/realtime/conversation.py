@@ -143,6 +143,8 @@ class Conversation:
             raise ProtocolError("only assistant audio can be truncated", param="item_id")
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             raise ProtocolError("audio_end_ms must be an integer >= 0", param="audio_end_ms")
+        if event.get("content_index", 0) != 0:  # the event echoes a literal 0, never what the client sent
+            raise ProtocolError("content_index must be 0: an answer has one content part", param="content_index")
         if ms > item.audio_ms:
             raise ProtocolError(f"audio_end_ms {ms} is beyond the item's {item.audio_ms} ms of audio",
                                 param="audio_end_ms")
@@ -150,7 +152,7 @@ class Conversation:
         if self.ctx.metrics:
             self.ctx.metrics.truncated()
         return [self.ctx.event("conversation.item.truncated", item_id=item.id,
-                               content_index=event.get("content_index", 0), audio_end_ms=ms)]
+                               content_index=0, audio_end_ms=ms)]
 
     def delete(self, event: dict) -> list[dict]:
         item = self._find(event.get("item_id"))

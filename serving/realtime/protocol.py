@@ -85,7 +85,7 @@ def _max_tokens(value: Any, param: str) -> int | None:
 
 def _modalities(value: Any, param: str) -> bool:
     """Whether the answer is spoken: any list with "audio" (beta ["text", "audio"], GA ["audio"])."""
-    if not isinstance(value, list) or not value or not set(value) <= {"text", "audio"}:
+    if not isinstance(value, list) or not value or not all(v in ("text", "audio") for v in value):
         raise ProtocolError(f"{param} must be [\"audio\"], [\"text\"] or [\"text\", \"audio\"], got {value!r}",
                             param=param)
     return "audio" in value
@@ -119,6 +119,15 @@ def _turn_detection(value: Any, current: TurnDetection | None, param: str) -> Tu
     return replace(td, threshold=float(threshold), **fields)
 
 
+def _object(value: Any, param: str) -> dict:
+    """An optional object field: absent or null is empty; anything else but an object is refused, naming it."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{param} must be an object, got {type(value).__name__}", param=param)
+    return value
+
+
 def update_session(config: SessionConfig, session: Any, dialect: str) -> SessionConfig:
     """`session.update`'s `session` object applied to `config`; ProtocolError names a bad field."""
     if not isinstance(session, dict):
@@ -146,8 +155,9 @@ def _update_ga(config: SessionConfig, session: dict) -> SessionConfig:
     if session.get("type", "realtime") != "realtime":
         raise ProtocolError(f"only realtime sessions are served, not {session.get('type')!r}", param="session.type")
     new = config
-    audio = session.get("audio") or {}
-    audio_in, audio_out = audio.get("input") or {}, audio.get("output") or {}
+    audio = _object(session.get("audio"), "session.audio")
+    audio_in = _object(audio.get("input"), "session.audio.input")
+    audio_out = _object(audio.get("output"), "session.audio.output")
     for part, param in ((audio_in, "session.audio.input.format"), (audio_out, "session.audio.output.format")):
         if "format" in part:
             _check_format(part["format"], param)

@@ -25,6 +25,7 @@ with usage).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 
@@ -36,6 +37,13 @@ from .input import InputBuffer
 from .jobs import JobChunk, JobEnd, Metrics, Runner
 from .protocol import BETA, GA, ProtocolError, update_session
 from .responses import Responses
+
+log = logging.getLogger("omni.realtime")
+
+
+def _not_json(constant: str) -> float:
+    """json.loads accepts NaN and Infinity; the protocol's JSON does not (a browser's JSON.parse throws on them)."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 class RealtimeSession:
@@ -71,7 +79,10 @@ class RealtimeSession:
             return [self.ctx.error("binary frames are not part of the protocol: send JSON text events",
                                    "invalid_frame")]
         try:
-            event = json.loads(frame)
+            event = json.loads(frame, parse_constant=_not_json)
+        except RecursionError:  # the same bound as /chat's JSON (serving/parse.py)
+            return [self.ctx.error("the event is nested too deeply (deeper than Python's recursion limit)",
+                                   "invalid_json")]
         except ValueError as e:
             return [self.ctx.error(f"the frame is not valid JSON ({e})", "invalid_json")]
         if not isinstance(event, dict):
@@ -88,6 +99,10 @@ class RealtimeSession:
             return handler(event)
         except ProtocolError as e:
             return [self.ctx.error(e.message, e.code, e.param, event)]
+        except Exception as e:  # the session's one guard: a malformed event no check named; the session goes on
+            log.warning("%s: unexpected %s while handling the event", kind, type(e).__name__, exc_info=e)
+            return [self.ctx.error(f"{kind}: a field has the wrong type or shape ({type(e).__name__}: {e})",
+                                   "invalid_event", None, event)]
 
     def on_job(self, update: JobChunk | JobEnd) -> list[dict]:
         """The engine's progress on a job this session submitted."""

@@ -29,6 +29,7 @@ BETA_HEADER = "realtime=v1"  # OpenAI-Beta header value of the beta protocol
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"  # the same, as a WebSocket subprotocol (browsers)
 SUBPROTOCOL = "realtime"
 DEFAULT_MAX_SESSIONS = 4
+INTERNAL_ERROR = 1011  # WebSocket close code: the server hit an unexpected condition
 
 # The access check: WSGI environ -> (HTTP status, reason) to refuse, or None. server.py plugs in the policy.
 AccessCheck = Callable[[dict], "tuple[int, str] | None"]
@@ -167,15 +168,29 @@ class RealtimeEndpoint:
                                   vad=self.vad_factory(), metrics=self.service.metrics.realtime)
         reader = asyncio.create_task(self._read(receive, inbox))
         try:
-            await self._send(send, session.start())
-            while not isinstance(item := await inbox.get(), _Closed):
-                events = session.receive(item) if isinstance(item, (str, bytes)) else session.on_job(item)
-                if not await self._send(send, events):
-                    break
+            await self._pump(session, inbox, send)
+        except Exception:  # a bug in the server, not in the client's events (the session answers those)
+            log.exception("realtime session %s failed", session.ctx.id)
+            await self._close(send, INTERNAL_ERROR, "internal server error")
         finally:
             session.close()  # the engine stops this session's answer within one decode step
             runner.close()
             reader.cancel()
+
+    async def _pump(self, session: RealtimeSession, inbox: asyncio.Queue, send: Send) -> None:
+        """Client frames and the engine's progress into the session, its events out, until the client leaves."""
+        await self._send(send, session.start())
+        while not isinstance(item := await inbox.get(), _Closed):
+            events = session.receive(item) if isinstance(item, (str, bytes)) else session.on_job(item)
+            if not await self._send(send, events):
+                return
+
+    @staticmethod
+    async def _close(send: Send, code: int, reason: str) -> None:
+        try:
+            await send({"type": "websocket.close", "code": code, "reason": reason})
+        except (OSError, RuntimeError):  # already closed
+            pass
 
     @staticmethod
     async def _read(receive: Receive, inbox: asyncio.Queue) -> None:
@@ -189,11 +204,12 @@ class RealtimeEndpoint:
     @staticmethod
     async def _send(send: Send, events: list[dict]) -> bool:
         """False once the client has gone."""
-        try:
-            for event in events:
-                await send({"type": "websocket.send", "text": json.dumps(event)})
-        except (OSError, RuntimeError):  # the socket closed under us (uvicorn raises ClientDisconnected)
-            return False
+        for event in events:
+            text = json.dumps(event, allow_nan=False)  # a frame a browser's JSON.parse reads, or a server bug
+            try:
+                await send({"type": "websocket.send", "text": text})
+            except (OSError, RuntimeError):  # the socket closed under us (uvicorn raises ClientDisconnected)
+                return False
         return True
 
 
