@@ -213,3 +213,25 @@ def test_an_unexpected_exception_in_a_handler_is_an_error_and_the_session_goes_o
 def test_error_messages_are_bounded(runner):
     out = make(runner).handle({"type": "x" * 100_000})
     assert len(out[0]["error"]["message"]) < 2000
+
+
+@pytest.mark.parametrize("keep_older", [False, True])
+def test_a_pending_turn_whose_question_was_deleted_is_not_answered(runner, keep_older):
+    session = make(runner)
+    append(session, tone(1.0) + quiet(1.0))
+    first = runner.jobs[-1]
+    events = append(session, tone(1.0) + quiet(1.0))  # barge-in; the new turn waits as pending
+    assert first.cancel.is_set() and len(runner.jobs) == 1
+    pending = next(e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed")
+    users = [i.id for i in session.conversation.items.values() if i.role == "user"]
+    # an older user message left in place must not be answered in the pending turn's stead
+    for item_id in [pending] if keep_older else users:
+        assert types(session.handle({"type": "conversation.item.delete", "item_id": item_id})) == \
+            ["conversation.item.deleted"]
+    out = session.on_job(JobEnd(first.key, "cancelled", steps=3, prompt_tokens=40))
+    assert out[types(out).index("response.done")]["response"]["status"] == "cancelled"
+    assert types(out)[-1] == "error" and out[-1]["error"]["code"] == "item_not_found", out[-1]
+    assert pending in out[-1]["error"]["message"]
+    assert len(runner.jobs) == 1 and session.responses.current is None  # nothing else answered
+    append(session, tone(1.0) + quiet(1.0))  # the session goes on: the next turn is answered
+    assert len(runner.jobs) == 2 and runner.jobs[-1].task == "A1A2"

@@ -83,10 +83,14 @@ class Conversation:
         return {"id": item.id, "object": "realtime.item", "type": "message", "status": status, "role": item.role,
                 "content": content}
 
-    def question(self) -> tuple[Item, bytes | None]:
-        """The user message a response answers, and the image it is asked about (None: no image)."""
+    def question(self, item_id: str | None = None) -> tuple[Item, bytes | None]:
+        """The user message a response answers (`item_id`, else the latest), and the image it is asked about."""
         items = list(reversed(self.items.values()))
-        question = next((i for i in items if i.role == "user" and i.kind in ("audio", "text")), None)
+        if item_id is not None and item_id not in self.items:  # never an older message in its place
+            raise ProtocolError(f"the turn's question (item {item_id}) was deleted before its answer could start: "
+                                "nothing is answered", "item_not_found", "item_id")
+        question = self.items[item_id] if item_id is not None else \
+            next((i for i in items if i.role == "user" and i.kind in ("audio", "text")), None)
         if question is None:
             raise ProtocolError("there is no user message to answer: commit audio or create a message first",
                                 "no_user_message")

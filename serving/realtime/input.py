@@ -54,7 +54,7 @@ class Items(Protocol):
 
 class Turns(Protocol):
     def speech_started(self) -> list[dict]: ...
-    def speech_stopped(self, speech_end: float) -> list[dict]: ...
+    def speech_stopped(self, item_id: str, speech_end: float) -> list[dict]: ...
     def speech_dropped(self) -> None: ...
 
 
@@ -117,7 +117,7 @@ class InputBuffer:
         out = [self.ctx.event("input_audio_buffer.speech_stopped", audio_end_ms=end_sample // SAMPLES_PER_MS,
                               item_id=item_id)]
         out += self.items.add_audio(item_id, segment.audio)
-        return out + self.turns.speech_stopped(self.ctx.clock())
+        return out + self.turns.speech_stopped(item_id, self.ctx.clock())
 
     def commit(self, event: dict) -> list[dict]:
         if self.segmenter is not None and self.segmenter.speaking:  # commit the speech heard so far

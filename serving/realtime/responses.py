@@ -38,6 +38,7 @@ class Responses:
         self.machine = TurnMachine()
         self.current: Response | None = None
         self.speech_end: float | None = None  # the end of the utterance the machine asks next
+        self.question_id: str | None = None  # that utterance's user item: it is asked, or nothing is
 
     # -- turns (the input buffer's server VAD) --------------------------------------------------------------------
 
@@ -49,12 +50,12 @@ class Responses:
             self._cancel("turn_detected")  # response.done follows once the engine has stopped
         return []
 
-    def speech_stopped(self, speech_end: float) -> list[dict]:
+    def speech_stopped(self, item_id: str, speech_end: float) -> list[dict]:
         """The utterance is a user item now: answer it when the session says so and the floor is free."""
         if not self.ctx.config.turn_detection.create_response:
             self.machine.handle(Event.DROPPED)
             return []
-        self.speech_end = speech_end
+        self.speech_end, self.question_id = speech_end, item_id
         return self._act(self.machine.handle(Event.END_OF_SPEECH))
 
     def speech_dropped(self) -> None:
@@ -65,8 +66,8 @@ class Responses:
             return []
         config = self.ctx.config
         try:
-            return self._start(config.speaks, config.max_output_tokens, self.speech_end)
-        except ProtocolError as e:  # its question was deleted while an earlier answer stopped
+            return self._start(config.speaks, config.max_output_tokens, self.speech_end, self.question_id)
+        except ProtocolError as e:  # its question was deleted while an earlier answer stopped: nothing to answer
             self.machine.handle(Event.FINISHED)
             return [self.ctx.error(e.message, e.code, e.param)]
 
@@ -91,9 +92,11 @@ class Responses:
         """Ask the engine to stop; `response.done` follows once it has (within one decode step)."""
         self.current.job.cancel.set(reason)
 
-    def _start(self, speaks: bool, limit: int | None, speech_end: float | None) -> list[dict]:
+    def _start(self, speaks: bool, limit: int | None, speech_end: float | None,
+               question_id: str | None = None) -> list[dict]:
+        """Answer the user item `question_id` (a spoken turn's), or the latest user message (response.create)."""
         assert self.current is None, self.current.id
-        question, image = self.conversation.question()
+        question, image = self.conversation.question(question_id)
         audio_in = question.kind == "audio"
         task = ("A1" if audio_in else "T1") + ("A2" if speaks else "T2")
         response_id = new_id("resp")
