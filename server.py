@@ -18,7 +18,7 @@ from omni_engine import MODE_HELP
 from serving.app import DEFAULT_MAX_BYTES, create_app
 from serving.asgi import WsgiBridge, combine
 from serving.realtime.transport import DEFAULT_MAX_SESSIONS, RealtimeEndpoint
-from serving.security import ANY_ORIGIN, API_KEY_ENV, AccessPolicy, is_loopback_bind
+from serving.security import ANY_ORIGIN, API_KEY_ENV, AccessPolicy, RedactQuery, is_loopback_bind
 from serving.service import EngineService
 
 THREADS_BESIDE_QUEUE = 3  # /health, /metrics and a spare beside the admitted (running and waiting) requests
@@ -69,6 +69,8 @@ def warn_if_exposed(args: argparse.Namespace, log: logging.Logger) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # every logger's records, uvicorn's included, pass here
+        handler.addFilter(RedactQuery())
     import uvicorn
 
     from omni_engine import OmniEngine

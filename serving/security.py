@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
+import re
 import socket
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -22,6 +24,20 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WEBSOCKET_KEY_PREFIX = "openai-insecure-api-key."  # the key as a WebSocket subprotocol (browser clients)
 KEY_QUERY_PARAMETER = "api_key"  # the key in the URL, for clients that cannot set headers
 API_KEY_ENV = "MINI_OMNI_API_KEY"  # the key from the environment (server and pages) keeps it out of `ps`
+# A query string's values in a log line: uvicorn logs each WebSocket's path with its query, and a key may be
+# given there under any spelling parse_qs decodes (api%5Fkey=...), so every value is blanked, not only api_key's.
+_QUERY_VALUE = re.compile(r"([?&][^=&\s\"']*=)[^&\s\"']*")
+
+
+class RedactQuery(logging.Filter):
+    """Blanks the values of query strings in log records, so no `?api_key=KEY` reaches a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _QUERY_VALUE.sub(r"\1<redacted>", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,208 @@
+"""Hostile clients of `/v1/realtime` on the real server process (tiny checkpoint, loopback): malformed events
+get an `error` and the session goes on, frames sent are strict JSON, a pending turn whose question was deleted
+is not answered, and no API key reaches the server's log."""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+
+import pytest
+
+from tests.http_client import Server
+from tests.test_realtime_api import LONG, b64, question_pcm, silence, speak
+
+websockets_sync = pytest.importorskip("websockets.sync.client")
+websockets_exceptions = pytest.importorskip("websockets.exceptions")
+
+KEY = "guard-key-5f1c9e0a7b"
+WRONG_KEY = "wrong-key-0d3a6b8e2c"
+FUZZ_EVENTS = 150  # mutated events sent by the fuzz loop
+FUZZ_SECONDS = 90  # its time bound: it stops early rather than run long on a loaded machine
+RECV_TIMEOUT_S = 60  # a frame that does not come is a hang, not a slow answer
+GA_ONLY = (  # valid GA client events, the fuzz loop's seeds
+    {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"],
+                                           "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                                                               "turn_detection": {"type": "server_vad"}},
+                                                     "output": {"format": {"type": "audio/pcm", "rate": 24000}}},
+                                           "max_output_tokens": 2}},
+    {"type": "conversation.item.create",
+     "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}},
+    {"type": "response.create", "response": {"output_modalities": ["text"], "max_output_tokens": 2}},
+    {"type": "response.cancel"},
+    {"type": "input_audio_buffer.append", "audio": b64(silence(0.1))},
+    {"type": "input_audio_buffer.commit"},
+    {"type": "input_audio_buffer.clear"},
+    {"type": "conversation.item.retrieve", "item_id": "item_1"},
+    {"type": "conversation.item.delete", "item_id": "item_1"},
+    {"type": "conversation.item.truncate", "item_id": "item_1", "content_index": 0, "audio_end_ms": 10},
+)
+HOSTILE_VALUES = (None, 0, -1, 1.5, 1e308, True, "", "x" * 1000, [], {}, [[]], [{}], {"a": {"b": []}}, ["audio", 7],
+                  "inf", "audio")
+
+
+def _refuse_constant(name: str) -> float:
+    raise AssertionError(f"the server sent {name}, which is not JSON")
+
+
+def strict(frame: str) -> dict:
+    """A server frame parsed as a browser would: NaN and Infinity are errors."""
+    return json.loads(frame, parse_constant=_refuse_constant)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("rt-guard-tmp"), "--api-key", KEY)
+    yield srv
+    srv.stop()
+
+
+def open_ws(server: Server, dialect: str = "ga", query: str = ""):
+    headers = {"Authorization": f"Bearer {KEY}"} if "api_key" not in query else {}
+    if dialect == "beta":
+        headers["OpenAI-Beta"] = "realtime=v1"
+    url = f"ws://127.0.0.1:{server.port}/v1/realtime?model=mini-omni{query}"
+    return websockets_sync.connect(url, additional_headers=headers, max_size=None)
+
+
+def until(ws, predicate) -> list[dict]:
+    """Frames up to and including the first that `predicate` accepts."""
+    events = []
+    while True:
+        events.append(strict(ws.recv(timeout=RECV_TIMEOUT_S)))
+        if predicate(events[-1]):
+            return events
+
+
+def is_error(event: dict, event_id: str | None = None) -> bool:
+    return event["type"] == "error" and (event_id is None or event["error"]["event_id"] == event_id)
+
+
+DEEP = 1000  # nesting levels of the issue's report
+MALFORMED = {  # dialect -> (frame, the field its error names, or None where the frame is not JSON)
+    "ga": [
+        (json.dumps({"type": "session.update", "session": {"output_modalities": [["audio"]]}}),
+         "session.output_modalities"),
+        (json.dumps({"type": "session.update", "session": {"output_modalities": [{"a": 1}]}}),
+         "session.output_modalities"),
+        (json.dumps({"type": "response.create", "response": {"output_modalities": [["audio"]]}}),
+         "response.output_modalities"),
+        (json.dumps({"type": "session.update", "session": {"audio": "pcm16"}}), "session.audio"),
+        (json.dumps({"type": "session.update", "session": {"audio": {"input": 7}}}), "session.audio.input"),
+        ('{"type": "session.update", "session": ' + "[" * DEEP + "]" * DEEP + "}", None),
+        ('{"type": "session.update", "session": ' + "[" * 100 * DEEP + "]" * 100 * DEEP + "}", None),
+        ('{"type": "response.cancel", "event_id": NaN}', None),
+    ],
+    "beta": [
+        (json.dumps({"type": "session.update", "session": {"modalities": [["audio"]]}}), "session.modalities"),
+        (json.dumps({"type": "response.create", "response": {"modalities": [{}]}}), "response.modalities"),
+    ],
+}
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_malformed_events_get_an_error_and_the_session_goes_on(server, dialect):
+    with open_ws(server, dialect) as ws:
+        assert strict(ws.recv())["type"] == "session.created"
+        for frame, param in MALFORMED[dialect]:
+            ws.send(frame)
+            event = strict(ws.recv(timeout=RECV_TIMEOUT_S))
+            assert is_error(event) and event["error"]["event_id"] is None, (frame[:80], event)
+            if param is not None:
+                assert event["error"]["param"] == param and param in event["error"]["message"], event
+            ws.send(json.dumps({"type": "session.update", "session": {}, "event_id": "evt_ok"}))
+            assert strict(ws.recv(timeout=RECV_TIMEOUT_S))["type"] == "session.updated"
+
+
+@pytest.mark.parametrize("event_id", [7, 1.5, {"a": 1}, ["e"], "e" * 10_000])
+def test_event_id_is_echoed_only_as_a_short_string(server, event_id):
+    with open_ws(server) as ws:
+        strict(ws.recv())
+        ws.send(json.dumps({"type": "response.cancel", "event_id": event_id}))
+        event = strict(ws.recv(timeout=RECV_TIMEOUT_S))
+        assert is_error(event) and event["error"]["event_id"] is None
+        ws.send(json.dumps({"type": "response.cancel", "event_id": "evt_1"}))
+        assert strict(ws.recv(timeout=RECV_TIMEOUT_S))["error"]["event_id"] == "evt_1"
+
+
+def _mutate(event: dict, rng: random.Random) -> dict:
+    """`event` with one value somewhere in it replaced by a hostile one, or one key removed."""
+    event = copy.deepcopy(event)
+    node, key = event, None
+    while True:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        if not keys:
+            break
+        key = rng.choice(keys)
+        if not isinstance(node[key], (dict, list)) or rng.random() < 0.4:
+            break
+        node = node[key]
+    if key is None:
+        return event
+    if isinstance(node, dict) and key != "type" and rng.random() < 0.2:
+        del node[key]
+    else:
+        node[key] = rng.choice(HOSTILE_VALUES)
+    return event
+
+
+def test_fuzzed_events_never_end_the_session(server):
+    rng = random.Random(27)
+    deadline = time.monotonic() + FUZZ_SECONDS
+    sent = 0
+    with open_ws(server) as ws:
+        strict(ws.recv())
+        while sent < FUZZ_EVENTS and time.monotonic() < deadline:
+            ws.send(json.dumps(_mutate(rng.choice(GA_ONLY), rng)))
+            ping = f"ping_{sent}"  # answered in order: the session has handled the mutated event before it
+            ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": "none", "event_id": ping}))
+            until(ws, lambda e: is_error(e, ping))
+            sent += 1
+    assert sent >= 20, sent
+
+
+def test_a_pending_turn_whose_question_was_deleted_is_not_answered(server):
+    with open_ws(server, "beta") as ws:
+        strict(ws.recv())
+        ws.send(json.dumps({"type": "session.update", "session": {
+            "turn_detection": {"type": "server_vad", "interrupt_response": False},
+            "max_response_output_tokens": LONG}}))
+        send_speech(ws, question_pcm() + silence(1.0))
+        events = until(ws, lambda e: e["type"] == "response.audio.delta")
+        first = events[-1]["response_id"]
+        send_speech(ws, question_pcm("output2.wav") + silence(1.0))  # the new turn waits for the answer to end
+        events += until(ws, lambda e: e["type"] == "input_audio_buffer.committed")
+        committed = events[-1]["item_id"]
+        users = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed"]
+        assert len(users) == 2  # the first turn's question, and the pending one
+        for item_id in users:
+            ws.send(json.dumps({"type": "conversation.item.delete", "item_id": item_id}))
+        ws.send(json.dumps({"type": "response.cancel"}))
+        events = until(ws, lambda e: e["type"] == "response.done")
+        assert events[-1]["response"]["id"] == first and events[-1]["response"]["status"] == "cancelled"
+        events = until(ws, is_error)
+        assert events[-1]["error"]["code"] == "item_not_found" and committed in events[-1]["error"]["message"]
+        ws.send(json.dumps({"type": "session.update", "session": {}}))
+        events = until(ws, lambda e: e["type"] == "session.updated")
+        assert "response.created" not in [e["type"] for e in events]  # no older message answered instead
+
+
+def send_speech(ws, pcm24: bytes) -> None:
+    step = 24000 * 2 // 10  # 100 ms of pcm16 per append
+    for i in range(0, len(pcm24), step):
+        ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64(pcm24[i:i + step])}))
+
+
+def test_no_api_key_in_the_server_log(server):
+    with open_ws(server, query=f"&api_key={KEY}") as ws:
+        assert strict(ws.recv())["type"] == "session.created"
+    with pytest.raises(websockets_exceptions.InvalidStatus):
+        with open_ws(server, query=f"&api_key={WRONG_KEY}"):
+            pass
+    assert server.request("GET", f"/health?api_key={KEY}")[0] == 200
+    time.sleep(0.5)  # the server writes its log lines as it handles them; let the last ones land
+    with open(server.log.name) as f:
+        log = f.read()
+    assert "/v1/realtime?" in log and "<redacted>" in log  # the handshakes were logged, their keys blanked
+    assert KEY not in log and WRONG_KEY not in log
