@@ -17,7 +17,7 @@ from omni import DEFAULT_MAX_BATCH, DEFAULT_MODE, MODE_NAMES, sweep_stale_temp_d
 from omni_engine import MODE_HELP
 from serving.app import DEFAULT_MAX_BYTES, create_app
 from serving.asgi import WsgiBridge, combine
-from serving.realtime.transport import DEFAULT_MAX_SESSIONS, RealtimeEndpoint
+from serving.realtime.transport import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SESSIONS, RealtimeEndpoint
 from serving.security import ANY_ORIGIN, API_KEY_ENV, AccessPolicy, RedactQuery, is_loopback_bind
 from serving.service import EngineService
 
@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,
                    help="open /v1/realtime sessions at most; more are refused at the handshake")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
+                   help="close a /v1/realtime session after this long with no client event and no answer running")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     # A thread for every request the service admits (the engine's batch and the queue behind it), and spares.
     http = WsgiBridge(create_app(service, args.max_bytes, policy), args.max_bytes,
                       lambda: service.capacity + THREADS_BESIDE_QUEUE)
-    realtime = RealtimeEndpoint(service, args.max_sessions, access=policy_check(policy))
+    realtime = RealtimeEndpoint(service, args.max_sessions, access=policy_check(policy),
+                                idle_timeout_s=args.idle_timeout)
     app = combine(http, {"/v1/realtime": realtime})
     warn_if_exposed(args, log)
     log.info("listening on http://%s:%d (WebSocket: ws://%s:%d/v1/realtime)", args.host, args.port, args.host,

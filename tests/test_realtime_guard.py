@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.http_client import Server
-from tests.test_realtime_api import LONG, b64, question_pcm, silence, speak
+from tests.test_realtime_api import LONG, b64, metric, question_pcm, silence
 
 websockets_sync = pytest.importorskip("websockets.sync.client")
 websockets_exceptions = pytest.importorskip("websockets.exceptions")
@@ -206,3 +206,35 @@ def test_no_api_key_in_the_server_log(server):
         log = f.read()
     assert "/v1/realtime?" in log and "<redacted>" in log  # the handshakes were logged, their keys blanked
     assert KEY not in log and WRONG_KEY not in log
+
+
+IDLE_S = 1.0  # the idle timeout of the test's server
+
+
+@pytest.fixture(scope="module")
+def idle_server(tiny_ckpt, tmp_path_factory):
+    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("rt-idle-tmp"), "--idle-timeout", str(IDLE_S))
+    yield srv
+    srv.stop()
+
+
+def test_an_idle_session_is_closed_with_a_reason_and_its_slot_freed(idle_server):
+    with websockets_sync.connect(f"ws://127.0.0.1:{idle_server.port}/v1/realtime") as ws:
+        strict(ws.recv())
+        opened = time.monotonic()
+        for _ in range(3):  # events keep it open past the timeout
+            time.sleep(IDLE_S / 2)
+            ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            assert strict(ws.recv(timeout=RECV_TIMEOUT_S))["type"] == "input_audio_buffer.cleared"
+        assert time.monotonic() - opened > IDLE_S
+        quiet_since = time.monotonic()
+        event = strict(ws.recv(timeout=RECV_TIMEOUT_S))  # then nothing: the server ends it
+        assert time.monotonic() - quiet_since >= IDLE_S * 0.9
+        assert event["error"]["code"] == "session_idle_timeout" and "--idle-timeout" in event["error"]["message"]
+        with pytest.raises(websockets_exceptions.ConnectionClosedOK) as closed:
+            ws.recv(timeout=RECV_TIMEOUT_S)
+        assert closed.value.rcvd.code == 1000 and closed.value.rcvd.reason == "idle timeout"
+    deadline = time.monotonic() + RECV_TIMEOUT_S
+    while metric(idle_server, "omni_realtime_sessions") != 0:  # the slot is free for the next client
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

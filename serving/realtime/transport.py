@@ -29,7 +29,9 @@ BETA_HEADER = "realtime=v1"  # OpenAI-Beta header value of the beta protocol
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"  # the same, as a WebSocket subprotocol (browsers)
 SUBPROTOCOL = "realtime"
 DEFAULT_MAX_SESSIONS = 4
+DEFAULT_IDLE_TIMEOUT_S = 600.0  # a session with no client event and no engine job for this long is closed
 INTERNAL_ERROR = 1011  # WebSocket close code: the server hit an unexpected condition
+NORMAL_CLOSURE = 1000  # WebSocket close code of a session the server ends on purpose (idle)
 
 # The access check: WSGI environ -> (HTTP status, reason) to refuse, or None. server.py plugs in the policy.
 AccessCheck = Callable[[dict], "tuple[int, str] | None"]
@@ -41,7 +43,9 @@ def _allow_all(environ: dict) -> None:
 
 @dataclass(frozen=True)
 class _Closed:
-    """The client's side has gone."""
+    """The session ends: the client's side has gone (reason None), or the server ends it, saying why."""
+
+    reason: str | None = None
 
 
 class ServiceRunner:
@@ -116,8 +120,10 @@ class RealtimeEndpoint:
     """The ASGI route of `/v1/realtime`."""
 
     def __init__(self, service: EngineService, max_sessions: int = DEFAULT_MAX_SESSIONS,
-                 access: AccessCheck = _allow_all, vad_factory: Callable[[], Callable] | None = None) -> None:
+                 access: AccessCheck = _allow_all, vad_factory: Callable[[], Callable] | None = None,
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
         self.service, self.max_sessions, self.access = service, max_sessions, access
+        self.idle_timeout_s = idle_timeout_s
         self.vad_factory = vad_factory or _silero
         self.open = 0
         self._lock = threading.Lock()
@@ -180,10 +186,24 @@ class RealtimeEndpoint:
     async def _pump(self, session: RealtimeSession, inbox: asyncio.Queue, send: Send) -> None:
         """Client frames and the engine's progress into the session, its events out, until the client leaves."""
         await self._send(send, session.start())
-        while not isinstance(item := await inbox.get(), _Closed):
+        while not isinstance(item := await self._next(session, inbox), _Closed):
             events = session.receive(item) if isinstance(item, (str, bytes)) else session.on_job(item)
             if not await self._send(send, events):
                 return
+        if item.reason is not None:
+            await self._send(send, [session.ctx.error(item.reason, "session_idle_timeout")])
+            await self._close(send, NORMAL_CLOSURE, "idle timeout")
+
+    async def _next(self, session: RealtimeSession, inbox: asyncio.Queue) -> object:
+        """The next client frame or engine update; a _Closed with a reason once the session has idled too long
+        (nothing from the client and no engine job of its own for --idle-timeout seconds)."""
+        while True:
+            try:
+                return await asyncio.wait_for(inbox.get(), self.idle_timeout_s)
+            except asyncio.TimeoutError:
+                if not session.ctx.jobs:  # a job waiting its turn in the engine's queue is not idleness
+                    return _Closed(f"no event for {self.idle_timeout_s:g} s (--idle-timeout): the session is "
+                                   "closed; open a new one")
 
     @staticmethod
     async def _close(send: Send, code: int, reason: str) -> None:
