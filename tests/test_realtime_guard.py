@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import threading
 import time
 
 import pytest
@@ -206,6 +207,44 @@ def test_no_api_key_in_the_server_log(server):
         log = f.read()
     assert "/v1/realtime?" in log and "<redacted>" in log  # the handshakes were logged, their keys blanked
     assert KEY not in log and WRONG_KEY not in log
+
+
+STALL_S = 0.2  # the longest a /health poll may wait while another client sends a huge text
+POLL_S = 0.05
+
+
+def test_a_huge_text_is_refused_without_stalling_other_clients(server):
+    from serving.realtime.conversation import MAX_TEXT_CHARS
+    slowest, stop = [0.0], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            started = time.monotonic()
+            assert server.get("/health")[0] == 200
+            slowest[0] = max(slowest[0], time.monotonic() - started)
+            time.sleep(POLL_S)
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        with open_ws(server) as ws:
+            strict(ws.recv())
+            ws.send(json.dumps(text_item("a" * 6_000_000)))  # 6 MB, under the 8 MB frame limit
+            event = strict(ws.recv(timeout=RECV_TIMEOUT_S))
+            assert event["error"]["code"] == "text_too_long" and str(MAX_TEXT_CHARS) in event["error"]["message"]
+            rng = random.Random(0)  # within the limit, but more positions than the model reads
+            ws.send(json.dumps(text_item("".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(MAX_TEXT_CHARS)))))
+            ws.send(json.dumps({"type": "response.create"}))
+            done = until(ws, lambda e: e["type"] == "response.done")[-1]["response"]
+            assert done["status"] == "failed" and "shorten it" in done["status_details"]["error"]["message"], done
+    finally:
+        stop.set()
+        poller.join()
+    assert slowest[0] < STALL_S, slowest[0]
+
+
+def text_item(text: str) -> dict:
+    return {"type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}
 
 
 IDLE_S = 1.0  # the idle timeout of the test's server

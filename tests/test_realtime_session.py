@@ -235,3 +235,13 @@ def test_a_pending_turn_whose_question_was_deleted_is_not_answered(runner, keep_
     assert len(runner.jobs) == 1 and session.responses.current is None  # nothing else answered
     append(session, tone(1.0) + quiet(1.0))  # the session goes on: the next turn is answered
     assert len(runner.jobs) == 2 and runner.jobs[-1].task == "A1A2"
+
+
+def test_a_text_over_max_text_chars_is_refused_before_tokenizing(runner):
+    from serving.realtime.conversation import MAX_TEXT_CHARS
+    session = make(runner)
+    parts = [{"type": "input_text", "text": "a" * (MAX_TEXT_CHARS // 2 + 1)}] * 2  # the message's total counts
+    out = session.handle({"type": "conversation.item.create",
+                          "item": {"type": "message", "role": "user", "content": parts}})
+    assert out[0]["error"]["code"] == "text_too_long" and "MAX_TEXT_CHARS" in out[0]["error"]["message"]
+    assert session.conversation.items == {} and runner.jobs == []

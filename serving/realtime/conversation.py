@@ -19,6 +19,9 @@ from .protocol import API_RATE, GA, ProtocolError, answer_part, decode_b64
 
 MAX_TRANSCRIPT_TOKENS = 256  # decode steps of a transcription (30 s of speech is well under 150 words)
 MAX_ITEMS = 256  # conversation items kept; older ones are forgotten (the model does not read them)
+# Characters of text in one message, checked before anything tokenizes it: the model reads at most 2049
+# positions (about 8,000 characters of English), so a longer question could not be answered anyway.
+MAX_TEXT_CHARS = 8192
 IMAGE_DATA_PREFIX = "data:"
 
 
@@ -110,6 +113,11 @@ class Conversation:
             raise ProtocolError("a message needs 'content': a list of parts", "missing_required_parameter",
                                 "item.content")
         parts = [self._user_part(p, f"item.content[{i}]") for i, p in enumerate(content)]
+        chars = sum(len(value) for kind, value in parts if kind == "text")
+        if chars > MAX_TEXT_CHARS:  # refused before anything tokenizes it
+            raise ProtocolError(f"the message's text has {chars} characters; a message holds at most "
+                                f"{MAX_TEXT_CHARS} (MAX_TEXT_CHARS), more than the model can read", "text_too_long",
+                                "item.content")
         item_id = item.get("id") if isinstance(item.get("id"), str) and item["id"] else new_id("item")
         if item_id in self.items:
             raise ProtocolError(f"an item with id {item_id!r} already exists", "item_already_exists", "item.id")

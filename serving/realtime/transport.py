@@ -71,6 +71,10 @@ class ServiceRunner:
     def _answer(self, job: Job) -> JobEnd:
         """Admitted first (as /chat is), then the engine's stream set up, then run when its turn comes."""
         prompt, max_tokens = self._budget(job)
+        positions = self.service.engine.config.block_size
+        if prompt > positions:  # named here, not as the engine's max_tokens the client never set
+            return JobEnd(job.key, "failed", f"the question takes {prompt} positions; the model reads at most "
+                                             f"{positions}: shorten it")
         try:
             turn = self.service.admit()
             chunks = turn.prepare(lambda: self._stream(job, max(max_tokens, prompt + 1)))
