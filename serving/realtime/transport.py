@@ -31,6 +31,9 @@ SUBPROTOCOL = "realtime"
 DEFAULT_MAX_SESSIONS = 4
 DEFAULT_IDLE_TIMEOUT_S = 600.0  # a session with no client event and no engine job for this long is closed
 INTERNAL_ERROR = 1011  # WebSocket close code: the server hit an unexpected condition
+# Client frames read but not yet handled. Beyond it the session stops reading, so uvicorn stops reading the
+# socket and the client's sends wait (TCP back-pressure) instead of the frames piling up in the server's memory.
+MAX_FRAMES_AHEAD = 4
 NORMAL_CLOSURE = 1000  # WebSocket close code of a session the server ends on purpose (idle)
 
 # The access check: WSGI environ -> (HTTP status, reason) to refuse, or None. server.py plugs in the policy.
@@ -176,9 +179,10 @@ class RealtimeEndpoint:
         engine = self.service.engine
         session = RealtimeSession(runner, dialect=BETA if beta else GA, model=engine.family, can_see=engine.can_see,
                                   vad=self.vad_factory(), metrics=self.service.metrics.realtime)
-        reader = asyncio.create_task(self._read(receive, inbox))
+        ahead = asyncio.Semaphore(MAX_FRAMES_AHEAD)
+        reader = asyncio.create_task(self._read(receive, inbox, ahead))
         try:
-            await self._pump(session, inbox, send)
+            await self._pump(session, inbox, ahead, send)
         except Exception:  # a bug in the server, not in the client's events (the session answers those)
             log.exception("realtime session %s failed", session.ctx.id)
             await self._close(send, INTERNAL_ERROR, "internal server error")
@@ -187,11 +191,16 @@ class RealtimeEndpoint:
             runner.close()
             reader.cancel()
 
-    async def _pump(self, session: RealtimeSession, inbox: asyncio.Queue, send: Send) -> None:
+    async def _pump(self, session: RealtimeSession, inbox: asyncio.Queue, ahead: asyncio.Semaphore,
+                    send: Send) -> None:
         """Client frames and the engine's progress into the session, its events out, until the client leaves."""
         await self._send(send, session.start())
         while not isinstance(item := await self._next(session, inbox), _Closed):
-            events = session.receive(item) if isinstance(item, (str, bytes)) else session.on_job(item)
+            if isinstance(item, (str, bytes)):
+                events = session.receive(item)
+                ahead.release()  # handled: the reader may take the next frame
+            else:
+                events = session.on_job(item)
             if not await self._send(send, events):
                 return
         if item.reason is not None:
@@ -217,8 +226,9 @@ class RealtimeEndpoint:
             pass
 
     @staticmethod
-    async def _read(receive: Receive, inbox: asyncio.Queue) -> None:
+    async def _read(receive: Receive, inbox: asyncio.Queue, ahead: asyncio.Semaphore) -> None:
         while True:
+            await ahead.acquire()
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 inbox.put_nowait(_Closed())
