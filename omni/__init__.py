@@ -6,6 +6,7 @@ from .audio import (
     CHUNK_SECONDS, OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, PCM_SCALE, SAMPLE_RATE as INPUT_SAMPLE_RATE, load_audio,
     float_to_pcm, pcm_to_float, sweep_stale_temp_dirs,
 )
+from .auto import AUTO_MODE
 from .checkpoint import HUB_REPOS, snac_dir
 from .codec import (
     LEVEL_OF_SLOT, N_LEVELS, SAMPLES_PER_FRAME, Frame, SnacCodec, frames_to_codes, frames_to_streams, streams_to_frames,
@@ -26,7 +27,7 @@ from .tuning import Overrides
 FAMILIES = tuple(HUB_REPOS)  # the model families a checkpoint can be downloaded for
 
 __all__ = [
-    "AUDIO_CODES", "AudioInputError", "CHUNK_SECONDS", "CheckpointDownloadError", "CheckpointError",
+    "AUDIO_CODES", "AUTO_MODE", "AudioInputError", "CHUNK_SECONDS", "CheckpointDownloadError", "CheckpointError",
     "DEFAULT_MAX_BATCH", "DEFAULT_MAX_TOKENS", "DEFAULT_MODE", "DEFAULT_STREAM_STRIDE", "DEFAULT_TEMPERATURE",
     "DEFAULT_TOP_K", "DEFAULT_TOP_P", "EOA", "EOT", "FAMILIES", "Frame", "GenerationConfig", "INPUT_SAMPLE_RATE",
     "ImageInputError", "LEVEL_OF_SLOT", "MODE_NAMES", "N_AUDIO_LAYERS", "N_LEVELS", "OFFICIAL_JOINS",
