@@ -26,7 +26,7 @@ FRAME_SECONDS = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE  # 85.3 ms: the audio one
 # Exact mode's share of each frame's playing time at most: the rest is margin for the encoder's turn, a
 # second request in the batch and whatever else the machine is doing, so the audio never runs dry.
 REALTIME_SHARE = 0.70
-FORCED_REASON = "chosen by the caller (mode=...)"  # the reason of a mode not resolved from auto
+FORCED_REASON = "set explicitly, not auto"  # the reason of a mode the caller chose
 
 
 @dataclass(frozen=True)
