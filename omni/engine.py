@@ -108,6 +108,9 @@ class OmniEngine:
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
         overrides = overrides if overrides is not None else Overrides.from_env()
+        runtime = None if mode == AUTO_MODE else resolve_mode(mode, self._device, overrides)  # checked before loading
+        if runtime is not None and runtime.int8 and self._dtype != torch.float32:
+            raise ValueError(f"mode='fast' quantizes the fp32 weights to int8; leave dtype unset (got {self._dtype})")
         # Whisper on the question's own length instead of 30 s: much cheaper, but other features.
         self.trim_encoder = trim_encoder
         self.ckpt_dir = ensure_checkpoint(ckpt_dir, family)
@@ -116,16 +119,14 @@ class OmniEngine:
         self.last_timings: Timings | None = None  # where the latest request's time went
         self.runtime: Runtime | None = None
         self.mode_reason = FORCED_REASON
-        if mode == AUTO_MODE:
+        if runtime is None:
             choice = resolve_auto(self, overrides, lambda: self._load(resolve_mode("exact", self._device, overrides)))
-            mode, self.mode_reason = choice.mode, choice.reason
-        if self.runtime is None or self.runtime.name != mode:
-            self._load(resolve_mode(mode, self._device, overrides))
+            runtime, self.mode_reason = resolve_mode(choice.mode, self._device, overrides), choice.reason
+        if runtime != self.runtime:  # not loaded yet, or measured in exact mode and fast chosen
+            self._load(runtime)
 
     def _load(self, runtime: Runtime) -> None:
         """Load the models as `runtime` computes; a second call (auto mode's measurement) replaces the first."""
-        if runtime.int8 and self._dtype != torch.float32:
-            raise ValueError(f"mode='fast' quantizes the fp32 weights to int8; leave dtype unset (got {self._dtype})")
         self.runtime = runtime
         self.model = self.whisper = self.codec = self.vision = None  # a reload frees the old parts first
         self.model = load_lm(self.ckpt_dir, self.config, self._device, self._dtype)
