@@ -6,7 +6,6 @@ from .audio import (
     CHUNK_SECONDS, OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, PCM_SCALE, SAMPLE_RATE as INPUT_SAMPLE_RATE, load_audio,
     float_to_pcm, pcm_to_float, sweep_stale_temp_dirs,
 )
-from .auto import AUTO_MODE
 from .checkpoint import HUB_REPOS, snac_dir
 from .codec import (
     LEVEL_OF_SLOT, N_LEVELS, SAMPLES_PER_FRAME, Frame, SnacCodec, frames_to_codes, frames_to_streams, streams_to_frames,
@@ -16,7 +15,7 @@ from .engine import DEFAULT_MAX_BATCH, OmniChunk, OmniEngine, OmniResult, prompt
 from .errors import AudioInputError, CheckpointDownloadError, CheckpointError, ImageInputError, OmniError
 from .generate import Step, to_streams
 from .image import fit_image
-from .runtime import DEFAULT_MODE, MODE_NAMES
+from .runtime import AUTO_MODE, DEFAULT_MODE, MODE_NAMES
 from .sampling import (
     DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, OFFICIAL_JOINS,
     GenerationConfig,

@@ -8,25 +8,32 @@ SNAC work of its frame take at most REALTIME_SHARE of the audio that frame plays
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from .audio import OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH
 from .codec import SAMPLES_PER_FRAME
+from .config import ModelConfig
 from .tuning import Overrides, measured_once
 
-if TYPE_CHECKING:
-    from .engine import OmniEngine
-
-AUTO_MODE = "auto"
 FRAME_SECONDS = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE  # 85.3 ms: the audio one decode step adds
 # Exact mode's share of each frame's playing time at most: the rest is margin for the encoder's turn, a
 # second request in the batch and whatever else the machine is doing, so the audio never runs dry.
 REALTIME_SHARE = 0.70
 FORCED_REASON = "set explicitly, not auto"  # the reason of a mode the caller chose
+
+
+class Measured(Protocol):
+    """What the measurement uses of an `OmniEngine` (which imports this module)."""
+
+    last_timings: Any  # the engine's `Timings` of its latest answer
+
+    def warmup(self) -> None: ...
+    def warmup_question(self) -> dict[str, Any]: ...
+    def stream(self, audio: Any = None, **kwargs: Any) -> Iterator[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -47,26 +54,25 @@ def choose_mode(step_s: float, snac_frame_s: float) -> ModeChoice:
     return ModeChoice("fast", f"{why}, over {REALTIME_SHARE:.0%}")
 
 
-def resolve_auto(engine: OmniEngine, overrides: Overrides, load_exact: Callable[[], None]) -> ModeChoice:
-    """What `auto` means for `engine`, whose config and device are set; to measure, `load_exact()` first
-    loads its models in exact mode (kept if exact is chosen)."""
-    if engine.device.type != "cpu":
-        return ModeChoice("exact", f"on {engine.device.type}, exact keeps up")
-    if engine.dtype != torch.float32:
-        return ModeChoice("exact", f"dtype {engine.dtype}: fast mode quantizes fp32 weights")
-    what = {"auto": asdict(engine.config)}  # the checkpoint's shape; measured_once adds the CPU
-    seconds = measured_once(what, lambda: measure_exact(engine, load_exact), overrides.cache)
+def resolve_auto(device: torch.device, dtype: torch.dtype, config: ModelConfig, overrides: Overrides,
+                 load_exact: Callable[[], Measured]) -> ModeChoice:
+    """What `auto` means for a model of `config` on `device`; to measure, `load_exact()` loads the engine's
+    models in exact mode (kept if exact is chosen) and returns the engine."""
+    if device.type != "cpu":
+        return ModeChoice("exact", f"a {device.type} device: auto is exact on a GPU, not measured")
+    if dtype != torch.float32:
+        return ModeChoice("exact", f"dtype {dtype}: fast mode quantizes fp32 weights")
+    what = {"auto": asdict(config)}  # the checkpoint's shape; measured_once adds the CPU
+    seconds = measured_once(what, lambda: measure_exact(load_exact()), overrides.cache)
     return choose_mode(seconds["step"], seconds["snac_frame"])
 
 
-def measure_exact(engine: OmniEngine, load_exact: Callable[[], None]) -> dict[str, float]:
-    """Load `engine` in exact mode and time a warm-up answer, after one that pays the first-call costs:
+def measure_exact(engine: Measured) -> dict[str, float]:
+    """Time a warm-up answer of `engine` (loaded in exact mode), after one that pays the first-call costs:
     the median decode step and SNAC's seconds per frame of audio (its chunks' time over their frames)."""
-    from .engine import warmup_question  # here: the engine module imports this one
-
-    load_exact()
     engine.warmup()
-    frames = [len(chunk.pcm) / (PCM_SAMPLE_WIDTH * SAMPLES_PER_FRAME) for chunk in engine.stream(**warmup_question())]
+    chunks = list(engine.stream(**engine.warmup_question()))
+    frames = [len(chunk.pcm) / (PCM_SAMPLE_WIDTH * SAMPLES_PER_FRAME) for chunk in chunks]
     timings = engine.last_timings
     assert len(timings.snac) == sum(n > 0 for n in frames), (timings.snac, frames)  # one SNAC call per pcm chunk
     return {"step": statistics.median(timings.decode_steps), "snac_frame": sum(timings.snac) / sum(frames)}

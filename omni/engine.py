@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from .audio import (
     N_SAMPLES, SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel, pad_or_trim, pcm_to_float, trimmed_length,
 )
-from .auto import AUTO_MODE, FORCED_REASON, resolve_auto
+from .auto import FORCED_REASON, resolve_auto
 from .batch import Job, Scheduler, Setup
 from .checkpoint import TOKENIZER_FILE, clip_path, ensure_checkpoint, load_lm, snac_dir, whisper_path
 from .clip import VisionTower, load_vision_tower
@@ -27,7 +27,9 @@ from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError
 from .generate import Sequence, SpeechDecoder, Step, TextDecoder, check_length, to_streams
 from .image import ImageSource, load_image
-from .runtime import DEFAULT_MODE, Runtime, load_whisper, prepare_lm, release_freed_memory, resolve_mode, trim_heap
+from .runtime import (
+    AUTO_MODE, DEFAULT_MODE, Runtime, load_whisper, prepare_lm, release_freed_memory, resolve_mode, trim_heap,
+)
 from .sampling import GenerationConfig
 from .tokens import IMAGE_PROMPT_EXTRA, PROMPT_EXTRA, Task, TextStream, build_image_prompt, build_prompt
 from .tuning import Overrides
@@ -120,12 +122,13 @@ class OmniEngine:
         self.runtime: Runtime | None = None
         self.mode_reason = FORCED_REASON
         if runtime is None:
-            choice = resolve_auto(self, overrides, lambda: self._load(resolve_mode("exact", self._device, overrides)))
+            choice = resolve_auto(self._device, self._dtype, self.config, overrides,
+                                  lambda: self._load(resolve_mode("exact", self._device, overrides)))
             runtime, self.mode_reason = resolve_mode(choice.mode, self._device, overrides), choice.reason
         if runtime != self.runtime:  # not loaded yet, or measured in exact mode and fast chosen
             self._load(runtime)
 
-    def _load(self, runtime: Runtime) -> None:
+    def _load(self, runtime: Runtime) -> OmniEngine:
         """Load the models as `runtime` computes; a second call (auto mode's measurement) replaces the first."""
         self.runtime = runtime
         self.model = self.whisper = self.codec = self.vision = None  # a reload frees the old parts first
@@ -142,6 +145,7 @@ class OmniEngine:
         # Whenever no request is left, the pages the last ones freed (encoder activations, mostly) go back
         # to the OS: ~10 ms on the thread that ran the last turn; the next request refills them unmeasurably fast.
         self.scheduler = Scheduler(self.model, self._max_batch, on_idle=trim_heap)
+        return self
 
     def _load_vision(self) -> VisionTower:
         tower = load_vision_tower(clip_path(self.ckpt_dir), self._device)
@@ -223,8 +227,16 @@ class OmniEngine:
 
     def warmup(self) -> None:
         """One short answer to a synthetic tone, so the first real request pays no first-call costs."""
-        for _ in self.stream(**warmup_question()):
+        for _ in self.stream(**self.warmup_question()):
             pass
+
+    @staticmethod
+    def warmup_question() -> dict[str, Any]:
+        """`stream()`'s arguments for the warm-up answer: a tone, answered for WARMUP_STEPS decode steps."""
+        t = np.arange(int(WARMUP_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
+        tone = (WARMUP_LEVEL * np.sin(2 * np.pi * WARMUP_TONE_HZ * t)).astype(np.float32)
+        max_tokens = prompt_length(Task.A1A2, tone, None) + WARMUP_STEPS
+        return {"audio": tone, "sample_rate": SAMPLE_RATE, "max_tokens": max_tokens}
 
     @contextmanager
     def _timed(self, timings: Timings, name: str) -> Iterator[None]:
@@ -384,13 +396,6 @@ class _Answer:
             self.pieces.put(e)
         finally:
             self.pieces.put(None)
-
-
-def warmup_question() -> dict[str, Any]:
-    """`stream()`'s arguments for the warm-up answer: a tone, answered for WARMUP_STEPS decode steps."""
-    t = np.arange(int(WARMUP_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
-    tone = (WARMUP_LEVEL * np.sin(2 * np.pi * WARMUP_TONE_HZ * t)).astype(np.float32)
-    return {"audio": tone, "sample_rate": SAMPLE_RATE, "max_tokens": prompt_length(Task.A1A2, tone, None) + WARMUP_STEPS}
 
 
 def prompt_length(task: Task, samples: np.ndarray | None, text_ids: list[int] | None, image: bool = False) -> int:

@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 
 from . import rowkernels
-from .auto import AUTO_MODE
 from .generate import EXACT_COST, OFFICIAL_COST, CostPlan
 from .linear import DenseHead, DenseLinear, Int8Embedding, Int8Head, Int8Linear, Products, install
 from .machine import has_bf16, has_vnni
@@ -66,7 +65,9 @@ MODES = {
     "baseline": Mode(linear="official", cost=OFFICIAL_COST),
 }
 # The --mode choices of every entry point; the first is the engine's and inference.py's default. AUTO_MODE
-# (the live surfaces' default) is not a mode of its own: the engine resolves it to one of MODES at load.
+# (the live surfaces' default) is not a mode of its own: the engine resolves it to one of MODES at load
+# (`omni.auto`).
+AUTO_MODE = "auto"
 MODE_NAMES = (*MODES, AUTO_MODE)
 DEFAULT_MODE = MODE_NAMES[0]
 

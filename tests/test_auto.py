@@ -9,6 +9,7 @@ import omni.auto
 import realtime_vad_player
 import server
 from omni.auto import FORCED_REASON, FRAME_SECONDS, REALTIME_SHARE, choose_mode, resolve_auto
+from omni.config import ModelConfig
 from omni.linear import Int8Head
 from omni.rowkernels import RowsHead
 from omni.runtime import MODES
@@ -20,10 +21,10 @@ MAX = 120
 
 @pytest.fixture
 def fake_measure(monkeypatch):
-    """Stand in for the measurement: it returns `seconds` and counts its calls (the engine stays unloaded)."""
+    """Stand in for the measurement: it returns `seconds` and counts its calls (the engine is loaded in exact)."""
     fake = SimpleNamespace(calls=0, seconds={})
 
-    def measure(engine, load_exact):
+    def measure(engine):
         fake.calls += 1
         return dict(fake.seconds)
     monkeypatch.setattr(omni.auto, "measure_exact", measure)
@@ -38,8 +39,8 @@ def test_the_choice_is_exact_within_the_share_and_fast_over_it():
 
 
 def test_a_gpu_runs_exact_without_measuring(fake_measure):
-    gpu = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
-    assert resolve_auto(gpu, Overrides(), lambda: None).mode == "exact" and fake_measure.calls == 0
+    choice = resolve_auto(torch.device("cuda"), torch.float16, ModelConfig(), Overrides(), lambda: None)
+    assert choice.mode == "exact" and fake_measure.calls == 0
 
 
 @pytest.mark.parametrize("share, mode", [(0.5, "exact"), (1.5, "fast")])
