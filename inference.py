@@ -129,7 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--first-stride", type=int, help="frames in the first chunk (smaller: audio starts sooner)")
     p.add_argument("--dump-tokens", help='write {"streams": [s0..s7]} (the sampled tokens per stream) to this JSON file')
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES, help=MODE_HELP)
+    p.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES,
+                   help=f"{MODE_HELP}. Default {DEFAULT_MODE}: offline, with nothing to keep up with, it keeps exact")
     args = p.parse_args(argv)
     task = Task(args.task)
     if args.input and args.text:

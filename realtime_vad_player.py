@@ -10,7 +10,8 @@ import argparse
 import sys
 from typing import Any
 
-from omni import DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE
+from omni import AUTO_MODE, DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, MODE_NAMES
+from omni_engine import MODE_HELP
 from voice.camera import FRAME_INTERVAL_S
 from voice.loop import LoopConfig
 from voice.vad import END_MS, PREROLL_MS, SPEECH_THRESHOLD, START_MS, VadConfig
@@ -23,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Speech in, speech out, with barge-in and camera frames.")
     p.add_argument("--ckpt-dir", default="checkpoint", help="checkpoint directory (downloaded if it does not exist)")
     p.add_argument("--device", default="auto", help="engine device: auto, cpu, cuda, ...")
+    p.add_argument("--mode", default=AUTO_MODE, choices=MODE_NAMES,
+                   help=f"{MODE_HELP}. Default {AUTO_MODE}: a live answer must keep up with its audio")
     p.add_argument("--list-devices", action="store_true", help="list audio devices and cameras, then exit")
     p.add_argument("--input-device", type=int, help="microphone device number (default: the system's)")
     p.add_argument("--output-device", type=int, help="speaker device number (default: the system's)")
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> None:
 
 def load_engine(args: argparse.Namespace, warm: bool = False) -> Any:
     from omni_engine import OmniEngine
-    engine = OmniEngine(args.ckpt_dir, device=args.device)
+    engine = OmniEngine(args.ckpt_dir, device=args.device, mode=args.mode)
+    print(f"{engine.mode} mode: {engine.mode_reason}")
     if warm:  # the first live answer should not pay first-call costs
         engine.warmup()
     return engine

@@ -1,11 +1,12 @@
 """Serve the engine: `POST /chat` streams the spoken answer as it is generated, and `/v1/realtime` speaks
 the OpenAI Realtime protocol over a WebSocket, on the same host and port.
 
-    python server.py [--ckpt-dir DIR] [--host 127.0.0.1] [--port 60808] [--device auto] [--mode exact|fast|baseline]
+    python server.py [--ckpt-dir DIR] [--host 127.0.0.1] [--port 60808] [--device auto] [--mode auto|exact|fast|baseline]
                      [--max-batch N] [--max-queue 4] [--max-sessions 4] [--max-bytes N] [--api-key KEY] [--allow-origin ORIGIN]
                      [--allow-host NAME]
 
-`GET /` lists the routes; `--help` explains every flag (`--mode exact`, the default, gives the official tokens).
+`GET /` lists the routes; `--help` explains every flag (`--mode auto`, the default, is exact where
+this machine keeps up with it, else fast; `--mode exact` gives the official tokens).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import argparse
 import logging
 import os
 
-from omni import DEFAULT_MAX_BATCH, DEFAULT_MODE, MODE_NAMES, sweep_stale_temp_dirs
+from omni import AUTO_MODE, DEFAULT_MAX_BATCH, MODE_NAMES, sweep_stale_temp_dirs
 from omni_engine import MODE_HELP
 from serving.app import DEFAULT_MAX_BYTES, create_app
 from serving.asgi import WsgiBridge, combine
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     p.add_argument("--port", type=int, default=60808)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES, help=MODE_HELP)
+    p.add_argument("--mode", default=AUTO_MODE, choices=MODE_NAMES,
+                   help=f"{MODE_HELP}. Default {AUTO_MODE}: a live answer must keep up with its audio")
     p.add_argument("--max-batch", type=int, default=None,
                    help=f"requests decoded together in one batch (default: {DEFAULT_MAX_BATCH['cpu']} on CPU, "
                         f"{DEFAULT_MAX_BATCH['cuda']} on a GPU)")

@@ -15,7 +15,7 @@ from .engine import DEFAULT_MAX_BATCH, OmniChunk, OmniEngine, OmniResult, prompt
 from .errors import AudioInputError, CheckpointDownloadError, CheckpointError, ImageInputError, OmniError
 from .generate import Step, to_streams
 from .image import fit_image
-from .runtime import DEFAULT_MODE, MODE_NAMES
+from .runtime import AUTO_MODE, DEFAULT_MODE, MODE_NAMES
 from .sampling import (
     DEFAULT_MAX_TOKENS, DEFAULT_STREAM_STRIDE, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, OFFICIAL_JOINS,
     GenerationConfig,
@@ -26,7 +26,7 @@ from .tuning import Overrides
 FAMILIES = tuple(HUB_REPOS)  # the model families a checkpoint can be downloaded for
 
 __all__ = [
-    "AUDIO_CODES", "AudioInputError", "CHUNK_SECONDS", "CheckpointDownloadError", "CheckpointError",
+    "AUDIO_CODES", "AUTO_MODE", "AudioInputError", "CHUNK_SECONDS", "CheckpointDownloadError", "CheckpointError",
     "DEFAULT_MAX_BATCH", "DEFAULT_MAX_TOKENS", "DEFAULT_MODE", "DEFAULT_STREAM_STRIDE", "DEFAULT_TEMPERATURE",
     "DEFAULT_TOP_K", "DEFAULT_TOP_P", "EOA", "EOT", "FAMILIES", "Frame", "GenerationConfig", "INPUT_SAMPLE_RATE",
     "ImageInputError", "LEVEL_OF_SLOT", "MODE_NAMES", "N_AUDIO_LAYERS", "N_LEVELS", "OFFICIAL_JOINS",

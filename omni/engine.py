@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from .audio import (
     N_SAMPLES, SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel, pad_or_trim, pcm_to_float, trimmed_length,
 )
+from .auto import FORCED_REASON, resolve_auto
 from .batch import Job, Scheduler, Setup
 from .checkpoint import TOKENIZER_FILE, clip_path, ensure_checkpoint, load_lm, snac_dir, whisper_path
 from .clip import VisionTower, load_vision_tower
@@ -26,7 +27,9 @@ from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError
 from .generate import Sequence, SpeechDecoder, Step, TextDecoder, check_length, to_streams
 from .image import ImageSource, load_image
-from .runtime import DEFAULT_MODE, load_whisper, prepare_lm, release_freed_memory, resolve_mode, trim_heap
+from .runtime import (
+    AUTO_MODE, DEFAULT_MODE, Runtime, load_whisper, prepare_lm, release_freed_memory, resolve_mode, trim_heap,
+)
 from .sampling import GenerationConfig
 from .tokens import IMAGE_PROMPT_EXTRA, PROMPT_EXTRA, Task, TextStream, build_image_prompt, build_prompt
 from .tuning import Overrides
@@ -102,16 +105,33 @@ class OmniEngine:
     def __init__(self, ckpt_dir: str | Path = "checkpoint", device: str | torch.device = "auto",
                  dtype: str | torch.dtype | None = None, family: str = "mini-omni", mode: str = DEFAULT_MODE,
                  trim_encoder: bool = False, max_batch: int | None = None, overrides: Overrides | None = None) -> None:
-        """`overrides`: speed choices forced instead of measured (default: the environment's)."""
+        """`overrides`: speed choices forced instead of measured (default: the environment's).
+        `mode="auto"`: exact where this machine keeps up with it, else fast (`omni.auto`); `mode_reason` says why."""
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
-        self.runtime = resolve_mode(mode, self._device, overrides)
-        if self.runtime.int8 and self._dtype != torch.float32:
+        overrides = overrides if overrides is not None else Overrides.from_env()
+        runtime = None if mode == AUTO_MODE else resolve_mode(mode, self._device, overrides)  # checked before loading
+        if runtime is not None and runtime.int8 and self._dtype != torch.float32:
             raise ValueError(f"mode='fast' quantizes the fp32 weights to int8; leave dtype unset (got {self._dtype})")
         # Whisper on the question's own length instead of 30 s: much cheaper, but other features.
         self.trim_encoder = trim_encoder
         self.ckpt_dir = ensure_checkpoint(ckpt_dir, family)
         self.config = ModelConfig.from_checkpoint(self.ckpt_dir)
+        self._max_batch = max_batch or DEFAULT_MAX_BATCH.get(self._device.type, DEFAULT_MAX_BATCH["cpu"])
+        self.last_timings: Timings | None = None  # where the latest request's time went
+        self.runtime: Runtime | None = None
+        self.mode_reason = FORCED_REASON
+        if runtime is None:
+            choice = resolve_auto(self._device, self._dtype, self.config, overrides,
+                                  lambda: self._load(resolve_mode("exact", self._device, overrides)))
+            runtime, self.mode_reason = resolve_mode(choice.mode, self._device, overrides), choice.reason
+        if runtime != self.runtime:  # not loaded yet, or measured in exact mode and fast chosen
+            self._load(runtime)
+
+    def _load(self, runtime: Runtime) -> OmniEngine:
+        """Load the models as `runtime` computes; a second call (auto mode's measurement) replaces the first."""
+        self.runtime = runtime
+        self.model = self.whisper = self.codec = self.vision = None  # a reload frees the old parts first
         self.model = load_lm(self.ckpt_dir, self.config, self._device, self._dtype)
         prepare_lm(self.model, self.runtime)  # int8: before the other models load, so the fp32 pages go first
         self.tokenizer = Tokenizer.from_file(str(self.ckpt_dir / TOKENIZER_FILE))
@@ -124,9 +144,8 @@ class OmniEngine:
         release_freed_memory()
         # Whenever no request is left, the pages the last ones freed (encoder activations, mostly) go back
         # to the OS: ~10 ms on the thread that ran the last turn; the next request refills them unmeasurably fast.
-        max_batch = max_batch or DEFAULT_MAX_BATCH.get(self._device.type, DEFAULT_MAX_BATCH["cpu"])
-        self.scheduler = Scheduler(self.model, max_batch, on_idle=trim_heap)
-        self.last_timings: Timings | None = None  # where the latest request's time went
+        self.scheduler = Scheduler(self.model, self._max_batch, on_idle=trim_heap)
+        return self
 
     def _load_vision(self) -> VisionTower:
         tower = load_vision_tower(clip_path(self.ckpt_dir), self._device)
@@ -145,6 +164,7 @@ class OmniEngine:
 
     @property
     def mode(self) -> str:
+        """The mode computing: with `mode="auto"`, the one it resolved to (`mode_reason`: why)."""
         return self.runtime.name
 
     @property
@@ -207,11 +227,16 @@ class OmniEngine:
 
     def warmup(self) -> None:
         """One short answer to a synthetic tone, so the first real request pays no first-call costs."""
+        for _ in self.stream(**self.warmup_question()):
+            pass
+
+    @staticmethod
+    def warmup_question() -> dict[str, Any]:
+        """`stream()`'s arguments for the warm-up answer: a tone, answered for WARMUP_STEPS decode steps."""
         t = np.arange(int(WARMUP_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
         tone = (WARMUP_LEVEL * np.sin(2 * np.pi * WARMUP_TONE_HZ * t)).astype(np.float32)
-        prompt_len = prompt_length(Task.A1A2, tone, None)
-        for _ in self.stream(tone, sample_rate=SAMPLE_RATE, max_tokens=prompt_len + WARMUP_STEPS):
-            pass
+        max_tokens = prompt_length(Task.A1A2, tone, None) + WARMUP_STEPS
+        return {"audio": tone, "sample_rate": SAMPLE_RATE, "max_tokens": max_tokens}
 
     @contextmanager
     def _timed(self, timings: Timings, name: str) -> Iterator[None]:

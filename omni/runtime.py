@@ -64,7 +64,11 @@ MODES = {
     "fast": Mode(linear="int8", cost=EXACT_COST),
     "baseline": Mode(linear="official", cost=OFFICIAL_COST),
 }
-MODE_NAMES = tuple(MODES)  # the --mode choices of every entry point; the first is the default
+# The --mode choices of every entry point; the first is the engine's and inference.py's default. AUTO_MODE
+# (the live surfaces' default) is not a mode of its own: the engine resolves it to one of MODES at load
+# (`omni.auto`).
+AUTO_MODE = "auto"
+MODE_NAMES = (*MODES, AUTO_MODE)
 DEFAULT_MODE = MODE_NAMES[0]
 
 

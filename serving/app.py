@@ -88,8 +88,8 @@ def _add_info_routes(app: Flask, service: EngineService) -> None:
         body = {"status": service.status, "queue_depth": service.queue.depth, "max_queue": service.queue.max_waiting,
                 "busy": service.queue.busy, "running": service.queue.running, "max_batch": service.queue.max_running}
         if engine is not None:
-            body.update(family=engine.family, mode=engine.mode, device=str(engine.device),
-                        dtype=str(engine.dtype).removeprefix("torch."),
+            body.update(family=engine.family, mode=engine.mode, mode_reason=engine.mode_reason,
+                        device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
                         sample_rate=engine.sample_rate, can_see=engine.can_see)
         if service.load_error:
             body["error"] = service.load_error

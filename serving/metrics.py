@@ -33,7 +33,10 @@ class Metrics:
                                         ["status"], registry=self.registry)
 
     def watch(self, engine: OmniEngine) -> None:
-        """Also report the engine's batching: requests decoding together, steps and step time by batch size."""
+        """Also report the engine's mode, and its batching: requests decoding together, steps and step time by
+        batch size."""
+        Gauge("omni_mode", "The engine's mode (with --mode auto, the one it chose) as a label; always 1", ["mode"],
+              registry=self.registry).labels(engine.mode).set(1)
         self.registry.register(BatchCollector(engine))
 
 

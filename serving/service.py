@@ -154,7 +154,8 @@ class EngineService:
             self.queue.set_max_running(engine.scheduler.max_batch)
             self.metrics.watch(engine)
             self.engine = engine
-            log.info("ready: %s on %s (%s)", engine.family, engine.device, engine.dtype)
+            log.info("ready: %s on %s (%s), %s mode: %s", engine.family, engine.device, engine.dtype, engine.mode,
+                     engine.mode_reason)
         except Exception as e:  # any load failure is reported by /health instead of killing the server
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("engine failed to load: %s", self.load_error)

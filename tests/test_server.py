@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from omni.audio import SAMPLE_RATE
+from omni.auto import FORCED_REASON
 from omni.codec import LOOKAHEAD_FRAMES
 from tests.conftest import ROOT
 from tests.http_client import Server
@@ -46,6 +47,7 @@ def test_health(server):
     health = server.get_json("/health")
     assert health["status"] == "ready" and health["family"] == "mini-omni"
     assert health["device"] == "cpu" and health["dtype"] == "float32" and health["can_see"] is False
+    assert health["mode"] == "exact" and health["mode_reason"] == FORCED_REASON  # the tests' server: --mode exact
 
 
 def test_index_page_names_the_routes(server):
@@ -238,7 +240,7 @@ def test_metrics(server):
                  "omni_time_to_first_chunk_seconds_bucket", "omni_real_time_factor_count", "omni_queue_depth",
                  "omni_in_flight", "process_resident_memory_bytes", "omni_queue_wait_seconds_count",
                  "omni_max_batch 2.0", "omni_batch_requests", 'omni_decode_steps_total{batch="1"}',
-                 'omni_decode_step_seconds_total{batch="1"}'):
+                 'omni_decode_step_seconds_total{batch="1"}', 'omni_mode{mode="exact"} 1.0'):
         assert line in text
 
 
