@@ -16,11 +16,10 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from .audio import OUTPUT_SAMPLE_RATE, float_to_pcm
+from .audio import float_to_pcm
 from .errors import CheckpointError
 from .sampling import GAPLESS_JOINS, JOINS, OFFICIAL_JOINS
 from .snac_stream import DecoderState, StreamingDecoder

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +15,14 @@ import torch
 from tokenizers import Tokenizer
 
 from .audio import (
-    N_SAMPLES, SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel, pad_or_trim, pcm_to_float, trimmed_length,
+    N_SAMPLES, OUTPUT_SAMPLE_RATE, SAMPLE_RATE, AudioSource, feature_frames, load_audio, log_mel, pad_or_trim,
+    trimmed_length,
 )
 from .auto import FORCED_REASON, resolve_auto
 from .batch import Job, Scheduler, Setup
 from .checkpoint import TOKENIZER_FILE, clip_path, ensure_checkpoint, load_lm, snac_dir, whisper_path
 from .clip import VisionTower, load_vision_tower
-from .codec import OUTPUT_SAMPLE_RATE, AnswerAudio, Frame, SnacCodec
+from .codec import AnswerAudio, Frame, SnacCodec
 from .config import CONFIG_FILE, ModelConfig
 from .device import resolve_device, resolve_dtype
 from .errors import CheckpointError
@@ -33,14 +34,16 @@ from .runtime import (
 from .sampling import GenerationConfig
 from .tokens import IMAGE_PROMPT_EXTRA, PROMPT_EXTRA, Task, TextStream, build_image_prompt, build_prompt
 from .tuning import Overrides
+from .results import OmniChunk, OmniResult, Timings
 from .units import drain
 
 WARMUP_SECONDS = 1.0
 WARMUP_TONE_HZ = 220.0
 WARMUP_LEVEL = 0.3
 WARMUP_STEPS = 12  # enough decode steps for one audio chunk
-# Requests decoding together (`max_batch`), by device: on a 2-core CPU a step of 2 requests cost 1.05x one,
-# of 4 requests 2.2x (bench.py --concurrency, README "Many at once"); a GPU has room for dozens (not measured).
+# Requests decoding together (`max_batch`), by device: on a 2-core CPU (AMD EPYC, 2026-12-02) a fast step of
+# 2 requests cost 1.25x one, of 4 requests 1.47x, exact 1.62x and 1.88x, while each answer must keep real
+# time (bench.py --concurrency, docs/performance.md "Many at once"); a GPU has room for dozens (not measured).
 DEFAULT_MAX_BATCH = {"cpu": 2, "cuda": 32}
 
 Cancel = threading.Event | Callable[[], bool] | None
@@ -54,43 +57,6 @@ class Prepared:
     decoder: SpeechDecoder | TextDecoder
     audio_features: torch.Tensor | None = None  # (B, L, whisper_dim)
     image_features: torch.Tensor | None = None  # (B, 50, vision_dim)
-
-
-@dataclass
-class Timings:
-    """Where one request's time went, in seconds, recorded by the engine as it answers."""
-
-    audio_decode: float = 0.0
-    queue_wait: float = 0.0  # submitted to the scheduler -> its first unit of work
-    image_load: float = 0.0
-    mel: float = 0.0
-    encoder: float = 0.0
-    clip: float = 0.0
-    prefill: float = 0.0  # the prompt through the model and the first tokens sampled
-    decode_steps: list[float] = field(default_factory=list)  # one model step and its sampling each
-    snac: list[float] = field(default_factory=list)  # one audio chunk's decoding each
-
-
-@dataclass(frozen=True)
-class OmniChunk:
-    """One piece of a streamed answer."""
-
-    pcm: bytes  # int16 little-endian mono 24 kHz audio; b"" for text-only tasks
-    text: str  # answer text added since the previous chunk
-    steps: tuple[Step, ...] = ()  # the tokens decided since the previous chunk
-
-
-@dataclass(frozen=True)
-class OmniResult:
-    """A whole answer: the joined chunks plus the token streams in the official order."""
-
-    pcm: bytes
-    text: str
-    streams: list[list[int]] = field(default_factory=list)  # 0-6 audio layers (local ids), 7 text
-
-    @property
-    def wave(self) -> np.ndarray:
-        return pcm_to_float(self.pcm)
 
 
 class OmniEngine:

@@ -9,7 +9,7 @@ from math import gcd
 
 import numpy as np
 
-from omni import INPUT_SAMPLE_RATE, float_to_pcm, pcm_to_float  # the one pcm<->float pair, for the loop's users
+from omni import INPUT_SAMPLE_RATE, float_to_pcm, pcm_to_float  # noqa: F401 - the one pcm<->float pair, for the loop's users
 
 MIC_RATE = INPUT_SAMPLE_RATE  # Hz: what the microphone delivers and Silero VAD and the engine read
 FRAME_SAMPLES = 512  # samples per loop frame: Silero's window at 16 kHz

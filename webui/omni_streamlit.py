@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 # `webui` is importable because ./setup.sh installs this project (pip install -e .).
 from webui.client import Answer, Health, OmniClient, ServerError, add_server_arguments, server_options
