@@ -38,7 +38,7 @@ import time
 import wave
 from pathlib import Path
 
-from omni import OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME, Step, Task, prompt_length
+from omni import OUTPUT_SAMPLE_RATE, SECONDS_PER_FRAME, Step, Task, prompt_length
 from omni.machine import cache_dir, cpu_info
 from utils.bench_model import memory_floor, products_summary
 from utils.bench_report import print_concurrency, print_table
@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_INPUT = ROOT / "data" / "samples" / "output4.wav"
 CACHE_DIR = cache_dir() / "bench-full"
 CACHE_DIR_V2 = CACHE_DIR.with_name("bench-full-v2")
-FRAME_MS = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE * 1000  # audio per decode step: real time needs a step under this
 DEFAULT_STEPS = 40  # decode steps per request after the prompt
 
 
@@ -113,7 +112,7 @@ def timing(engine, args: argparse.Namespace, audio: dict, samples) -> dict:
               "decode_step_ms_best": min(steps) * 1000, **floor,
               "snac_chunk_ms_p50": p([s for r in warm for s in r["snac_chunk_s"]], 0.5) * 1000,
               "first_chunk_cold_s": cold["first_chunk_s"], "steps": warm[0]["steps"],
-              "rtf": p(steps, 0.5) * 1000 / FRAME_MS, "peak_rss_mb": peak_rss_mb(), "steady_rss_mb": steady_rss}
+              "rtf": p(steps, 0.5) / SECONDS_PER_FRAME, "peak_rss_mb": peak_rss_mb(), "steady_rss_mb": steady_rss}
     result["floor_multiple"] = result["decode_step_ms_p50"] / floor["floor_ms"]
     result["floor_multiple_best"] = result["decode_step_ms_best"] / floor["floor_ms"]
     if not args.image:

@@ -8,7 +8,8 @@ from .audio import (
 )
 from .checkpoint import HUB_REPOS, snac_dir
 from .codec import (
-    LEVEL_OF_SLOT, N_LEVELS, SAMPLES_PER_FRAME, Frame, SnacCodec, frames_to_codes, frames_to_streams, streams_to_frames,
+    LEVEL_OF_SLOT, N_LEVELS, SAMPLES_PER_FRAME, SECONDS_PER_FRAME, Frame, SnacCodec, frames_to_codes, frames_to_streams,
+    streams_to_frames,
 )
 from .device import resolve_device
 from .engine import DEFAULT_MAX_BATCH, OmniChunk, OmniEngine, OmniResult, prompt_length
@@ -31,7 +32,7 @@ __all__ = [
     "DEFAULT_TOP_K", "DEFAULT_TOP_P", "EOA", "EOT", "FAMILIES", "Frame", "GenerationConfig", "INPUT_SAMPLE_RATE",
     "ImageInputError", "LEVEL_OF_SLOT", "MODE_NAMES", "N_AUDIO_LAYERS", "N_LEVELS", "OFFICIAL_JOINS",
     "OUTPUT_SAMPLE_RATE", "OmniChunk", "OmniEngine", "OmniError", "OmniResult", "Overrides", "PAD_T",
-    "PCM_SAMPLE_WIDTH", "PCM_SCALE", "SAMPLES_PER_FRAME", "SnacCodec", "Step", "Task", "fit_image", "float_to_pcm",
-    "frames_to_codes", "frames_to_streams", "load_audio", "pcm_to_float", "prompt_length", "resolve_device", "snac_dir",
-    "streams_to_frames", "sweep_stale_temp_dirs", "to_streams",
+    "PCM_SAMPLE_WIDTH", "PCM_SCALE", "SAMPLES_PER_FRAME", "SECONDS_PER_FRAME", "SnacCodec", "Step", "Task",
+    "fit_image", "float_to_pcm", "frames_to_codes", "frames_to_streams", "load_audio", "pcm_to_float",
+    "prompt_length", "resolve_device", "snac_dir", "streams_to_frames", "sweep_stale_temp_dirs", "to_streams",
 ]

@@ -14,12 +14,11 @@ from typing import Any, Protocol
 
 import torch
 
-from .audio import OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH
-from .codec import SAMPLES_PER_FRAME
+from .audio import PCM_SAMPLE_WIDTH
+from .codec import SAMPLES_PER_FRAME, SECONDS_PER_FRAME
 from .config import ModelConfig
 from .tuning import Overrides, measured_once
 
-FRAME_SECONDS = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE  # 85.3 ms: the audio one decode step adds
 # Exact mode's share of each frame's playing time at most: the rest is margin for the encoder's turn, a
 # second request in the batch and whatever else the machine is doing, so the audio never runs dry.
 REALTIME_SHARE = 0.70
@@ -46,9 +45,9 @@ class ModeChoice:
 
 def choose_mode(step_s: float, snac_frame_s: float) -> ModeChoice:
     """exact if a decode step plus SNAC per frame (seconds) fits in REALTIME_SHARE of a frame, else fast."""
-    share = (step_s + snac_frame_s) / FRAME_SECONDS
+    share = (step_s + snac_frame_s) / SECONDS_PER_FRAME
     why = (f"exact decode step {step_s * 1e3:.1f} ms + SNAC {snac_frame_s * 1e3:.1f} ms per frame = {share:.0%} "
-           f"of a frame's {FRAME_SECONDS * 1e3:.1f} ms of audio")
+           f"of a frame's {SECONDS_PER_FRAME * 1e3:.1f} ms of audio")
     if share <= REALTIME_SHARE:
         return ModeChoice("exact", f"{why}, within {REALTIME_SHARE:.0%}")
     return ModeChoice("fast", f"{why}, over {REALTIME_SHARE:.0%}")

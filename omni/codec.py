@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from .audio import float_to_pcm
+from .audio import OUTPUT_SAMPLE_RATE, float_to_pcm
 from .errors import CheckpointError
 from .sampling import GAPLESS_JOINS, JOINS, OFFICIAL_JOINS
 from .snac_stream import DecoderState, StreamingDecoder
 from .tokens import AUDIO_CODES, N_AUDIO_LAYERS
 
 SAMPLES_PER_FRAME = 2048  # hop 512 x 4 level-2 codes: 85.3 ms of audio per decode step
+SECONDS_PER_FRAME = SAMPLES_PER_FRAME / OUTPUT_SAMPLE_RATE  # real time needs a decode step (and its SNAC) under this
 LEVEL_OF_SLOT = (0, 1, 2, 2, 1, 2, 2)  # which SNAC level each of a frame's 7 tokens belongs to
 N_LEVELS = 3
 # Decode steps before frame 0 is complete: layer 6 lags the prefill token by 7 positions.

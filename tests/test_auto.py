@@ -8,7 +8,8 @@ import torch
 import omni.auto
 import realtime_vad_player
 import server
-from omni.auto import FORCED_REASON, FRAME_SECONDS, REALTIME_SHARE, choose_mode, resolve_auto
+from omni.auto import FORCED_REASON, REALTIME_SHARE, choose_mode, resolve_auto
+from omni.codec import SECONDS_PER_FRAME
 from omni.config import ModelConfig
 from omni.linear import Int8Head
 from omni.rowkernels import RowsHead
@@ -32,8 +33,9 @@ def fake_measure(monkeypatch):
 
 
 def test_the_choice_is_exact_within_the_share_and_fast_over_it():
-    within = choose_mode(step_s=FRAME_SECONDS * REALTIME_SHARE * 0.7, snac_frame_s=FRAME_SECONDS * REALTIME_SHARE * 0.2)
-    over = choose_mode(step_s=FRAME_SECONDS * REALTIME_SHARE * 0.9, snac_frame_s=FRAME_SECONDS * REALTIME_SHARE * 0.2)
+    budget = SECONDS_PER_FRAME * REALTIME_SHARE
+    within = choose_mode(step_s=budget * 0.7, snac_frame_s=budget * 0.2)
+    over = choose_mode(step_s=budget * 0.9, snac_frame_s=budget * 0.2)
     assert within.mode == "exact" and "within 70%" in within.reason
     assert over.mode == "fast" and "over 70%" in over.reason and "85.3 ms" in over.reason
 
@@ -45,7 +47,7 @@ def test_a_gpu_runs_exact_without_measuring(fake_measure):
 
 @pytest.mark.parametrize("share, mode", [(0.5, "exact"), (1.5, "fast")])
 def test_auto_loads_the_mode_the_measurement_chose_once_per_machine(tiny_ckpt, tmp_path, fake_measure, share, mode):
-    fake_measure.seconds = {"step": FRAME_SECONDS * share, "snac_frame": 0.0}
+    fake_measure.seconds = {"step": SECONDS_PER_FRAME * share, "snac_frame": 0.0}
     engines = [OmniEngine(tiny_ckpt, device="cpu", mode="auto", overrides=Overrides(cache=tmp_path))
                for _ in range(2)]
     assert fake_measure.calls == 1  # the second load read the cached measurement
