@@ -16,13 +16,12 @@ import os
 
 from omni import AUTO_MODE, DEFAULT_MAX_BATCH, MODE_NAMES, sweep_stale_temp_dirs
 from omni_engine import MODE_HELP
-from serving.app import DEFAULT_MAX_BYTES, create_app
-from serving.asgi import WsgiBridge, combine
-from serving.realtime.transport import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SESSIONS, RealtimeEndpoint
+from serving.app import DEFAULT_MAX_BYTES
+from serving.realtime.transport import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SESSIONS
 from serving.security import ANY_ORIGIN, API_KEY_ENV, AccessPolicy, RedactQuery, is_loopback_bind
 from serving.service import EngineService
+from serving.stack import DEFAULT_MAX_QUEUE, asgi_app
 
-THREADS_BESIDE_QUEUE = 3  # /health, /metrics and a spare beside the admitted (running and waiting) requests
 CONNECTION_LIMIT = 100  # open connections beyond which uvicorn answers 503
 WS_MAX_FRAME = 8 * 1024 * 1024  # largest WebSocket message: 30 s of pcm16 24 kHz is 1.4 MB, 1.9 MB in base64
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; a longer URL is refused
@@ -48,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=None,
                    help=f"requests decoded together in one batch (default: {DEFAULT_MAX_BATCH['cpu']} on CPU, "
                         f"{DEFAULT_MAX_BATCH['cuda']} on a GPU)")
-    p.add_argument("--max-queue", type=int, default=4, help="requests that may wait behind the running ones")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests that may wait behind the running ones")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,
                    help="open /v1/realtime sessions at most; more are refused at the handshake")
@@ -94,30 +94,20 @@ def main(argv: list[str] | None = None) -> None:
                                                      max_batch=args.max_batch), args.max_queue)
     service.start()
     policy = AccessPolicy(args.api_key, frozenset(args.allow_origin), frozenset(args.allow_host))
-    # A thread for every request the service admits (the engine's batch and the queue behind it), and spares.
-    http = WsgiBridge(create_app(service, args.max_bytes, policy), args.max_bytes,
-                      lambda: service.capacity + THREADS_BESIDE_QUEUE)
-    realtime = RealtimeEndpoint(service, args.max_sessions, access=policy_check(policy),
-                                idle_timeout_s=args.idle_timeout)
-    app = combine(http, {"/v1/realtime": realtime})
+    app = asgi_app(service, policy, args.max_bytes, args.max_sessions, args.idle_timeout)
     warn_if_exposed(args, log)
     log.info("listening on http://%s:%d (WebSocket: ws://%s:%d/v1/realtime)", args.host, args.port, args.host,
              args.port)
     # uvicorn: one asyncio loop for all sockets (HTTP and WebSocket); Flask runs on the bridge's threads,
     # which also refuse a body over --max-bytes from its declared length or as soon as it passes it.
-    uvicorn.run(app, host=args.host, port=args.port, ws="websockets-sansio", ws_max_size=WS_MAX_FRAME,
+    # h11 and asyncio by name: uvicorn would pick httptools and uvloop where installed (the [ray] extra installs
+    # them), and httptools ignores the header limit below.
+    uvicorn.run(app, host=args.host, port=args.port, http="h11", loop="asyncio", ws="websockets-sansio",
+                ws_max_size=WS_MAX_FRAME,
                 ws_per_message_deflate=False, lifespan="off", limit_concurrency=CONNECTION_LIMIT,
                 h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
                 server_header=False,
                 headers=[("server", "mini-omni")], log_config=None, access_log=False)
-
-
-def policy_check(policy: AccessPolicy):
-    """The WebSocket handshake's check: the same Host, Origin and API-key rules as the HTTP routes."""
-    def check(environ: dict) -> tuple[int, str] | None:
-        refusal = policy.refusal(environ)
-        return None if refusal is None else (refusal.status, refusal.message)
-    return check
 
 
 if __name__ == "__main__":
