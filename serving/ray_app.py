@@ -35,7 +35,7 @@ from .stack import DEFAULT_MAX_QUEUE, asgi_app
 
 log = logging.getLogger("omni.ray")
 
-REPLICA_HEADER = b"x-omni-replica"  # names the replica (its Ray actor) that answered an HTTP request
+REPLICA_HEADER = b"x-omni-replica"  # names the replica (its Ray actor) that answered a request or session
 HEALTH_CHECK_PERIOD_S = 5.0  # how often Ray asks a replica whether its engine is ready
 HEALTH_CHECK_TIMEOUT_S = 30.0  # a replica that does not answer within this is unhealthy
 METRICS_PERIOD_S = 5.0  # how often a replica copies its Prometheus metrics into Ray's metrics export
@@ -116,10 +116,10 @@ def build_app(args: dict) -> Application:
 
 
 def with_replica_header(app: AsgiApp, replica: str) -> AsgiApp:
-    """`app`, naming the replica in every HTTP response (which replica answered, for logs and tests)."""
+    """`app`, naming the replica in every HTTP response and WebSocket handshake (which replica answered)."""
     async def tagged(scope: Scope, receive: Receive, send: Send) -> None:
         async def send_tagged(message: dict) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] in ("http.response.start", "websocket.accept"):
                 message = {**message, "headers": [*message.get("headers", []), (REPLICA_HEADER, replica.encode())]}
             await send(message)
         await app(scope, receive, send_tagged)
