@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from types import UnionType
 from dataclasses import asdict, dataclass, field, fields
+from typing import get_args, get_origin, get_type_hints
 
 from ray import serve
 from ray.serve import Application
@@ -82,12 +84,24 @@ def split_options(args: dict) -> tuple[ServerOptions, ScaleOptions]:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; the server's are {sorted(server_keys)}, the deployment's "
                          f"{sorted(scale_keys)}")
-    server = {k: tuple(v) if k.startswith("allow_") else v for k, v in args.items() if k in server_keys}
-    scale = ScaleOptions(**{k: v for k, v in args.items() if k in scale_keys})
+    server = {k: _typed(ServerOptions, k, v) for k, v in args.items() if k in server_keys}
+    scale = ScaleOptions(**{k: _typed(ScaleOptions, k, v) for k, v in args.items() if k in scale_keys})
     if scale.num_replicas is None and not 1 <= scale.min_replicas <= scale.max_replicas:
         raise ValueError(f"autoscaling needs 1 <= min_replicas <= max_replicas, got {scale.min_replicas} and "
                          f"{scale.max_replicas}")
     return ServerOptions(**server), scale
+
+
+def _typed(options: type, name: str, value: object) -> object:
+    """`value` as the field's type: `serve run ... key=value` gives strings, a config file YAML's types."""
+    hint = get_type_hints(options)[name]
+    if isinstance(hint, UnionType):  # `int | None`: the int
+        hint = next(t for t in get_args(hint) if t is not type(None))
+    if get_origin(hint) is tuple:
+        return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+    if isinstance(value, str) and hint in (int, float):
+        return hint(value)
+    return value
 
 
 def deployment_options(server: ServerOptions, scale: ScaleOptions) -> dict:

@@ -131,10 +131,10 @@ def test_concurrent_requests_land_on_both_replicas_and_each_reports_its_metrics(
             if line.startswith("ray_omni_requests_total{") and 'outcome="completed"' in line:
                 replica = re.search(r'replica="([^"]+)"', line).group(1)
                 found[replica] = float(line.rsplit(" ", 1)[1])
-        return found if len(found) == REPLICAS else None
+        return found if len(found) == REPLICAS and sum(found.values()) >= len(answers) else None
 
     counts = poll("each replica's request count in Ray's metrics", per_replica, METRICS_TIMEOUT_S)
-    assert sum(counts.values()) >= 4 and all(n >= 1 for n in counts.values())
+    assert all(n >= 1 for n in counts.values())
 
 
 def test_realtime_session_through_the_proxy(proxy):
@@ -190,7 +190,8 @@ def test_a_replica_whose_checkpoint_fails_is_unhealthy(cluster, tmp_path):
             return app if app is not None and app.status == "DEPLOY_FAILED" else None
 
         app = poll("the broken application to fail", failed)
-        assert "no checkpoint" in app.deployments["mini-omni"].message
+        message = app.deployments["mini-omni"].message  # Ray's reason names check_health's
+        assert "the engine is failed" in message and "lacks model_config.yaml" in message
         assert Proxy(cluster[0]).get("/broken/health")[0] != 200  # not routed to
     finally:
         serve.delete("broken")
