@@ -18,6 +18,7 @@ from omni import AUTO_MODE, DEFAULT_MAX_BATCH, MODE_NAMES, sweep_stale_temp_dirs
 from omni_engine import MODE_HELP
 from serving.app import DEFAULT_MAX_BYTES, create_app
 from serving.asgi import WsgiBridge, combine
+from serving.openai_errors import reshape_bridge_errors
 from serving.realtime.transport import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_SESSIONS, RealtimeEndpoint
 from serving.security import ANY_ORIGIN, API_KEY_ENV, AccessPolicy, RedactQuery, is_loopback_bind
 from serving.service import EngineService
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     # A thread for every request the service admits (the engine's batch and the queue behind it), and spares.
     http = WsgiBridge(create_app(service, args.max_bytes, policy), args.max_bytes,
                       lambda: service.capacity + THREADS_BESIDE_QUEUE)
+    http = reshape_bridge_errors(http)  # its own refusals (a body over --max-bytes) in OpenAI's shape on /v1/
     realtime = RealtimeEndpoint(service, args.max_sessions, access=policy_check(policy),
                                 idle_timeout_s=args.idle_timeout)
     app = combine(http, {"/v1/realtime": realtime})
