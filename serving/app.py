@@ -11,6 +11,7 @@ from omni import CHUNK_SECONDS, INPUT_SAMPLE_RATE, OmniChunk, OmniEngine, load_a
 from .asgi import DISCONNECTED_KEY
 from .formats import MIMETYPES, PCM_HEADERS, encode
 from .index import index_html
+from .openai_audio import register as register_openai
 from .parse import ApiError, ChatRequest, parse_chat
 from .security import AccessPolicy
 from .service import EngineService, Record, Refused
@@ -49,6 +50,7 @@ def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
     _add_guard(app, policy or AccessPolicy(), max_bytes)
     _add_info_routes(app, service)
     _add_chat(app, service)
+    register_openai(app, service)  # /v1/models, /v1/audio/*, /v1/chat/completions
     return app
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .app import create_app
 from .asgi import AsgiApp, WsgiBridge, combine
+from .openai_errors import reshape_bridge_errors
 from .realtime.transport import RealtimeEndpoint
 from .security import AccessPolicy
 from .service import EngineService
@@ -30,5 +31,6 @@ def asgi_app(service: EngineService, policy: AccessPolicy, max_bytes: int, max_s
     # A thread for every request the service admits (the engine's batch and the queue behind it), and spares.
     http = WsgiBridge(create_app(service, max_bytes, policy), max_bytes,
                       lambda: service.capacity + THREADS_BESIDE_QUEUE)
+    http = reshape_bridge_errors(http)  # its own refusals (a body over --max-bytes) in OpenAI's shape on /v1/
     realtime = RealtimeEndpoint(service, max_sessions, access=policy_check(policy), idle_timeout_s=idle_timeout_s)
     return combine(http, {"/v1/realtime": realtime})
