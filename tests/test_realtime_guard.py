@@ -378,3 +378,28 @@ def test_a_client_that_does_not_read_is_closed_with_a_reason(server):
     code, reason = int.from_bytes(payload[:2], "big"), payload[2:].decode()
     assert code == POLICY_VIOLATION and "not reading" in reason and "MAX_UNSENT_BYTES" in reason, (code, reason)
     assert peak[0] - before < RSS_GROWTH_MB, (before, peak[0])
+
+
+def test_the_oldest_audio_is_dropped_past_the_session_bound_and_its_item_stays_listed(monkeypatch):
+    from serving.realtime import conversation
+    from serving.realtime.protocol import ProtocolError
+    from serving.realtime.session import RealtimeSession
+    from tests.test_realtime_session import FakeRunner, tone
+    session = RealtimeSession(FakeRunner())
+    one = 16000 * 4  # bytes kept of 1 s of audio: float32 at 16 kHz
+    monkeypatch.setattr(conversation, "MAX_KEPT_BYTES", 3 * one)
+    ids = [f"item_{i}" for i in range(5)]
+    for item_id in ids:
+        session.handle({"type": "conversation.item.create", "item": {
+            "id": item_id, "type": "message", "role": "user",
+            "content": [{"type": "input_audio", "audio": b64(tone(1.0))}]}})
+    items = session.conversation.items
+    assert list(items) == ids  # every item still listed
+    assert [items[i].audio is None for i in ids] == [True, True, False, False, False]
+    assert sum(item.kept_bytes for item in items.values()) <= 3 * one
+    retrieved = session.handle({"type": "conversation.item.retrieve", "item_id": ids[0]})[0]
+    assert retrieved["item"]["id"] == ids[0] and retrieved["item"]["content"][0]["type"] == "input_audio"
+    with pytest.raises(ProtocolError, match="MAX_KEPT_BYTES") as dropped:
+        session.conversation.question(ids[0])
+    assert dropped.value.code == "item_audio_dropped"
+    assert session.conversation.question()[0].id == ids[-1]  # the newest is answered as before
