@@ -379,3 +379,29 @@ def test_page_client_sends_the_api_key(guarded, monkeypatch):
     monkeypatch.setenv("MINI_OMNI_API_KEY", API_KEY)
     with pytest.raises(ServerError, match="could not decode"):  # past the key check
         list(OmniClient(url).ask(b"not audio"))
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header says `width` x `height` (its data is a 1 x 1 image's): only the header is honest."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+    out = io.BytesIO()
+    Image.new("L", (1, 1)).save(out, format="PNG")
+    data = out.getvalue()
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+
+
+def test_image_pixels_are_bounded_from_the_header_before_decoding():
+    from omni.errors import ImageInputError
+    from omni.image import MAX_DECODED_PIXELS, open_image
+    side = 12_000  # 144 MP, the issue's PNG: under PIL's own bomb limit, over ours
+    assert side * side > MAX_DECODED_PIXELS
+    with pytest.raises(ImageInputError, match="MAX_DECODED_PIXELS") as refused:
+        open_image(_png_claiming(side, side))
+    assert f"{side} x {side}" in str(refused.value)
+    with pytest.raises(ImageInputError, match="corrupt or truncated"):  # within the bound: decoded, and found short
+        open_image(_png_claiming(400, 300))
