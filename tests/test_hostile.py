@@ -446,3 +446,16 @@ def test_an_unreadable_checkpoint_directory_is_named(tiny_ckpt, tmp_path):
     assert f"cannot read checkpoint directory {locked}" in api.stdout, api.stdout + api.stderr
     assert cli.returncode == 1 and cli.stderr.count("\n") == 1, cli.stderr
     assert cli.stderr.startswith(f"error: cannot read checkpoint directory {locked}") and "Errno" not in cli.stderr
+
+
+@pytest.mark.parametrize("where, status", [("line", 414), ("header", 431)])
+def test_a_huge_request_head_gets_a_json_answer_not_a_reset(server, where, status):
+    import requests
+
+    from server import MAX_HEADER_BYTES
+    huge = "a" * 300_000  # the request line
+    url = f"http://127.0.0.1:{server.port}/requests/" + (huge if where == "line" else "x")
+    response = requests.get(url, headers={"X-Padding": huge} if where == "header" else {}, timeout=60)
+    assert response.status_code == status and response.headers["Content-Type"] == "application/json"
+    assert str(MAX_HEADER_BYTES) in response.json()["error"]
+    assert server.get("/health")[0] == 200
