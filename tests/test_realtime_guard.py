@@ -257,7 +257,8 @@ IDLE_S = 1.0  # the idle timeout of the test's server
 
 @pytest.fixture(scope="module")
 def idle_server(tiny_ckpt, tmp_path_factory):
-    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("rt-idle-tmp"), "--idle-timeout", str(IDLE_S))
+    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("rt-idle-tmp"), "--idle-timeout", str(IDLE_S),
+                 "--max-sessions", "1")
     yield srv
     srv.stop()
 
@@ -282,6 +283,19 @@ def test_an_idle_session_is_closed_with_a_reason_and_its_slot_freed(idle_server)
     while metric(idle_server, "omni_realtime_sessions") != 0:  # the slot is free for the next client
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_a_refused_session_is_told_when_to_retry(idle_server):
+    from serving.realtime.transport import SESSION_RETRY_AFTER_S
+    url = f"ws://127.0.0.1:{idle_server.port}/v1/realtime"
+    with websockets_sync.connect(url) as ws:
+        strict(ws.recv())
+        with pytest.raises(websockets_exceptions.InvalidStatus) as refused:
+            websockets_sync.connect(url)
+    response = refused.value.response
+    assert response.status_code == 503 and response.headers["Retry-After"] == str(SESSION_RETRY_AFTER_S)
+    message = json.loads(response.body)["error"]
+    assert "--max-sessions" in message and f"retry in {SESSION_RETRY_AFTER_S} s" in message
 
 
 # A client that sends and never reads, spoken to over a bare socket: a WebSocket library would read for it.
