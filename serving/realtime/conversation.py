@@ -24,7 +24,7 @@ MAX_ITEMS = 256  # conversation items kept; older ones are forgotten (the model 
 MAX_TEXT_CHARS = 8192
 # Bytes of user audio (float32 16 kHz: 1.9 MB per 30 s) and images one session keeps; its text is bounded by
 # MAX_TEXT_CHARS x MAX_ITEMS. Past it the oldest audio goes first, then the oldest images: the items stay listed
-# (id, transcript), and only the model would have read them again (for a response asked about them).
+# (id, transcript); the bytes mattered only to a later answer about those old items (the model reads no history).
 MAX_KEPT_BYTES = 32 * 1024 * 1024
 IMAGE_DATA_PREFIX = "data:"
 
