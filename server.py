@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from omni_engine import OmniEngine
+    from serving.http11 import LimitedH11Protocol
 
     log = logging.getLogger("omni.server")
     if swept := sweep_stale_temp_dirs():
@@ -100,10 +101,10 @@ def main(argv: list[str] | None = None) -> None:
              args.port)
     # uvicorn: one asyncio loop for all sockets (HTTP and WebSocket); Flask runs on the bridge's threads,
     # which also refuse a body over --max-bytes from its declared length or as soon as it passes it.
-    # h11 and asyncio by name: uvicorn would pick httptools and uvloop where installed (the [ray] extra installs
-    # them), and httptools ignores the header limit below.
-    uvicorn.run(app, host=args.host, port=args.port, http="h11", loop="asyncio", ws="websockets-sansio",
-                ws_max_size=WS_MAX_FRAME,
+    # Our h11 protocol (it answers an over-long request line) and asyncio by name: uvicorn would otherwise pick
+    # httptools and uvloop where installed (the [ray] extra installs them), and httptools ignores the header limit.
+    uvicorn.run(app, host=args.host, port=args.port, http=LimitedH11Protocol, loop="asyncio",
+                ws="websockets-sansio", ws_max_size=WS_MAX_FRAME,
                 ws_per_message_deflate=False, lifespan="off", limit_concurrency=CONNECTION_LIMIT,
                 h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
                 server_header=False,

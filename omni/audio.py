@@ -43,6 +43,7 @@ ACCEPTED_FORMATS_TEXT = "WAV, FLAC, MP3, Ogg/Opus/Vorbis, WebM/Matroska, MP4/M4A
 TEMP_PREFIX = "omni-audio-"  # followed by the owning process id
 STDERR_TAIL_BYTES = 4096  # of ffmpeg's error output, read for the message
 ERROR_CHARS = 200  # longest decoder message passed on
+MAX_CHANNELS = 8  # an (N, channels) array with more columns than this is taken for channels-first, and refused
 
 AudioSource = str | Path | bytes | np.ndarray
 
@@ -145,6 +146,9 @@ def _from_array(samples: np.ndarray, sample_rate: int | None, timeout_s: float) 
         raise AudioInputError(f"audio array must hold integer or float samples, got dtype {samples.dtype}")
     if samples.dtype.kind in "iu":  # int16 PCM
         samples = pcm_to_float(samples)
+    if samples.ndim == 2 and samples.shape[1] > MAX_CHANNELS:
+        raise AudioInputError(f"audio array of shape {samples.shape} looks channels-first; pass (N, channels) "
+                              f"samples (at most {MAX_CHANNELS} channels), e.g. array.T")
     if samples.ndim == 2:  # (N, channels) -> mono
         samples = samples.mean(axis=1)
     if samples.ndim != 1:

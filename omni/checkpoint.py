@@ -6,6 +6,7 @@ holds two copies of them.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import urllib.request
 from pathlib import Path
@@ -43,9 +44,15 @@ def ensure_checkpoint(ckpt_dir: str | Path, family: str = "mini-omni") -> Path:
     if family not in HUB_REPOS:
         raise ValueError(f"unknown model family {family!r}; choose one of {sorted(HUB_REPOS)}")
     ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.exists():
-        download_checkpoint(ckpt_dir, family)
-    missing = [name for name in REQUIRED_FILES if not (ckpt_dir / name).is_file()]
+    try:
+        if not ckpt_dir.exists():
+            download_checkpoint(ckpt_dir, family)
+        if ckpt_dir.is_dir():
+            os.listdir(ckpt_dir)  # a directory this user may not read fails here, not later with a bare errno
+        missing = [name for name in REQUIRED_FILES if not (ckpt_dir / name).is_file()]
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint directory {ckpt_dir}: {e.strerror or e} (check that this user "
+                              "may read it and its files)") from e
     if missing:
         raise CheckpointError(
             f"checkpoint directory {ckpt_dir} lacks {', '.join(missing)}. It needs {', '.join(REQUIRED_FILES)} "

@@ -23,6 +23,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Beyond this many source pixels an image is shrunk before the official resize, so a huge file never
 # holds memory in proportion to its size. 50 MP keeps every common camera photo on the exact path.
 MAX_SOURCE_PIXELS = 50_000_000
+# The most pixels decoded at full size, read from the header before any decoding (after a JPEG's draft,
+# which decodes at 1/2, 1/4 or 1/8 scale): other formats cannot shrink while decoding, so a larger one is
+# refused instead of costing memory in proportion to its pixels (a 161 KB PNG of 144 MP would take 172 MB).
+MAX_DECODED_PIXELS = 64_000_000
 # A longer side beyond this multiple of the short side is cropped away first (the official resize
 # would make a 224 x (224 * ratio) intermediate; the centre crop keeps only the middle anyway).
 MAX_ASPECT = 16
@@ -64,7 +68,12 @@ def _open(file: str | Path | io.BytesIO, what: str) -> Image.Image:
             image = Image.open(file)
             if image.width * image.height > MAX_SOURCE_PIXELS:
                 _shrink_while_decoding(image)
+            if image.width * image.height > MAX_DECODED_PIXELS:
+                raise ImageInputError(f"{what} is {image.width} x {image.height} pixels; at most "
+                                      f"{MAX_DECODED_PIXELS} pixels are decoded (MAX_DECODED_PIXELS): shrink it")
             image.load()
+    except ImageInputError:
+        raise
     except Image.DecompressionBombError as e:
         raise ImageInputError(f"{what} is too large to decode safely ({e})") from e
     except UnidentifiedImageError as e:

@@ -50,11 +50,13 @@ def wsgi_environ(scope: Scope, body: bytes) -> dict[str, Any]:
     return environ
 
 
-async def send_json(send: Send, status: int, body: dict, kind: str = "http", close: bool = False) -> None:
+async def send_json(send: Send, status: int, body: dict, kind: str = "http", close: bool = False,
+                    extra_headers: dict[str, str] | None = None) -> None:
     """A whole JSON response; `kind="websocket"` refuses a WebSocket handshake with it; `close` ends the
     connection after it (the rest of an unread body is not read)."""
     data = json.dumps(body).encode()
     headers = [(b"Content-Type", b"application/json"), (b"Content-Length", str(len(data)).encode())]
+    headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (extra_headers or {}).items()]
     if close:
         headers.append((b"Connection", b"close"))
     prefix = "websocket.http" if kind == "websocket" else "http"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -379,3 +381,81 @@ def test_page_client_sends_the_api_key(guarded, monkeypatch):
     monkeypatch.setenv("MINI_OMNI_API_KEY", API_KEY)
     with pytest.raises(ServerError, match="could not decode"):  # past the key check
         list(OmniClient(url).ask(b"not audio"))
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header says `width` x `height` (its data is a 1 x 1 image's): only the header is honest."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+    out = io.BytesIO()
+    Image.new("L", (1, 1)).save(out, format="PNG")
+    data = out.getvalue()
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+
+
+def test_image_pixels_are_bounded_from_the_header_before_decoding():
+    from omni.errors import ImageInputError
+    from omni.image import MAX_DECODED_PIXELS, open_image
+    side = 12_000  # 144 MP, the issue's PNG: under PIL's own bomb limit, over ours
+    assert side * side > MAX_DECODED_PIXELS
+    with pytest.raises(ImageInputError, match="MAX_DECODED_PIXELS") as refused:
+        open_image(_png_claiming(side, side))
+    assert f"{side} x {side}" in str(refused.value)
+    with pytest.raises(ImageInputError, match="corrupt or truncated"):  # within the bound: decoded, and found short
+        open_image(_png_claiming(400, 300))
+
+
+def test_channels_first_stereo_is_refused_naming_its_shape(engine):
+    from omni.errors import AudioInputError
+    stereo = (np.random.default_rng(0).standard_normal((2, SAMPLE_RATE)) * 0.3).astype(np.float32)
+    with pytest.raises(AudioInputError, match=r"\(2, 16000\).*channels-first"):
+        engine.stream(stereo, sample_rate=SAMPLE_RATE)
+    assert engine.run(stereo.T, sample_rate=SAMPLE_RATE, max_tokens=60).text is not None  # (N, 2) is taken
+
+
+def _as_unprivileged(command: list[str]) -> list[str]:
+    """`command` run so that file permissions hold: root ignores them unless it drops its override capabilities."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("runs as root, and setpriv is missing to drop the capability of reading any file")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+def test_an_unreadable_checkpoint_directory_is_named(tiny_ckpt, tmp_path):
+    locked = tmp_path / "locked"
+    shutil.copytree(tiny_ckpt, locked)
+    locked.chmod(0)
+    try:
+        api = subprocess.run(_as_unprivileged([
+            sys.executable, "-c", "from omni_engine import OmniEngine\nfrom omni.errors import CheckpointError\n"
+            f"try:\n    OmniEngine({str(locked)!r}, device='cpu')\nexcept CheckpointError as e:\n    print(e)"]),
+            capture_output=True, text=True, cwd=ROOT, timeout=120)
+        if (api.returncode == 0 and not api.stdout) or api.stderr.startswith("setpriv"):
+            pytest.skip("this user reads a directory without permissions (capabilities could not be dropped)")
+        cli = subprocess.run(_as_unprivileged([sys.executable, str(ROOT / "inference.py"), "--ckpt-dir", str(locked),
+                                               "--task", "T1T2", "--text", "hi"]),
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    finally:
+        locked.chmod(0o755)
+    assert f"cannot read checkpoint directory {locked}" in api.stdout, api.stdout + api.stderr
+    assert cli.returncode == 1 and cli.stderr.count("\n") == 1, cli.stderr
+    assert cli.stderr.startswith(f"error: cannot read checkpoint directory {locked}") and "Errno" not in cli.stderr
+
+
+@pytest.mark.parametrize("where, status", [("line", 414), ("header", 431)])
+def test_a_huge_request_head_gets_a_json_answer_not_a_reset(server, where, status):
+    import requests
+
+    from server import MAX_HEADER_BYTES
+    huge = "a" * 300_000  # the issue's request line
+    url = f"http://127.0.0.1:{server.port}/requests/" + (huge if where == "line" else "x")
+    response = requests.get(url, headers={"X-Padding": huge} if where == "header" else {}, timeout=60)
+    assert response.status_code == status and response.headers["Content-Type"] == "application/json"
+    assert str(MAX_HEADER_BYTES) in response.json()["error"]
+    assert server.get("/health")[0] == 200

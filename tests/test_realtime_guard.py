@@ -3,12 +3,16 @@ get an `error` and the session goes on, frames sent are strict JSON, a pending t
 is not answered, and no API key reaches the server's log."""
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import os
 import random
+import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from tests.http_client import Server
@@ -19,6 +23,7 @@ websockets_exceptions = pytest.importorskip("websockets.exceptions")
 
 KEY = "guard-key-5f1c9e0a7b"
 WRONG_KEY = "wrong-key-0d3a6b8e2c"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 FUZZ_EVENTS = 150  # mutated events sent by the fuzz loop
 FUZZ_SECONDS = 90  # its time bound: it stops early rather than run long on a loaded machine
 RECV_TIMEOUT_S = 60  # a frame that does not come is a hang, not a slow answer
@@ -252,7 +257,8 @@ IDLE_S = 1.0  # the idle timeout of the test's server
 
 @pytest.fixture(scope="module")
 def idle_server(tiny_ckpt, tmp_path_factory):
-    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("rt-idle-tmp"), "--idle-timeout", str(IDLE_S))
+    srv = Server(tiny_ckpt, tmp_path_factory.mktemp("rt-idle-tmp"), "--idle-timeout", str(IDLE_S),
+                 "--max-sessions", "1")
     yield srv
     srv.stop()
 
@@ -277,3 +283,137 @@ def test_an_idle_session_is_closed_with_a_reason_and_its_slot_freed(idle_server)
     while metric(idle_server, "omni_realtime_sessions") != 0:  # the slot is free for the next client
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_a_refused_session_is_told_when_to_retry(idle_server):
+    from serving.realtime.transport import SESSION_RETRY_AFTER_S
+    url = f"ws://127.0.0.1:{idle_server.port}/v1/realtime"
+    with websockets_sync.connect(url) as ws:
+        strict(ws.recv())
+        with pytest.raises(websockets_exceptions.InvalidStatus) as refused:
+            websockets_sync.connect(url)
+    response = refused.value.response
+    assert response.status_code == 503 and response.headers["Retry-After"] == str(SESSION_RETRY_AFTER_S)
+    message = json.loads(response.body)["error"]
+    assert "--max-sessions" in message and f"retry in {SESSION_RETRY_AFTER_S} s" in message
+
+
+# A client that sends and never reads, spoken to over a bare socket: a WebSocket library would read for it.
+SMALL_RCVBUF = 4096  # bytes: the client's socket buffers little, so the server's events back up quickly
+APPEND_BYTES = 2 * 1024 * 1024  # pcm16 per append, the issue's flood: 2 MB frames
+RETRIEVES_PER_APPEND = 60  # each reads back an item of MAX_TEXT_CHARS: about 8 KB of events per 80 B frame
+FLOOD_ROUNDS = 60
+RSS_GROWTH_MB = 64  # the server's memory may grow this much at most while the flood runs
+
+
+def raw_ws(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+    sock.settimeout(RECV_TIMEOUT_S)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /v1/realtime HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Authorization: Bearer {KEY}\r\n\r\n").encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):  # byte by byte: the first event's bytes stay in the socket
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def client_frame(event: dict) -> bytes:
+    """A masked text frame, as RFC 6455 asks of clients."""
+    data = np.frombuffer(json.dumps(event).encode(), np.uint8)
+    mask = np.frombuffer(os.urandom(4), np.uint8)
+    n = len(data)
+    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 1 << 16 else \
+        bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return bytes([0x81]) + size + mask.tobytes() + (data ^ np.resize(mask, n)).tobytes()
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        part = sock.recv(n - len(data))
+        assert part, "the server closed the connection without a close frame"
+        data += part
+    return data
+
+
+def server_frames(sock: socket.socket):
+    """(opcode, payload) of each frame the server sends (unmasked)."""
+    while True:
+        first, second = recv_exact(sock, 2)
+        n = second & 0x7F
+        n = int.from_bytes(recv_exact(sock, 2 if n == 126 else 8), "big") if n >= 126 else n
+        yield first & 0x0F, recv_exact(sock, n)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's memory from /proc")
+def test_a_client_that_does_not_read_is_closed_with_a_reason(server):
+    from serving.realtime.conversation import MAX_TEXT_CHARS
+    from serving.realtime.transport import POLICY_VIOLATION
+    sock = raw_ws(server.port)
+    setup = [{"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}},
+             {"type": "conversation.item.create", "item": {"id": "big", **text_item("a" * MAX_TEXT_CHARS)["item"]}}]
+    for event in setup:
+        sock.sendall(client_frame(event))
+    append = client_frame({"type": "input_audio_buffer.append", "audio": b64(bytes(APPEND_BYTES))})
+    retrieves = client_frame({"type": "conversation.item.retrieve", "item_id": "big"}) * RETRIEVES_PER_APPEND
+    before, peak, stop = rss_mb(server.proc.pid), [0.0], threading.Event()
+
+    def flood():
+        for _ in range(FLOOD_ROUNDS):
+            if stop.is_set():
+                return
+            try:
+                sock.sendall(append + retrieves)
+            except OSError:  # the server stopped reading: the flood is over
+                return
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    deadline = time.monotonic() + RECV_TIMEOUT_S
+    while metric(server, "omni_realtime_sessions", AUTH) != 0:  # the server gives the session up, unread
+        peak[0] = max(peak[0], rss_mb(server.proc.pid))
+        assert time.monotonic() < deadline, "the session of a client that does not read was never closed"
+        time.sleep(0.05)
+    stop.set()
+    for opcode, payload in server_frames(sock):  # now read: what had gone out, then the close frame
+        if opcode == 8:
+            break
+    flooder.join()
+    sock.close()
+    code, reason = int.from_bytes(payload[:2], "big"), payload[2:].decode()
+    assert code == POLICY_VIOLATION and "not reading" in reason and "MAX_UNSENT_BYTES" in reason, (code, reason)
+    assert peak[0] - before < RSS_GROWTH_MB, (before, peak[0])
+
+
+def test_the_oldest_audio_is_dropped_past_the_session_bound_and_its_item_stays_listed(monkeypatch):
+    from serving.realtime import conversation
+    from serving.realtime.protocol import ProtocolError
+    from serving.realtime.session import RealtimeSession
+    from tests.test_realtime_session import FakeRunner, tone
+    session = RealtimeSession(FakeRunner())
+    one = 16000 * 4  # bytes kept of 1 s of audio: float32 at 16 kHz
+    monkeypatch.setattr(conversation, "MAX_KEPT_BYTES", 3 * one)
+    ids = [f"item_{i}" for i in range(5)]
+    for item_id in ids:
+        session.handle({"type": "conversation.item.create", "item": {
+            "id": item_id, "type": "message", "role": "user",
+            "content": [{"type": "input_audio", "audio": b64(tone(1.0))}]}})
+    items = session.conversation.items
+    assert list(items) == ids  # every item still listed
+    assert [items[i].audio is None for i in ids] == [True, True, False, False, False]
+    assert sum(item.kept_bytes for item in items.values()) <= 3 * one
+    retrieved = session.handle({"type": "conversation.item.retrieve", "item_id": ids[0]})[0]
+    assert retrieved["item"]["id"] == ids[0] and retrieved["item"]["content"][0]["type"] == "input_audio"
+    with pytest.raises(ProtocolError, match="MAX_KEPT_BYTES") as dropped:
+        session.conversation.question(ids[0])
+    assert dropped.value.code == "item_audio_dropped"
+    assert session.conversation.question()[0].id == ids[-1]  # the newest is answered as before

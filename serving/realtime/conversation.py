@@ -22,6 +22,10 @@ MAX_ITEMS = 256  # conversation items kept; older ones are forgotten (the model 
 # Characters of text in one message, checked before anything tokenizes it: the model reads at most 2049
 # positions (about 8,000 characters of English), so a longer question could not be answered anyway.
 MAX_TEXT_CHARS = 8192
+# Bytes of user audio (float32 16 kHz: 1.9 MB per 30 s) and images one session keeps; its text is bounded by
+# MAX_TEXT_CHARS x MAX_ITEMS. Past it the oldest audio goes first, then the oldest images: the items stay listed
+# (id, transcript); the bytes mattered only to a later answer about those old items (the model reads no history).
+MAX_KEPT_BYTES = 32 * 1024 * 1024
 IMAGE_DATA_PREFIX = "data:"
 
 
@@ -36,6 +40,11 @@ class Item:
     speaks: bool = True  # answers: audio (+ transcript) or text
     status: str = "completed"
     audio_ms: int = 0  # answers: milliseconds of audio sent
+    has_image: bool = False  # listed with an input_image part, also once the image is dropped (MAX_KEPT_BYTES)
+
+    @property
+    def kept_bytes(self) -> int:
+        return (self.audio.nbytes if self.audio is not None else 0) + (len(self.image) if self.image else 0)
 
 
 class Conversation:
@@ -54,11 +63,24 @@ class Conversation:
         self.items[item.id] = item
         while len(self.items) > MAX_ITEMS:
             self.items.popitem(last=False)
+        self._drop_oldest_media(item)
         out = self.added(item, previous)
         if item.kind == "audio" and self.ctx.config.transcribe:
             self.ctx.submit(Job(item.id, "transcription", "ASR", audio=item.audio,
                                 max_output_tokens=MAX_TRANSCRIPT_TOKENS))
         return out
+
+    def _drop_oldest_media(self, newest: Item) -> None:
+        """Audio first, then images, oldest first, until the session keeps at most MAX_KEPT_BYTES."""
+        kept = sum(item.kept_bytes for item in self.items.values())
+        for field in ("audio", "image"):
+            for item in self.items.values():
+                if kept <= MAX_KEPT_BYTES:
+                    return
+                if item is not newest and getattr(item, field) is not None:
+                    kept -= item.kept_bytes
+                    setattr(item, field, None)
+                    kept += item.kept_bytes
 
     def add_audio(self, item_id: str, audio: np.ndarray) -> list[dict]:
         """The input buffer's committed audio (float32 16 kHz) as a user item."""
@@ -81,7 +103,7 @@ class Conversation:
         else:  # audio and image data are not sent back (as the protocol does with audio)
             content = [{"type": "input_audio", "transcript": item.text or None}] if item.kind == "audio" else \
                 [{"type": "input_text", "text": item.text}] if item.text else []
-            content += [{"type": "input_image"}] if item.image is not None else []
+            content += [{"type": "input_image"}] if item.has_image else []
         status = "in_progress" if item.status == "new" else item.status
         return {"id": item.id, "object": "realtime.item", "type": "message", "status": status, "role": item.role,
                 "content": content}
@@ -97,6 +119,10 @@ class Conversation:
         if question is None:
             raise ProtocolError("there is no user message to answer: commit audio or create a message first",
                                 "no_user_message")
+        if question.kind == "audio" and question.audio is None:
+            raise ProtocolError(f"the audio of item {question.id} was dropped to keep the session's audio and images "
+                                f"under {MAX_KEPT_BYTES} bytes (MAX_KEPT_BYTES): ask about a newer one",
+                                "item_audio_dropped", "item_id")
         return question, next((i.image for i in items if i.image is not None), None)
 
     # -- client events ------------------------------------------------------------------------------------------
@@ -207,7 +233,7 @@ def _merge(merged: Item, parts: list[tuple[str, Any]]) -> Item:
         elif kind == "text":
             merged.text = (merged.text + " " + value).strip()
         else:
-            merged.image = value
+            merged.image, merged.has_image = value, True
     if merged.audio is None and not merged.text:
         merged.kind = "image"
     return merged

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,12 +30,19 @@ BETA_HEADER = "realtime=v1"  # OpenAI-Beta header value of the beta protocol
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"  # the same, as a WebSocket subprotocol (browsers)
 SUBPROTOCOL = "realtime"
 DEFAULT_MAX_SESSIONS = 4
+SESSION_RETRY_AFTER_S = 5  # a refused handshake's Retry-After: sessions end at their clients' pace, not ours
 DEFAULT_IDLE_TIMEOUT_S = 600.0  # a session with no client event and no engine job for this long is closed
 INTERNAL_ERROR = 1011  # WebSocket close code: the server hit an unexpected condition
 # Client frames read but not yet handled. Beyond it the session stops reading, so uvicorn stops reading the
 # socket and the client's sends wait (TCP back-pressure) instead of the frames piling up in the server's memory.
 MAX_FRAMES_AHEAD = 4
 NORMAL_CLOSURE = 1000  # WebSocket close code of a session the server ends on purpose (idle)
+# Bytes of events waiting for a client that does not read them (beyond what the socket buffers already hold).
+# A client reading as it should never gets near it: a whole answer of 4096 steps is about 4 MB of audio deltas.
+# Beyond it the session's answer is cancelled and the session closed, so nothing piles up in the server.
+MAX_UNSENT_BYTES = 8 * 1024 * 1024
+POLICY_VIOLATION = 1008  # WebSocket close code of a session closed for what its client did (not reading)
+CLOSE_WAIT_S = 10.0  # how long a closing session waits for its last events and close frame to go out
 
 # The access check: WSGI environ -> (HTTP status, reason) to refuse, or None. server.py plugs in the policy.
 AccessCheck = Callable[[dict], "tuple[int, str] | None"]
@@ -46,9 +54,12 @@ def _allow_all(environ: dict) -> None:
 
 @dataclass(frozen=True)
 class _Closed:
-    """The session ends: the client's side has gone (reason None), or the server ends it, saying why."""
+    """The session ends: the client's side has gone (reason None), or the server ends it, saying why: with
+    this close code, after the events still unsent (`flush`) or without them."""
 
     reason: str | None = None
+    code: int = NORMAL_CLOSURE
+    flush: bool = True
 
 
 class ServiceRunner:
@@ -144,7 +155,7 @@ class RealtimeEndpoint:
             return 503, f"the model is {self.service.status}; retry when GET /health says ready"
         if self.open >= self.max_sessions:
             return 503, (f"too many open realtime sessions ({self.max_sessions}, --max-sessions): close one or "
-                         "retry later")
+                         f"retry in {SESSION_RETRY_AFTER_S} s (Retry-After)")
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -153,19 +164,25 @@ class RealtimeEndpoint:
         refused = self.refusal(scope)
         if refused is not None:
             self.service.metrics.realtime_refused.labels(str(refused[0])).inc()
-            await send_json(send, refused[0], {"error": refused[1]}, kind="websocket")
+            retry = {"Retry-After": str(SESSION_RETRY_AFTER_S)} if refused[0] == 503 else None
+            await send_json(send, refused[0], {"error": refused[1]}, kind="websocket", extra_headers=retry)
             return
         with self._lock:
             self.open += 1
         self.service.metrics.realtime_sessions.set(self.open)
+        outbox = Outbox(send)
         try:
-            await self._serve(scope, receive, send)
-        finally:
+            closing = await self._serve(scope, receive, send, outbox)
+        except BaseException:  # the server is shutting down: nothing more goes out
+            outbox.cancel()
+            raise
+        finally:  # the slot is free once the session's work has stopped, before its last frames go out
             with self._lock:
                 self.open -= 1
             self.service.metrics.realtime_sessions.set(self.open)
+        await outbox.close(closing)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, outbox: Outbox) -> _Closed:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
         beta = headers.get("openai-beta", "").replace(" ", "") == BETA_HEADER or BETA_SUBPROTOCOL in offered
@@ -182,30 +199,35 @@ class RealtimeEndpoint:
         ahead = asyncio.Semaphore(MAX_FRAMES_AHEAD)
         reader = asyncio.create_task(self._read(receive, inbox, ahead))
         try:
-            await self._pump(session, inbox, ahead, send)
+            return await self._pump(session, inbox, ahead, outbox)
         except Exception:  # a bug in the server, not in the client's events (the session answers those)
             log.exception("realtime session %s failed", session.ctx.id)
-            await self._close(send, INTERNAL_ERROR, "internal server error")
+            return _Closed("internal server error", INTERNAL_ERROR, flush=False)
         finally:
             session.close()  # the engine stops this session's answer within one decode step
             runner.close()
             reader.cancel()
 
     async def _pump(self, session: RealtimeSession, inbox: asyncio.Queue, ahead: asyncio.Semaphore,
-                    send: Send) -> None:
-        """Client frames and the engine's progress into the session, its events out, until the client leaves."""
-        await self._send(send, session.start())
+                    outbox: Outbox) -> _Closed:
+        """Client frames and the engine's progress into the session, its events out, until the session ends:
+        the client leaves, stops reading what the session sends, or idles past the timeout."""
+        outbox.put(session.start())
         while not isinstance(item := await self._next(session, inbox), _Closed):
             if isinstance(item, (str, bytes)):
                 events = session.receive(item)
                 ahead.release()  # handled: the reader may take the next frame
             else:
                 events = session.on_job(item)
-            if not await self._send(send, events):
-                return
-        if item.reason is not None:
-            await self._send(send, [session.ctx.error(item.reason, "session_idle_timeout")])
-            await self._close(send, NORMAL_CLOSURE, "idle timeout")
+            if not outbox.put(events):
+                log.warning("realtime session %s closed: its client does not read (%d bytes unsent)",
+                            session.ctx.id, outbox.bytes)
+                return _Closed(f"client not reading: over {MAX_UNSENT_BYTES} bytes unsent (MAX_UNSENT_BYTES)",
+                               POLICY_VIOLATION, flush=False)
+        if item.reason is not None:  # idle: the client hears why first
+            outbox.put([session.ctx.error(item.reason, "session_idle_timeout")])
+            return _Closed("idle timeout", NORMAL_CLOSURE)
+        return item
 
     async def _next(self, session: RealtimeSession, inbox: asyncio.Queue) -> object:
         """The next client frame or engine update; a _Closed with a reason once the session has idled too long
@@ -219,13 +241,6 @@ class RealtimeEndpoint:
                                    "closed; open a new one")
 
     @staticmethod
-    async def _close(send: Send, code: int, reason: str) -> None:
-        try:
-            await send({"type": "websocket.close", "code": code, "reason": reason})
-        except (OSError, RuntimeError):  # already closed
-            pass
-
-    @staticmethod
     async def _read(receive: Receive, inbox: asyncio.Queue, ahead: asyncio.Semaphore) -> None:
         while True:
             await ahead.acquire()
@@ -235,16 +250,63 @@ class RealtimeEndpoint:
                 return
             inbox.put_nowait(message["text"] if message.get("text") is not None else message.get("bytes", b""))
 
-    @staticmethod
-    async def _send(send: Send, events: list[dict]) -> bool:
-        """False once the client has gone."""
+
+class Outbox:
+    """Events on their way to the client. A writer task sends them in order, so the session never waits on a
+    slow socket; `put()` says when more than MAX_UNSENT_BYTES wait (the client does not read them)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.frames: deque[str] = deque()
+        self.bytes = 0  # of the frames not yet taken by the socket (JSON is ASCII: one byte a character)
+        self.ready = asyncio.Event()  # there are frames to send
+        self.idle = asyncio.Event()  # nothing more will be sent: all went out, or the socket has closed
+        self.idle.set()
+        self.writer = asyncio.create_task(self._write())
+
+    def put(self, events: list[dict]) -> bool:
+        """Queue `events`; False once the unsent bytes pass the bound."""
         for event in events:
             text = json.dumps(event, allow_nan=False)  # a frame a browser's JSON.parse reads, or a server bug
-            try:
-                await send({"type": "websocket.send", "text": text})
-            except (OSError, RuntimeError):  # the socket closed under us (uvicorn raises ClientDisconnected)
-                return False
-        return True
+            self.frames.append(text)
+            self.bytes += len(text)
+        if self.frames:
+            self.idle.clear()
+            self.ready.set()
+        return self.bytes <= MAX_UNSENT_BYTES
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self.ready.wait()
+                self.ready.clear()
+                while self.frames:
+                    await self.send({"type": "websocket.send", "text": self.frames[0]})
+                    self.bytes -= len(self.frames.popleft())
+                self.idle.set()
+        except (OSError, RuntimeError):  # the socket closed under us (uvicorn raises ClientDisconnected)
+            self.idle.set()
+
+    async def close(self, closing: _Closed) -> None:
+        """Send what waits (unless the client is not reading it), then the close frame, within CLOSE_WAIT_S;
+        nothing more when the client has gone."""
+        if closing.reason is None:
+            self.cancel()
+            return
+
+        async def finish() -> None:
+            if closing.flush:
+                await self.idle.wait()
+            self.cancel()
+            await self.send({"type": "websocket.close", "code": closing.code, "reason": closing.reason})
+        try:
+            await asyncio.wait_for(finish(), CLOSE_WAIT_S)
+        except (OSError, RuntimeError, asyncio.TimeoutError):  # closed already, or a client that reads nothing
+            pass
+
+    def cancel(self) -> None:
+        self.writer.cancel()
+        self.frames.clear()
 
 
 def _silero():
