@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ WARMUP_STEPS = 12  # enough decode steps for one audio chunk
 # 2 requests cost 1.25x one, of 4 requests 1.47x, exact 1.62x and 1.88x, while each answer must keep real
 # time (bench.py --concurrency, docs/performance.md "Many at once"); a GPU has room for dozens (not measured).
 DEFAULT_MAX_BATCH = {"cpu": 2, "cuda": 32}
+TEXT_IDS_KEPT = 8  # text questions whose token ids are kept (see OmniEngine.text_ids)
 
 Cancel = threading.Event | Callable[[], bool] | None
 
@@ -101,6 +103,9 @@ class OmniEngine:
         self.model = load_lm(self.ckpt_dir, self.config, self._device, self._dtype)
         prepare_lm(self.model, self.runtime)  # int8: before the other models load, so the fp32 pages go first
         self.tokenizer = Tokenizer.from_file(str(self.ckpt_dir / TOKENIZER_FILE))
+        # The server counts a text question's tokens before admitting it, then asks the same question: the
+        # latest few tokenizations are kept so a text is tokenized once (a long one takes a while).
+        self._text_ids = lru_cache(maxsize=TEXT_IDS_KEPT)(lambda text: tuple(self.tokenizer.encode(text).ids))
         self.whisper = load_whisper(whisper_path(self.ckpt_dir), self._device, self.runtime)
         if self.whisper.n_state != self.config.whisper_adapter_dim:
             raise CheckpointError(f"Whisper width {self.whisper.n_state} != whisper_adapter_dim "
@@ -146,6 +151,10 @@ class OmniEngine:
     def sample_rate(self) -> int:
         return OUTPUT_SAMPLE_RATE
 
+    def text_ids(self, text: str) -> list[int]:
+        """The token ids of a text question (kept for the latest TEXT_IDS_KEPT texts)."""
+        return list(self._text_ids(text))
+
     def stream(self, audio: AudioSource | None = None, *, text: str | None = None, task: str | Task = Task.A1A2,
                image: ImageSource | None = None, sample_rate: int | None = None, cancel: Cancel = None,
                config: GenerationConfig | None = None, **options: Any) -> Iterator[OmniChunk]:
@@ -174,7 +183,7 @@ class OmniEngine:
             pixels = self._check_image(image, task)
         with self._timed(timings, "audio_decode"):
             samples = load_audio(audio, sample_rate) if task.audio_in else None
-        text_ids = self.tokenizer.encode(text).ids if not task.audio_in else None
+        text_ids = self.text_ids(text) if not task.audio_in else None
         if text_ids is not None and not text_ids:
             raise ValueError("the text question is empty")
         check_length(prompt_length(task, samples, text_ids, pixels is not None), cfg, self.config.block_size)

@@ -82,7 +82,7 @@ def _open(engine: OmniEngine, q: Question, record: Record, cancel: Callable[[], 
         if seconds > CHUNK_SECONDS:
             raise ValueError(f"the audio is {seconds:.1f} s long; the model hears at most {CHUNK_SECONDS} s")
         record.input_seconds = round(seconds, 3)
-    text_ids = engine.tokenizer.encode(q.text).ids if q.text is not None else None
+    text_ids = engine.text_ids(q.text) if q.text is not None else None
     prompt = prompt_length(q.task, samples, text_ids, q.image is not None)
     options = dict(q.sampling)
     limit = DEFAULT_MAX_TOKENS  # the engine's own bound: the model's context

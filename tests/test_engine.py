@@ -181,3 +181,24 @@ def test_cuda_follows_the_same_schedule(tiny_ckpt, sample_wav):
     cpu = OmniEngine(tiny_ckpt, device="cpu").run(samples, **kwargs)
     assert len(gpu.pcm) == len(cpu.pcm)
     assert gpu.streams[7][:20] == cpu.streams[7][:20]
+
+
+def test_a_text_question_is_tokenized_once(engine, monkeypatch):
+    """The server counts a text question's tokens before admitting it, then the engine reads it again: one
+    tokenization between them (a long text takes a while, holding the GIL)."""
+    calls = []
+    tokenizer = engine.tokenizer
+
+    class Counting:
+        def encode(self, text):
+            calls.append(text)
+            return tokenizer.encode(text)
+
+        def __getattr__(self, name):  # decoding the answer's text, as before
+            return getattr(tokenizer, name)
+
+    monkeypatch.setattr(engine, "tokenizer", Counting())
+    question = "how many times is this question read? " * 3
+    ids = engine.text_ids(question)
+    list(engine.stream(text=question, task="T1T2", max_tokens=len(ids) + 40))
+    assert calls == [question]

@@ -104,7 +104,7 @@ class ServiceRunner:
     def _budget(self, job: Job) -> tuple[int, int]:
         """The prompt length of `job` and its max_tokens (which count the prompt too)."""
         engine = self.service.engine
-        text_ids = engine.tokenizer.encode(job.text).ids if job.text is not None else None
+        text_ids = engine.text_ids(job.text) if job.text is not None else None
         prompt = prompt_length(Task(job.task), job.audio, text_ids, job.image is not None)
         limit = engine.config.block_size + 1
         max_tokens = min(limit, prompt + job.max_output_tokens) if job.max_output_tokens else \
