@@ -20,7 +20,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#define ROWS 8  /* weight rows per pass */
+#define ROWS 4  /* weight rows per pass */
 #ifdef __AVXVNNI__
 #define OFFSET 128  /* int8 -> uint8 for vpdpbusd */
 #endif
@@ -59,14 +59,13 @@ static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *xs) {
     }
 }
 
-/* 8 vectors of int32 partial sums -> one vector whose lane i is the sum of v[i]. */
-static inline __attribute__((always_inline)) __m256i sum8(const __m256i v[ROWS]) {
-    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+/* 4 vectors of int32 partial sums -> one vector whose lane i is the sum of v[i]. */
+static inline __attribute__((always_inline)) __m128i sum4(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+    __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
 
-/* acc[r] += the products of 32 input bytes `xv` and 32 weight bytes `w`. */
+/* acc += the products of 32 input bytes `xv` (|xv| in `xabs`) and 32 weight bytes `w`. */
 static inline __attribute__((always_inline)) __m256i dot32(__m256i acc, __m256i xv, __m256i xabs, __m256i w) {
 #ifdef OFFSET
     (void)xabs;
@@ -77,41 +76,53 @@ static inline __attribute__((always_inline)) __m256i dot32(__m256i acc, __m256i 
 #endif
 }
 
-/* Weight rows n0 .. n0 + 7 (rows r0.. of the block at `w`) times input row `x`: their exact int32 sums. */
-static inline __attribute__((always_inline)) __m256i rows8(const int8_t *w, int r0, const int8_t *x, int K) {
-    __m256i acc[ROWS];
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_si256();
+/* Weight rows r0 .. r0 + 3 of the block at `w` times INPUTS (1 or 2) input rows from `x` (`K` bytes
+ * apart): their exact int32 sums in sums[i]. Each weight vector is loaded once for both input rows. */
+static inline __attribute__((always_inline)) void rows4(const int8_t *w, int r0, const int8_t *x, int K,
+                                                        int inputs, __m128i sums[2]) {
+    __m256i acc[2][ROWS];
+    for (int i = 0; i < 2; i++)
+        for (int r = 0; r < ROWS; r++) acc[i][r] = _mm256_setzero_si256();
     for (int k = 0; k < K; k += 64) {
         for (int h = 0; h < 64; h += 32) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + k + h));
-            __m256i xabs = _mm256_abs_epi8(xv);
-            for (int r = 0; r < ROWS; r++)
-                acc[r] = dot32(acc[r], xv, xabs,
-                               _mm256_load_si256((const __m256i *)(w + (size_t)k * 16 + (r0 + r) * 64 + h)));
+            __m256i xv[2], xabs[2];
+            for (int i = 0; i < inputs; i++) {
+                xv[i] = _mm256_loadu_si256((const __m256i *)(x + (size_t)i * K + k + h));
+                xabs[i] = _mm256_abs_epi8(xv[i]);
+            }
+            for (int r = 0; r < ROWS; r++) {
+                __m256i wv = _mm256_load_si256((const __m256i *)(w + (size_t)k * 16 + (r0 + r) * 64 + h));
+                for (int i = 0; i < inputs; i++) acc[i][r] = dot32(acc[i][r], xv[i], xabs[i], wv);
+            }
         }
     }
-    return sum8(acc);
+    for (int i = 0; i < inputs; i++) sums[i] = sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
 }
 
-/* Block b (weight rows 16b .. 16b + 15) times every input row: 8 outputs at a time. */
+/* Block b (weight rows 16b .. 16b + 15) times every input row: 4 outputs of 2 input rows at a time. */
 static void block16(const int8_t *q, const float *scale, const int32_t *qsum, const float *bias,
                     const int8_t *xq, const float *xs, int M, int N, int K, float *out, int b) {
     const int8_t *w = q + (size_t)b * 16 * K;
     for (int r0 = 0; r0 < 16; r0 += ROWS) {
         int n0 = 16 * b + r0;
-        __m256 wscale = _mm256_loadu_ps(scale + n0);
+        __m128 wscale = _mm_loadu_ps(scale + n0);
 #ifdef OFFSET
-        __m256i offset = _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(qsum + n0)),
-                                            _mm256_set1_epi32(OFFSET));
+        __m128i offset = _mm_mullo_epi32(_mm_loadu_si128((const __m128i *)(qsum + n0)), _mm_set1_epi32(OFFSET));
 #else
         (void)qsum;  /* signed inputs: no offset to take off */
-        __m256i offset = _mm256_setzero_si256();
+        __m128i offset = _mm_setzero_si128();
 #endif
-        for (int m = 0; m < M; m++) {
-            __m256i sums = _mm256_sub_epi32(rows8(w, r0, xq + (size_t)m * K, K), offset);
-            __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(_mm256_set1_ps(xs[m]), wscale));
-            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n0));
-            _mm256_storeu_ps(out + (size_t)m * N + n0, v);
+        for (int m = 0; m < M; m += 2) {
+            int inputs = m + 1 < M ? 2 : 1;
+            __m128i sums[2];
+            if (inputs == 2) rows4(w, r0, xq + (size_t)m * K, K, 2, sums);
+            else rows4(w, r0, xq + (size_t)m * K, K, 1, sums);
+            for (int i = 0; i < inputs; i++) {
+                __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(sums[i], offset)),
+                                      _mm_mul_ps(_mm_set1_ps(xs[m + i]), wscale));
+                if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias + n0));
+                _mm_storeu_ps(out + (size_t)(m + i) * N + n0, v);
+            }
         }
     }
 }
