@@ -13,9 +13,10 @@
  * - AVX-VNNI (built with -mavxvnni: `vpdpbusd` on ymm, VEX-encoded): u8 x s8 straight into int32, no
  *   int16 step; the input is stored as x + 128 and 128 * sum(w) taken off per output, as q8rows does.
  *
- * One input row at a time meets 8 weight rows in 8 accumulators (AVX2 has 16 ymm registers: 8 chains,
- * the input and its helpers); a block's two halves run one after the other while it stays in cache.
- * Threads (OpenMP, torch's runtime) split the blocks.
+ * Two input rows at a time meet 4 weight rows in 8 accumulators, each weight vector loaded once for both
+ * (AVX2 has 16 ymm registers: 8 chains, the two inputs, their magnitudes and a weight); a block's four
+ * quarters run one after the other while it stays in cache. Threads (OpenMP, torch's runtime) split the
+ * blocks.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -76,7 +77,7 @@ static inline __attribute__((always_inline)) __m256i dot32(__m256i acc, __m256i 
 #endif
 }
 
-/* Weight rows r0 .. r0 + 3 of the block at `w` times INPUTS (1 or 2) input rows from `x` (`K` bytes
+/* Weight rows r0 .. r0 + 3 of the block at `w` times `inputs` (1 or 2) input rows from `x` (`K` bytes
  * apart): their exact int32 sums in sums[i]. Each weight vector is loaded once for both input rows. */
 static inline __attribute__((always_inline)) void rows4(const int8_t *w, int r0, const int8_t *x, int K,
                                                         int inputs, __m128i sums[2]) {
