@@ -4,6 +4,7 @@
     python bench.py --fidelity --ckpt-dir DIR     # fast mode's agreement with exact only, on any checkpoint
     python bench.py --image data/samples/image1.jpg --modes exact    # Mini-Omni2: the image's extra cost
     python bench.py --modes exact,fast --concurrency 1,2,4,8 --steps 120   # many conversations at once
+    python bench.py --modes fast:q8avx2     # fast mode with its int8 products forced (MINI_OMNI_INT8)
 
 Each mode runs in its own process (so peak memory is its own); `--rounds` repeats the modes in turn
 and takes medians, so a machine shared with other work slows every mode alike. `baseline` is the
@@ -20,6 +21,9 @@ mean KL divergence of their distribution from exact's.
 step time (all N in the step), each answer's real-time factor after its first chunk, seconds of
 answer audio per wall second over all N, and first chunk p50/p90 (the later arrivals wait for the
 earlier ones' encoder and prefill).
+With fast among the modes, each int8 kernel this machine runs gets a row of its own, forced
+(`fast:fbgemm`, `fast:q8avx2`...; the `fast` row is the measured choice), unless --no-kernel-rows. The
+report ends with what `--mode auto` chose here and why (a load in auto mode, its own process).
 Without --ckpt-dir a full-size random checkpoint is made once and cached (Mini-Omni2 with --image).
 """
 from __future__ import annotations
@@ -48,6 +52,8 @@ DEFAULT_INPUT = ROOT / "data" / "samples" / "output4.wav"
 CACHE_DIR = cache_dir() / "bench-full"
 CACHE_DIR_V2 = CACHE_DIR.with_name("bench-full-v2")
 DEFAULT_STEPS = 40  # decode steps per request after the prompt
+KERNEL_SEP = ":"  # "fast:q8avx2": a mode with its int8 products forced
+AUTO = "auto"  # the child that only loads in auto mode and says what it chose
 
 
 def rss_now_mb() -> float:
@@ -191,12 +197,14 @@ def fidelity_part(engine, args: argparse.Namespace, audio: dict, samples) -> dic
 
 
 def child(args: argparse.Namespace) -> dict:
-    """Measure one mode in this process."""
+    """Measure one mode in this process (its int8 kernel forced by the parent, through the environment)."""
     from omni import OmniEngine, load_audio
 
     start = time.perf_counter()
-    engine = OmniEngine(args.ckpt_dir, device=args.device, mode=args.child,
+    engine = OmniEngine(args.ckpt_dir, device=args.device, mode=args.child.partition(KERNEL_SEP)[0],
                         max_batch=max(args.concurrency) if args.concurrency else None)
+    if args.child == AUTO:
+        return {"mode": engine.mode, "reason": engine.mode_reason, "load_s": time.perf_counter() - start}
     result = {"load_s": time.perf_counter() - start, "rss_after_load_mb": rss_now_mb(),
               "peak_rss_loading_mb": peak_rss_mb(), "products": products_summary(engine)}
     audio = question(args.input)
@@ -224,8 +232,19 @@ def machine(device: str) -> dict:
     return info
 
 
+def kernel_rows(modes: list[str], args: argparse.Namespace) -> list[str]:
+    """A fast-mode row per int8 kernel this machine runs, each forced."""
+    if "fast" not in modes or args.no_kernel_rows or args.device != "cpu":
+        return []
+    from omni.runtime import available_int8_kernels
+
+    return [f"fast{KERNEL_SEP}{kernel}" for kernel in available_int8_kernels()]
+
+
 def run_mode(mode: str, args: argparse.Namespace, tmp: Path, reference: Path | None) -> dict:
     out = tmp / f"{mode}.json"
+    kernel = mode.partition(KERNEL_SEP)[2]
+    env = {**os.environ, "MINI_OMNI_INT8": kernel} if kernel else None
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--ckpt-dir", str(args.ckpt_dir),
            "--device", args.device, "--runs", str(args.runs), "--steps", str(args.steps), "--input", str(args.input),
            "--child-out", str(out)]
@@ -238,7 +257,7 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path, reference: Path | N
     if args.concurrency:
         cmd += ["--concurrency", ",".join(map(str, args.concurrency))]
     print(f"measuring {mode} ...", flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
     return json.loads(out.read_text())
 
 
@@ -264,6 +283,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fidelity", action="store_true", help="only fast mode's agreement with exact (no timing)")
     ap.add_argument("--concurrency", type=lambda v: [int(n) for n in v.split(",")], default=[],
                     help="also answer N questions at once, for each N in this list (e.g. 1,2,4,8)")
+    ap.add_argument("--no-kernel-rows", action="store_true", help="no forced row per int8 kernel")
     ap.add_argument("--json", type=Path, help="write the report here")
     ap.add_argument("--codec", action="store_true", help="SNAC's decoders only: gapless vs official (bench_codec)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -294,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     modes = [m.strip() for m in ("exact,fast" if args.fidelity and args.modes == "baseline,exact,fast"
                                  else args.modes).split(",") if m.strip()]
+    modes += [m for m in kernel_rows(modes, args) if m not in modes]
     order = sorted(modes, key=lambda m: m != "exact")  # exact first: the others are compared with it
     report = {"machine": machine(args.device), "input": str(args.input), "rounds": args.rounds, "modes": {}}
     rounds: dict[str, list[dict]] = {m: [] for m in modes}
@@ -304,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.rounds):
             for mode in order:
                 rounds[mode].append(run_mode(mode, args, tmp, reference if (r == 0 or args.fidelity) else None))
+        if not args.fidelity:
+            report[AUTO] = run_mode(AUTO, args, tmp, None)
     report["modes"] = {m: combine(rounds[m]) for m in modes}
     report["machine"]["load_avg_end"] = os.getloadavg()[0]
     if "baseline" in modes and not args.fidelity:

@@ -16,7 +16,8 @@ CACHE_NAME = "mini-omni"  # this project's folder in the user's cache directory
 
 
 def _read_cpuinfo() -> tuple[str, set[str]]:
-    """The CPU model and all its flags, from /proc/cpuinfo (elsewhere: the platform's name, no flags)."""
+    """The CPU model and all its flags (ARM64: features), from /proc/cpuinfo (elsewhere: the platform's name,
+    no flags)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -24,7 +25,7 @@ def _read_cpuinfo() -> tuple[str, set[str]]:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name":
                     model = value.strip()
-                elif key.strip() == "flags":
+                elif key.strip() in ("flags", "Features"):  # x86, ARM64
                     flags = set(value.split())
                     break
     except OSError:

@@ -7,7 +7,10 @@ on the AMD EPYC). These kernels read each weight once per call from a layout mad
 rows stored as one sequential run) and compute every output the same way whatever else is in the call,
 so a row's numbers never depend on its batch:
 - `q8rows` (AVX512-VNNI): int8 weights, one scale per row; input rows quantized one by one; exact int32
-  sums (fast mode).
+  sums (fast mode). The same numbers, bit for bit, on other CPUs: `q8avx2` (AVX2, `vpmaddubsw` fed
+  so that its int16 pairs cannot saturate), `q8avxvnni` (the same source built for AVX-VNNI's 256-bit
+  `vpdpbusd`) and `q8neon` (ARM64 with the dot-product extension, `sdot`). `Q8_KERNELS` lists them,
+  the fastest first.
 - `f32rows` (AVX-512): fp32 weights, fp32 sums in a fixed order (exact mode).
 Their tables have a row lookup, so the tied head and the embedding share one copy.
 
@@ -38,28 +41,36 @@ from .machine import cache_dir, cpu_flags
 
 SOURCES = Path(__file__).with_name("csrc")
 BUILD_TIMEOUT_S = 120
-BLOCK_ROWS = 16  # weight rows per block, both kernels
-Q8_CHUNK = 64  # q8rows: bytes per vpdpbusd
+BLOCK_ROWS = 16  # weight rows per block, every kernel
+Q8_CHUNK = 64  # int8 kernels: bytes per chunk (one vpdpbusd of q8rows)
 F32_CHUNK = 4  # f32rows: partial sums per output
 
 
 @dataclass(frozen=True)
 class Kernel:
-    cpu_flags: tuple[str, ...]  # /proc/cpuinfo flags it needs
+    cpu_flags: tuple[str, ...]  # /proc/cpuinfo flags (ARM: features) it needs
     compile_flags: tuple[str, ...]
-    signature: tuple  # ctypes argument types of its entry point `<name>_linear`
+    signature: tuple  # ctypes argument types of its entry point `<source>_linear`
+    source: str  # csrc/<source>.c
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 _COMMON = ("-O3", "-std=c11", "-fopenmp", "-shared", "-fPIC")
+_Q8 = _COMMON + ("-ffp-contract=off",)  # a multiply then an add, never fused: every q8 kernel rounds alike
+_Q8_SIGNATURE = (_P, _I, _I, _P, _P, _P, _P, _I, _P, _P, _P)
 KERNELS = {
     "q8rows": Kernel(("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
-                     _COMMON + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
-                     (_P, _I, _I, _P, _P, _P, _P, _I, _P, _P, _P)),
-    "f32rows": Kernel(("avx512f",), _COMMON + ("-mavx512f",), (_P, _I, _I, _P, _P, _I, _P)),
+                     _Q8 + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"), _Q8_SIGNATURE, "q8rows"),
+    "q8avxvnni": Kernel(("avx2", "avx_vnni"), _Q8 + ("-mavx2", "-mavxvnni"), _Q8_SIGNATURE, "q8avx2"),
+    "q8avx2": Kernel(("avx2",), _Q8 + ("-mavx2",), _Q8_SIGNATURE, "q8avx2"),
+    "q8neon": Kernel(("asimddp",), _Q8 + ("-march=armv8.2-a+dotprod",), _Q8_SIGNATURE, "q8neon"),
+    "f32rows": Kernel(("avx512f",), _COMMON + ("-mavx512f",), (_P, _I, _I, _P, _P, _I, _P), "f32rows"),
 }
+# The int8 kernels, one table layout and the same numbers; on a CPU with several, the first is the fastest.
+Q8_KERNELS = ("q8rows", "q8avxvnni", "q8avx2", "q8neon")
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
+_entries: dict[str, ctypes._CFuncPtr] = {}  # each loaded kernel's `<source>_linear`
 _why_not: dict[str, str] = {}
 
 
@@ -75,9 +86,10 @@ def load(name: str, cache: Path | None = None) -> ctypes.CDLL | None:
         _why_not[name] = f"the CPU lacks {', '.join(missing)}"
     else:
         try:
-            lib = ctypes.CDLL(str(_build(name, kernel, cache or cache_dir())))
-            entry = getattr(lib, f"{name}_linear")
+            lib = ctypes.CDLL(str(_build(kernel, cache or cache_dir())))
+            entry = getattr(lib, f"{kernel.source}_linear")
             entry.argtypes, entry.restype = list(kernel.signature), None
+            _entries[name] = entry
         except (OSError, AttributeError, subprocess.SubprocessError, RuntimeError) as e:
             _why_not[name], lib = f"the kernel did not build: {e}", None
             warnings.warn(f"the {name} kernel is unavailable ({_why_not[name]}); using the library kernels",
@@ -103,11 +115,11 @@ def _compiler() -> tuple[str, str]:
     return cc, f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _build(name: str, kernel: Kernel, cache: Path) -> Path:
+def _build(kernel: Kernel, cache: Path) -> Path:
     cc, identity = _compiler()
-    source = SOURCES / f"{name}.c"
+    source = SOURCES / f"{kernel.source}.c"
     digest = hashlib.sha256("\0".join([source.read_text(), identity, *kernel.compile_flags]).encode()).hexdigest()
-    target = cache / "kernels" / f"{name}-{digest[:16]}.so"
+    target = cache / "kernels" / f"{kernel.source}-{digest[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -173,23 +185,33 @@ def _out(x: torch.Tensor, out: torch.Tensor, n_out: int) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], n_out)
 
 
-class Q8Table(Table):
-    """int8 rows with one fp32 scale each, for q8rows: each block stored chunk by chunk
-    (`(N / 16, K / 64, 16, 64)`), K zero-padded to whole chunks."""
+def q8_layout(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`weight (N, K)` in the int8 kernels' layout: blocks `(Np / 16, Kp / 64, 16, 64)` int8, scales
+    `(Np,)` and row sums `(Np,)` int32, N and K zero-padded to whole blocks and chunks."""
+    q, scale = int8_rows(weight)
+    N, K = q.shape
+    Np, Kp = _padded(N, BLOCK_ROWS), _padded(K, Q8_CHUNK)
+    padded = torch.zeros(Np, Kp, dtype=torch.int8)
+    padded[:N, :K] = q
+    blocks = padded.view(Np // BLOCK_ROWS, BLOCK_ROWS, Kp // Q8_CHUNK, Q8_CHUNK).transpose(1, 2).contiguous()
+    return blocks, torch.cat([scale, scale.new_zeros(Np - N)]), padded.sum(dim=1, dtype=torch.int32)
 
-    def __init__(self, weight: torch.Tensor) -> None:
+
+class Q8Table(Table):
+    """int8 rows with one fp32 scale each, for `kernel` (one of Q8_KERNELS, which share this layout): each
+    block stored chunk by chunk (`(N / 16, K / 64, 16, 64)`), K zero-padded to whole chunks."""
+
+    def __init__(self, weight: torch.Tensor, kernel: str = "q8rows") -> None:
         super().__init__()
-        _require("q8rows")
-        q, scale = int8_rows(weight)
-        N, K = q.shape
-        Np, Kp = _padded(N, BLOCK_ROWS), _padded(K, Q8_CHUNK)
-        padded = torch.zeros(Np, Kp, dtype=torch.int8)
-        padded[:N, :K] = q
-        self.register_buffer("blocks", padded.view(Np // BLOCK_ROWS, BLOCK_ROWS, Kp // Q8_CHUNK, Q8_CHUNK)
-                             .transpose(1, 2).contiguous())
-        self.register_buffer("scale", torch.cat([scale, scale.new_zeros(Np - N)]))
-        self.register_buffer("qsum", padded.sum(dim=1, dtype=torch.int32))
-        self.n_rows, self.n_cols = N, K
+        if kernel not in Q8_KERNELS:
+            raise ValueError(f"{kernel!r} is not an int8 kernel; choose one of {Q8_KERNELS}")
+        _require(kernel)
+        self.kernel = kernel
+        blocks, scale, qsum = q8_layout(weight)
+        self.register_buffer("blocks", blocks)
+        self.register_buffer("scale", scale)
+        self.register_buffer("qsum", qsum)
+        self.n_rows, self.n_cols = weight.shape
 
     def part(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         blocks, start, stop = self._blocks_of(rows)
@@ -203,9 +225,9 @@ class Q8Table(Table):
         out = torch.empty(M, Np)
         xq = torch.empty(M * Kp, dtype=torch.uint8)
         xs = torch.empty(M)
-        _loaded["q8rows"].q8rows_linear(rows.data_ptr(), M, Kp, blocks.data_ptr(), scale.data_ptr(), qsum.data_ptr(),
-                                        None if bias is None else bias.data_ptr(), Np, out.data_ptr(), xq.data_ptr(),
-                                        xs.data_ptr())
+        _entries[self.kernel](rows.data_ptr(), M, Kp, blocks.data_ptr(), scale.data_ptr(), qsum.data_ptr(),
+                              None if bias is None else bias.data_ptr(), Np, out.data_ptr(), xq.data_ptr(),
+                              xs.data_ptr())
         return _out(x, out, n_out)
 
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
@@ -238,8 +260,8 @@ class F32Table(Table):
         Kp, Np = blocks.size(1), blocks.size(0) * BLOCK_ROWS
         rows = _rows(x, Kp)
         out = torch.empty(rows.size(0), Np)
-        _loaded["f32rows"].f32rows_linear(rows.data_ptr(), rows.size(0), Kp, blocks.data_ptr(),
-                                          None if bias is None else bias.data_ptr(), Np, out.data_ptr())
+        _entries["f32rows"](rows.data_ptr(), rows.size(0), Kp, blocks.data_ptr(),
+                            None if bias is None else bias.data_ptr(), Np, out.data_ptr())
         return _out(x, out, n_out)
 
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:

@@ -42,8 +42,11 @@ from .whisper import EncoderBlock, RowChunks, WhisperEncoder, encoder_shape, loa
 ENCODER_KINDS = ("int8", "bf16")
 ENCODER_DTYPES = {"fp32": torch.float32, "int8": torch.float32, "bf16": torch.bfloat16}
 MEASURE_WEIGHT_STD = 0.02  # the random block timed for the choice: weights of a trained model's scale
-# Fast mode's int8 products: fbgemm (any x86 CPU; the fallback) or the q8rows kernel (AVX512-VNNI).
-INT8_KERNELS = ("fbgemm", "q8rows")
+# Fast mode's int8 products: torch's quantized linear (the fallback; named for fbgemm, its x86 engine, it
+# runs whatever `torch.backends.quantized.engine` is, qnnpack on ARM) or one of this project's kernels
+# (`rowkernels.Q8_KERNELS`: AVX512-VNNI, AVX-VNNI, AVX2, ARM64 dot products).
+LIBRARY_INT8 = "fbgemm"
+INT8_KERNELS = (LIBRARY_INT8, *rowkernels.Q8_KERNELS)
 INT8_TUNED_ROWS = (2, 8)  # a decode step of one A1A2 answer, of four
 INT8_TUNE_BYTES = 24 << 20  # int8 weights per timing pass: more than a big L3 cache, so it measures DRAM
 # int8 encoder MLP positions per chunk: 512 x 3072 fp32 hidden (6 MB) stays in cache; 1.25x faster than the
@@ -238,59 +241,72 @@ def _detach_params(module: nn.Module, max_dim: int = 2) -> None:
 
 def _install_int8(model: OmniLM, overrides: Overrides) -> None:
     """int8 blocks, adapters, head (its text and audio parts) and embedding, with the kernel chosen for
-    this CPU (`int8_kernel`); with q8rows the head and the embedding are one table.
+    this CPU (`int8_kernel`); with one of this project's kernels the head and the embedding are one table.
 
     Afterwards no tensor refers to the memory-mapped fp32 checkpoint, so its pages leave memory.
     """
     weight = model.transformer.wte.weight.detach()
     kernel = int8_kernel(model.config.intermediate_size, model.config.n_embd, overrides)
-    if kernel == "q8rows":
-        table = Q8Table(weight)
+    if kernel != LIBRARY_INT8:
+        table = Q8Table(weight, kernel)
         model.lm_head, model.transformer.wte = RowsHead(table), RowsEmbedding(table)
     else:
         model.lm_head = Int8Head(weight, reduce_range=not has_vnni())
         model.transformer.wte = Int8Embedding(weight)
     del weight
     _detach_vectors(model)
-    if kernel == "q8rows":
-        install(model, lambda linear: RowsLinear(Q8Table(linear.weight), linear.bias))
+    if kernel != LIBRARY_INT8:
+        install(model, lambda linear: RowsLinear(Q8Table(linear.weight, kernel), linear.bias))
     else:
         _int8_linears(model)
     gc.collect()  # the swapped-out fp32 modules sit in reference cycles that hold the file's mapping
 
 
 def int8_kernel(n_out: int, n_in: int, overrides: Overrides) -> str:
-    """Fast mode's int8 products for the language model: fbgemm's dynamic linear, or the q8rows
-    kernel where the CPU has AVX512-VNNI and it builds, if it beats fbgemm on a decode step's row
-    counts; measured once per machine on random `(n_out, n_in)` weights and cached
-    (`overrides.int8`, MINI_OMNI_INT8=fbgemm|q8rows, forces one)."""
-    forced, q8 = overrides.int8, rowkernels.load("q8rows", overrides.cache)
+    """Fast mode's int8 products for the language model: torch's quantized linear, or the fastest of this
+    project's kernels that the CPU runs, if it beats the library on a decode step's row counts; measured
+    once per machine (and quantized engine) on random `(n_out, n_in)` weights and cached
+    (`overrides.int8`, MINI_OMNI_INT8, one of INT8_KERNELS, forces one)."""
+    forced, have = overrides.int8, available_int8_kernels(overrides.cache)
     if forced:
         if forced not in INT8_KERNELS:
             raise ValueError(f"{ENV['int8']}={forced!r}; choose one of {INT8_KERNELS}")
-        if forced == "q8rows" and q8 is None:
-            raise ValueError(f"{ENV['int8']}=q8rows, but {rowkernels.why_not('q8rows')}")
+        if forced not in have:
+            raise ValueError(f"{ENV['int8']}={forced}, but {rowkernels.why_not(forced)}")
         return forced
-    if q8 is None:
-        return INT8_KERNELS[0]
-    what = {"int8": [n_out, n_in], "kernels": list(INT8_KERNELS), "rows": list(INT8_TUNED_ROWS)}
-    return measured_once(what, lambda: {"kernel": choose_int8_kernel(measure_int8_kernels(n_out, n_in))},
+    if have == (LIBRARY_INT8,):
+        return LIBRARY_INT8
+    what = {"int8": [n_out, n_in], "kernels": list(have), "rows": list(INT8_TUNED_ROWS),
+            "engine": torch.backends.quantized.engine}
+    return measured_once(what, lambda: {"kernel": choose_int8_kernel(measure_int8_kernels(n_out, n_in, have))},
                          overrides.cache)["kernel"]
 
 
+def available_int8_kernels(cache: Path | None = None) -> tuple[str, ...]:
+    """The library's int8 linear and each of this project's int8 kernels that runs here (built into `cache`)."""
+    return (LIBRARY_INT8, *(k for k in rowkernels.Q8_KERNELS if rowkernels.load(k, cache) is not None))
+
+
 def choose_int8_kernel(seconds: dict[str, float]) -> str:
-    """q8rows unless fbgemm beats it by TIE_MARGIN (q8rows also keeps one table for head and embedding)."""
-    fbgemm, q8 = INT8_KERNELS
-    return fbgemm if seconds[fbgemm] * TIE_MARGIN < seconds[q8] else q8
+    """The fastest of this project's kernels unless the library beats it by TIE_MARGIN (a kernel of ours
+    also keeps one table for head and embedding)."""
+    ours = min((k for k in seconds if k != LIBRARY_INT8), key=seconds.__getitem__)
+    return LIBRARY_INT8 if seconds[LIBRARY_INT8] * TIE_MARGIN < seconds[ours] else ours
 
 
-def measure_int8_kernels(n_out: int, n_in: int) -> dict[str, float]:
+def int8_layer(kernel: str, weight: torch.Tensor) -> nn.Module:
+    """A bias-free linear over `weight` through `kernel` (one of INT8_KERNELS), as fast mode builds it."""
+    if kernel == LIBRARY_INT8:
+        return Int8Linear(weight, None, reduce_range=not has_vnni())
+    return RowsLinear(Q8Table(weight, kernel), None)
+
+
+def measure_int8_kernels(n_out: int, n_in: int, kernels: tuple[str, ...]) -> dict[str, float]:
     """Per kernel, the sum over INT8_TUNED_ROWS of the fastest pass over distinct random weights, interleaved."""
     generator = torch.Generator().manual_seed(0)  # the values do not matter; torch's global RNG stays untouched
     count = max(1, INT8_TUNE_BYTES // (n_out * n_in))
     weights = [torch.randn(n_out, n_in, generator=generator) * MEASURE_WEIGHT_STD for _ in range(count)]
-    layers = {"fbgemm": [Int8Linear(w, None, reduce_range=not has_vnni()) for w in weights],
-              "q8rows": [RowsLinear(Q8Table(w), None) for w in weights]}
+    layers = {kernel: [int8_layer(kernel, w) for w in weights] for kernel in kernels}
     del weights
     x = torch.randn(max(INT8_TUNED_ROWS), n_in, generator=generator)
     best = {(kernel, rows): float("inf") for kernel in layers for rows in INT8_TUNED_ROWS}

@@ -38,7 +38,7 @@ class Overrides:
     """
 
     encoder: str | None = None  # MINI_OMNI_ENCODER: fast mode's Whisper kind, "int8" or "bf16"
-    int8: str | None = None  # MINI_OMNI_INT8: fast mode's int8 products, "fbgemm" or "q8rows"
+    int8: str | None = None  # MINI_OMNI_INT8: fast mode's int8 products, one of runtime.INT8_KERNELS
     products: str | None = None  # MINI_OMNI_PRODUCTS: exact mode's products, one of FORMULATIONS everywhere
     cache: Path = field(default_factory=machine.cache_dir)  # measured choices and built kernels (MINI_OMNI_CACHE)
 

@@ -2,13 +2,15 @@
 import pytest
 import torch
 
+from omni import rowkernels
 from omni.audio import feature_frames, load_audio, log_mel, pad_or_trim, trimmed_length
 from omni.generate import OFFICIAL_COST, Step
 from omni.linear import DenseHead, DenseLinear, Int8Head, Int8Linear
-from omni.rowkernels import RowsHead, RowsLinear
+from omni.rowkernels import Q8_KERNELS, RowsHead, RowsLinear
 from omni.runtime import MODES, resolve_mode
 from omni.tokens import Task
 from omni_engine import OmniEngine
+from utils.bench_model import products_summary
 from utils.fidelity import teacher_forced_agreement
 
 MAX = 140
@@ -111,3 +113,19 @@ def test_speed_overrides_are_arguments_with_the_environment_as_default(monkeypat
     assert encoder_kind(chosen, {}) == "int8"  # the argument, not the environment
     with pytest.raises(ValueError, match="MINI_OMNI_ENCODER"):
         encoder_kind(resolve_mode("fast", torch.device("cpu"), Overrides(encoder="fp16")), {})
+
+
+@pytest.mark.skipif("qnnpack" not in torch.backends.quantized.supported_engines, reason="torch built without qnnpack")
+def test_fast_mode_falls_back_to_torchs_int8_engine_without_fbgemm(tiny_ckpt, engine, sample_wav, monkeypatch):
+    """Where fbgemm is absent (ARM64) and no kernel of ours runs, fast mode computes with the quantized
+    engine torch has: qnnpack here, chosen by hand, with every kernel of ours made unavailable."""
+    for kind in Q8_KERNELS:
+        monkeypatch.setitem(rowkernels._loaded, kind, None)
+        monkeypatch.setitem(rowkernels._why_not, kind, "the CPU lacks it")
+    monkeypatch.setattr(torch.backends.quantized, "engine", "qnnpack")
+    fast = OmniEngine(tiny_ckpt, device="cpu", mode="fast")
+    assert isinstance(fast.model.lm_head, Int8Head) and isinstance(fast.model.transformer.h[0].attn.attn, Int8Linear)
+    chunks = list(fast.stream(sample_wav, max_tokens=MAX))
+    exact = list(engine.stream(sample_wav, max_tokens=MAX))
+    assert [len(c.steps) for c in chunks] == [len(c.steps) for c in exact]
+    assert products_summary(fast)["int8"] == "fbgemm (torch engine qnnpack)"

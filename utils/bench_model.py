@@ -64,10 +64,11 @@ def products_summary(engine) -> dict:
         plans["head"] = "/".join(model.lm_head.products.by_rows) + f" {model.lm_head.products.head}"
     elif isinstance(model.lm_head, RowsHead) and isinstance(model.lm_head.table, F32Table):
         plans["head"] = "f32rows"
-    if any(isinstance(m, Q8Table) for m in model.modules()):
-        plans["int8"] = "q8rows"
+    tables = {m.kernel for m in model.modules() if isinstance(m, Q8Table)}
+    if tables:
+        plans["int8"] = "/".join(sorted(tables))
     elif any(isinstance(m, Int8Linear) for m in model.modules()):
-        plans["int8"] = "fbgemm"
+        plans["int8"] = f"fbgemm (torch engine {torch.backends.quantized.engine})"
     int8 = any(isinstance(m, Int8Linear) for m in engine.whisper.modules())
     plans["whisper"] = "int8" if int8 else str(engine.whisper.dtype).removeprefix("torch.")
     return plans

@@ -33,11 +33,12 @@ def print_table(report: dict) -> None:
     print(f"\nCPU: {m['cpu']} ({m['cores']} cores, {m['cpu_threads']} torch threads), flags: {' '.join(m['cpu_flags'])}; "
           f"torch {m['torch']}; load average {m['load_avg_start']:.1f} at start, {m['load_avg_end']:.1f} at end")
     modes = list(report["modes"])
-    print(f"{'':30}" + "".join(f"{mode:>12}" for mode in modes))
+    width = max(12, *(len(mode) + 2 for mode in modes))
+    print(f"{'':30}" + "".join(f"{mode:>{width}}" for mode in modes))
     for key, label in ROWS:
         if all(key not in report["modes"][mode] for mode in modes):
             continue
-        print(f"{label:30}" + "".join(f"{report['modes'][mode].get(key, float('nan')):12.3f}" for mode in modes))
+        print(f"{label:30}" + "".join(f"{report['modes'][mode].get(key, float('nan')):{width}.3f}" for mode in modes))
     for mode, data in report["modes"].items():
         if data.get("products"):
             print(f"{mode} products (1 row/2 rows): " + ", ".join(f"{k} {v}" for k, v in data["products"].items()))
@@ -45,3 +46,5 @@ def print_table(report: dict) -> None:
             if key in data:
                 print(f"{mode} vs exact, teacher-forced {label} (streams 0-6 audio, 7 text): "
                       + " ".join(f"{a:.3f}" for a in data[key]))
+    if "auto" in report:
+        print(f"auto chose {report['auto']['mode']}: {report['auto']['reason']}")
