@@ -47,7 +47,7 @@ MEASURE_WEIGHT_STD = 0.02  # the random block timed for the choice: weights of a
 # (`rowkernels.Q8_KERNELS`: AVX512-VNNI, AVX-VNNI, AVX2, ARM64 dot products).
 LIBRARY_INT8 = "fbgemm"
 INT8_KERNELS = (LIBRARY_INT8, *rowkernels.Q8_KERNELS)
-INT8_TUNED_ROWS = (2, 8)  # a decode step of one A1A2 answer, of four
+INT8_TUNED_ROWS = (2, 4)  # a decode step of one A1A2 answer, of two (the default batch on a CPU)
 INT8_TUNE_BYTES = 24 << 20  # int8 weights per timing pass: more than a big L3 cache, so it measures DRAM
 # int8 encoder MLP positions per chunk: 512 x 3072 fp32 hidden (6 MB) stays in cache; 1.25x faster than the
 # whole 1500-position window on the AMD EPYC, same bits (int8 rows are independent), a third of the transient.
