@@ -24,6 +24,7 @@ WHISPER_FILE = "small.pt"
 SNAC_DIR = "snac"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 HUB_REPOS = {"mini-omni": "gpt-omni/mini-omni", "mini-omni2": "gpt-omni/mini-omni2"}
+FAMILIES = tuple(HUB_REPOS)  # the model families a checkpoint can be downloaded for
 # openai-whisper's own download of "small" (its _MODELS table), checked against this sha256.
 WHISPER_SMALL_SHA256 = "9ecf779972d90ba49c06d968637d720dd632c55bbf19d441fb42bf17a411e794"
 WHISPER_SMALL_URL = f"https://openaipublic.azureedge.net/main/whisper/models/{WHISPER_SMALL_SHA256}/small.pt"
