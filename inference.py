@@ -1,4 +1,4 @@
-"""Answer a spoken (or written) question: `python inference.py --help`; the command is omni/cli.py.
+"""Answer a spoken (or written) question: `python inference.py --help`; the code is omni/cli.py.
 
 The official class names stay importable from here: `from inference import OmniInference`.
 """

@@ -1,4 +1,4 @@
-"""Public entry point of a checkout: `from omni_engine import OmniEngine` (an installed wheel: `from omni import ...`)."""
+"""Public entry point of a checkout: `from omni_engine import OmniEngine` (installed: `from omni import ...`)."""
 from omni import (
     AUTO_MODE, DEFAULT_MODE, MODE_HELP, MODE_NAMES, AudioInputError, CheckpointDownloadError, CheckpointError,
     GenerationConfig, ImageInputError, OmniChunk, OmniEngine, OmniError, OmniResult, Overrides, Task,

@@ -1,4 +1,4 @@
-"""Talk to the model (microphone, speaker, camera): `python realtime_vad_player.py --help`; the command is voice/cli.py."""
+"""Talk to the model (microphone, speaker, camera): `python realtime_vad_player.py --help`; the code is voice/cli.py."""
 from voice.cli import main
 
 if __name__ == "__main__":

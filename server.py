@@ -1,4 +1,4 @@
-"""Serve the engine over HTTP and WebSocket: `python server.py --help`; the command is serving/cli.py."""
+"""Serve the engine over HTTP and WebSocket: `python server.py --help`; the code is serving/cli.py."""
 from serving.cli import main
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The `mini-omni-server` command (`python server.py` in a checkout). Serve the engine: `POST /chat` streams the spoken answer as it is generated, and `/v1/realtime` speaks
-the OpenAI Realtime protocol over a WebSocket, on the same host and port.
+"""The `mini-omni-server` command (`python server.py` in a checkout). Serve the engine: `POST /chat` streams
+the spoken answer as it is generated, and `/v1/realtime` speaks the OpenAI Realtime protocol over a
+WebSocket, on the same host and port.
 
     python server.py [--ckpt-dir DIR] [--host 127.0.0.1] [--port 60808] [--device auto] [--mode auto|exact|fast|baseline]
                      [--max-batch N] [--max-queue 4] [--max-sessions 4] [--max-bytes N] [--api-key KEY] [--allow-origin ORIGIN]

@@ -136,7 +136,8 @@ def test_the_fresh_venv_sees_the_installed_packages_and_nothing_else(venv):
 
 
 def test_the_installed_server_serves_speech(venv, tiny_ckpt, tmp_path):
-    server = Server(tiny_ckpt, tmp_path, command=(str(venv / "bin" / "mini-omni-server"),), cwd=venv)
+    server = Server(tiny_ckpt, tmp_path, "--log-level", "warning", command=(str(venv / "bin" / "mini-omni-server"),),
+                    cwd=venv)
     try:
         body = json.dumps({"model": "mini-omni", "input": "Hello there.", "voice": "alloy",
                            "response_format": "wav"}).encode()
@@ -145,3 +146,5 @@ def test_the_installed_server_serves_speech(venv, tiny_ckpt, tmp_path):
         server.stop()
     assert status == 200, data[:500]
     assert headers["Content-Type"].startswith("audio/wav") and data[:4] == b"RIFF" and len(data) > 44
+    log = (tmp_path.parent / f"server-{server.port}.log").read_text()
+    assert " INFO " not in log, log  # --log-level warning: the start-up's info records are not written

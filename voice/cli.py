@@ -1,4 +1,5 @@
-"""The `mini-omni-realtime` command (`python realtime_vad_player.py` in a checkout). Talk to the model: microphone -> Silero VAD -> engine.stream() -> speaker, with barge-in and camera frames.
+"""The `mini-omni-realtime` command (`python realtime_vad_player.py` in a checkout). Talk to the model:
+microphone -> Silero VAD -> engine.stream() -> speaker, with barge-in and camera frames.
 
     python realtime_vad_player.py [--ckpt-dir DIR] [--input-device N] [--output-device N] [--camera 0 | --no-camera]
     python realtime_vad_player.py --input-file q.wav   # no microphone: answers go to output/realtime/turnN.wav
