@@ -22,7 +22,7 @@ from omni import (
     OUTPUT_SAMPLE_RATE, SAMPLES_PER_FRAME, Frame, GenerationConfig, OmniEngine, OmniError, SnacCodec, Task,
     frames_to_codes, frames_to_streams, resolve_device, snac_dir, streams_to_frames, to_streams,
 )
-from utils.audio_io import write_wav
+from omni import write_wav
 
 SHOWN_FRAMES = 3  # frames printed in the walk-through
 

@@ -46,7 +46,7 @@ fi
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 . "$VENV/bin/activate"
-torch_pin=$(grep -E '^torch==' requirements.txt | cut -d' ' -f1)
+torch_pin=$(grep -E '^torch==' requirements/runtime.txt | cut -d' ' -f1)
 if [ "$torch_build" = cpu ]; then
   echo "installing $torch_pin, CPU build"
   # Only torch from the CPU index (its +cpu wheel outranks PyPI's CUDA one); its dependencies come from PyPI below.

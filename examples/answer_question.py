@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omni import DEFAULT_MAX_TOKENS
 from omni_engine import OmniEngine
-from utils.audio_io import write_wav
+from omni import write_wav
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "samples" / "output1.wav"
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,8 @@ ERROR_CHARS = 200  # longest decoder message passed on
 MAX_CHANNELS = 8  # an (N, channels) array with more columns than this is taken for channels-first, and refused
 
 AudioSource = str | Path | bytes | np.ndarray
+# The sample questions of a checkout (data/samples); an installed wheel has none.
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
 
 
 
@@ -58,6 +61,18 @@ def pcm_to_float(pcm: bytes | np.ndarray) -> np.ndarray:
 def float_to_pcm(samples: np.ndarray) -> bytes:
     """float samples -> int16 LE bytes, clipped to [-1, 1) first (the official code lets +-1.0 wrap around)."""
     return (np.clip(samples, -1.0, 1.0 - 1.0 / PCM_SCALE) * PCM_SCALE).astype("<i2").tobytes()
+
+def write_wav(path: str | Path, pcm: bytes, sample_rate: int) -> Path:
+    """Write int16 LE mono PCM bytes as a playable WAV file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(PCM_SAMPLE_WIDTH)
+        out.setframerate(sample_rate)
+        out.writeframes(pcm)
+    return path
+
 
 def _ffmpeg() -> str:
     exe = shutil.which("ffmpeg")

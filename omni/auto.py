@@ -23,6 +23,14 @@ from .tuning import Overrides, measured_once
 # second request in the batch and whatever else the machine is doing, so the audio never runs dry.
 REALTIME_SHARE = 0.70
 FORCED_REASON = "set explicitly, not auto"  # the reason of a mode the caller chose
+# The --mode help of the commands (omni/cli.py, serving/cli.py, voice/cli.py); the modes are defined in
+# runtime.py. Each command adds its default.
+MODE_HELP = ("auto: exact on a GPU, and on a CPU where a measured exact decode step plus its audio decoding "
+             f"takes at most {round(REALTIME_SHARE * 100)}%% of the audio it makes, else fast (measured once per "
+             "machine and cached); exact: fp32, the official tokens; fast: on CPU, int8 weights for the linear "
+             "layers and the embedding, several times faster, tokens differ from exact (on a GPU fast is exact); "
+             "baseline: the official tokens at the official cost (full head on both rows, attention over the whole "
+             "cache), kept to measure speed-ups against")
 
 
 class Measured(Protocol):

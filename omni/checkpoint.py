@@ -5,13 +5,11 @@ holds two copies of them.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import urllib.request
 from pathlib import Path
 
 import torch
+from torch.hub import download_url_to_file
 
 from .codec import SNAC_CONFIG, SNAC_HUB_REPO, SNAC_WEIGHTS
 from .config import CONFIG_FILE, ModelConfig
@@ -25,6 +23,7 @@ WHISPER_FILE = "small.pt"
 SNAC_DIR = "snac"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 HUB_REPOS = {"mini-omni": "gpt-omni/mini-omni", "mini-omni2": "gpt-omni/mini-omni2"}
+FAMILIES = tuple(HUB_REPOS)  # the model families a checkpoint can be downloaded for
 # openai-whisper's own download of "small" (its _MODELS table), checked against this sha256.
 WHISPER_SMALL_SHA256 = "9ecf779972d90ba49c06d968637d720dd632c55bbf19d441fb42bf17a411e794"
 WHISPER_SMALL_URL = f"https://openaipublic.azureedge.net/main/whisper/models/{WHISPER_SMALL_SHA256}/small.pt"
@@ -32,7 +31,6 @@ CLIP_FILE = "ViT-B-32.pt"  # Mini-Omni2's image tower, OpenAI's released TorchSc
 # The clip package's own download of "ViT-B/32", checked against this sha256.
 CLIP_VIT_B32_SHA256 = "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
 CLIP_VIT_B32_URL = f"https://openaipublic.azureedge.net/clip/models/{CLIP_VIT_B32_SHA256}/{CLIP_FILE}"
-DOWNLOAD_BLOCK = 1 << 20
 
 
 def fetch_command(family: str, ckpt_dir: str | Path) -> str:
@@ -126,26 +124,19 @@ def _local_or_cached(local: Path, cache_name: str, url: str, sha256: str) -> Pat
 
 
 def download_verified(url: str, sha256: str, target: Path, ckpt_dir: Path) -> None:
-    """Download `url` to `target`, checking its sha256 before moving it into place."""
+    """Download `url` to `target` with a progress bar on stderr, checking its sha256 before it is moved into
+    place (torch.hub writes a partial file beside it and removes it on any failure)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
     print(f"{target.name} not in the checkpoint: downloading it to {target}")
     try:
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
-            while block := response.read(DOWNLOAD_BLOCK):
-                digest.update(block)
-                out.write(block)
-        if digest.hexdigest() != sha256:
-            raise CheckpointDownloadError(f"downloaded {target.name} has sha256 {digest.hexdigest()}, expected {sha256}")
-        shutil.move(partial, target)
+        download_url_to_file(url, str(target), hash_prefix=sha256, progress=True)
+    except RuntimeError as e:  # torch.hub's hash mismatch
+        raise CheckpointDownloadError(f"downloaded {target.name} failed its sha256 check: {e}") from e
     except OSError as e:
         raise CheckpointDownloadError(
             f"could not download {target.name} ({e}). Put it into the checkpoint directory {ckpt_dir} or "
             f"{target}; on a connected machine: curl -L -o {target.name} {url}"
         ) from e
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def snac_dir(ckpt_dir: Path) -> Path:

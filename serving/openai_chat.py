@@ -13,7 +13,7 @@ import base64
 import time
 from collections.abc import Iterator
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from .audio_encode import encode_audio
 from .openai_errors import OpenAIError

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random checkpoints built once per test session, and a CPU engine."""
 from __future__ import annotations
 
+import email.message
+import io
 import os
 from pathlib import Path
 
@@ -14,6 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SAMPLE = ROOT / "data" / "samples" / "output1.wav"
 IMAGE = ROOT / "data" / "samples" / "image1.jpg"
+
+
+class FakeResponse(io.BytesIO):
+    """A download's HTTP response without the network (torch.hub reads its headers, then its body)."""
+
+    def info(self) -> email.message.Message:
+        return email.message.Message()  # no Content-Length: the progress bar counts without a total
+
+
 # Seed of the --likely-stop checkpoint whose answer to SAMPLE ends by EOA after emitting EOT.
 STOP_SEED = 1
 

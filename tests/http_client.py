@@ -25,14 +25,16 @@ class Server:
     """`python server.py` as a user starts it, on a free loopback port; in exact mode, whose answers the tests
     compare with the `engine` fixture's (`mode="auto"`: the server's default, measured at load)."""
 
-    def __init__(self, ckpt: Path, tmpdir: Path, *extra: str, mode: str = "exact") -> None:
+    def __init__(self, ckpt: Path, tmpdir: Path, *extra: str, mode: str = "exact", command: tuple[str, ...] = (),
+                 cwd: Path = ROOT) -> None:
+        """`command` starts another server program (an installed `mini-omni-server`), run in `cwd`."""
         self.port = free_port()
         self.tmpdir = tmpdir
         env = {**os.environ, "TMPDIR": str(tmpdir)}
         self.log = open(tmpdir.parent / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "server.py"), "--ckpt-dir", str(ckpt), "--port", str(self.port),
-             "--device", "cpu", "--mode", mode, *extra], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            [*(command or (sys.executable, str(ROOT / "server.py"))), "--ckpt-dir", str(ckpt), "--port", str(self.port),
+             "--device", "cpu", "--mode", mode, *extra], cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             try:

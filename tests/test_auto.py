@@ -6,8 +6,6 @@ import pytest
 import torch
 
 import omni.auto
-import realtime_vad_player
-import server
 from omni.auto import FORCED_REASON, REALTIME_SHARE, choose_mode, resolve_auto
 from omni.codec import SECONDS_PER_FRAME
 from omni.config import ModelConfig
@@ -15,7 +13,9 @@ from omni.linear import Int8Head
 from omni.rowkernels import RowsHead
 from omni.runtime import MODES
 from omni_engine import OmniEngine, Overrides
+from serving import cli as server_cli
 from tests.http_client import Server
+from voice import cli as voice_cli
 
 MAX = 120
 
@@ -69,7 +69,7 @@ def test_an_explicit_mode_forces_it_without_measuring(tiny_ckpt, tmp_path, fake_
 
 
 def test_the_live_surfaces_default_to_auto_and_take_every_mode():
-    for parse in (server.parse_args, realtime_vad_player.parse_args):
+    for parse in (server_cli.parse_args, voice_cli.parse_args):
         assert parse([]).mode == "auto"
         assert [parse(["--mode", m]).mode for m in MODES] == list(MODES)
 

@@ -1,6 +1,5 @@
 """Checkpoint discovery, download (network faked) and strict loading."""
 import hashlib
-import io
 import shutil
 import urllib.error
 
@@ -12,6 +11,7 @@ import omni.checkpoint as ckpt_mod
 from omni.checkpoint import SNAC_DIR, WEIGHTS_FILE, WHISPER_FILE
 from omni.errors import CheckpointDownloadError, CheckpointError
 from omni_engine import OmniEngine
+from tests.conftest import FakeResponse
 
 
 @pytest.fixture
@@ -102,19 +102,11 @@ def test_unsupported_architecture_is_refused(ckpt_copy):
         OmniEngine(ckpt_copy, device="cpu")
 
 
-class FakeResponse(io.BytesIO):
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def test_whisper_is_downloaded_and_verified(ckpt_copy, tmp_path, monkeypatch):
     blob = (ckpt_copy / WHISPER_FILE).read_bytes()
     (ckpt_copy / WHISPER_FILE).unlink()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(ckpt_mod.urllib.request, "urlopen", lambda url: FakeResponse(blob))
+    monkeypatch.setattr(torch.hub, "urlopen", lambda request: FakeResponse(blob))
     with pytest.raises(CheckpointDownloadError, match="sha256"):
         ckpt_mod.whisper_path(ckpt_copy)
     assert not list((tmp_path / "cache" / "whisper").iterdir())  # no partial file left
@@ -128,10 +120,10 @@ def test_whisper_offline(ckpt_copy, tmp_path, monkeypatch):
     (ckpt_copy / WHISPER_FILE).unlink()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
-    def offline(url):
+    def offline(request):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(ckpt_mod.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
     with pytest.raises(CheckpointDownloadError, match="small.pt.*curl -L -o small.pt"):
         ckpt_mod.whisper_path(ckpt_copy)
 

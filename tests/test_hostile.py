@@ -289,7 +289,7 @@ def test_long_paths_are_not_echoed(server, length):
 
 
 def test_non_loopback_bind_prints_a_warning(caplog):
-    from server import parse_args, warn_if_exposed
+    from serving.cli import parse_args, warn_if_exposed
 
     log = logging.getLogger("test.exposed")
     with caplog.at_level(logging.WARNING, logger="test.exposed"):

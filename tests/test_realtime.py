@@ -14,7 +14,8 @@ from voice.camera import CameraFeed, fit_frame
 from voice.echo import EchoConfig, EchoGuard
 from voice.loop import VoiceLoop
 from voice.signal import FRAME_SAMPLES, FRAME_SECONDS, MIC_RATE, Resampler, energy
-from utils.voice_sim import FakeCamera, FakeSink, VirtualClock
+from utils.voice_sim import FakeCamera
+from voice.replay import FakeSink, VirtualClock
 from voice.turns import Action, Event, State, TurnMachine
 from voice.vad import Segmenter, SileroVad, SpeechEvent, VadConfig
 from tests.conftest import ROOT

@@ -28,7 +28,7 @@ from omni.tokens import (
     ANSWER_A, ANSWER_T, EOA, EOIMAGE, IMAGE, IMAGE_TOKENS, INPUT_A, PAD_A, PAD_T, Task, audio_id, build_image_prompt,
 )
 from omni_engine import OmniEngine
-from tests.conftest import ROOT
+from tests.conftest import ROOT, FakeResponse
 from tests.http_client import Server
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "official_vision_tokens.json").read_text())
@@ -293,11 +293,11 @@ def test_clip_is_downloaded_and_verified_when_absent(vision_ckpt, tmp_path, monk
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     requested = []
 
-    def fake_urlopen(url):
-        requested.append(url)
-        return io.BytesIO(blob)
+    def fake_urlopen(request):
+        requested.append(request.full_url)
+        return FakeResponse(blob)
 
-    monkeypatch.setattr(ckpt_mod.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(torch.hub, "urlopen", fake_urlopen)
     with pytest.raises(CheckpointError, match="sha256"):
         OmniEngine(ckpt, device="cpu")
     assert requested == [ckpt_mod.CLIP_VIT_B32_URL] and not list((tmp_path / "cache" / "clip").iterdir())

@@ -1,4 +1,4 @@
-"""WAV file helpers for the entry points (the engine itself decodes input with ffmpeg)."""
+"""Read a WAV file as float samples, for the developer tools and tests (writing one is `omni.write_wav`)."""
 from __future__ import annotations
 
 import wave
@@ -8,18 +8,6 @@ import numpy as np
 
 from omni import PCM_SAMPLE_WIDTH
 from voice.signal import pcm_to_float
-
-
-def write_wav(path: str | Path, pcm: bytes, sample_rate: int) -> Path:
-    """Write int16 LE mono PCM bytes as a playable WAV file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(PCM_SAMPLE_WIDTH)
-        out.setframerate(sample_rate)
-        out.writeframes(pcm)
-    return path
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:

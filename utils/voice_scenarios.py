@@ -13,17 +13,8 @@ from typing import Any
 import numpy as np
 
 from utils.audio_io import read_wav
-from utils.voice_sim import (
-    ECHO_DELAY_S,
-    EchoPath,
-    FakeCamera,
-    FakeSink,
-    RecordingEngine,
-    ScriptedMic,
-    SpokenAnswerEngine,
-    VirtualClock,
-    simulate,
-)
+from utils.voice_sim import FakeCamera, RecordingEngine, SpokenAnswerEngine
+from voice.replay import ECHO_DELAY_S, EchoPath, FakeSink, ScriptedMic, VirtualClock, simulate
 from voice.camera import CameraFeed
 from voice.echo import EchoConfig
 from voice.loop import LoopConfig, Turn, VoiceLoop

@@ -1,6 +1,6 @@
 """The small interfaces between the loop and the outside: the engine, a clock, an audio source and sink, a camera.
 
-Real devices (`devices.py`) and the simulation (`utils/voice_sim.py`) implement the same ones, so the loop cannot
+Real devices (`devices.py`) and the replay (`replay.py`) implement the same ones, so the loop cannot
 tell them apart.
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Voice activity: Silero VAD per frame, and a segmenter that turns frame probabilities into turns."""
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from importlib import resources
 from math import ceil
 
 import numpy as np
@@ -16,7 +16,6 @@ SILENCE_MARGIN = 0.15  # a speaking run ends below threshold - margin (Silero's 
 START_MS = 200  # speech must last this long before it starts a turn
 END_MS = 400  # this much silence ends a turn
 PREROLL_MS = 300  # audio kept from before the onset, so the first syllable is not lost
-SILERO_MODEL = "silero_vad.onnx"  # the 8/16 kHz model file inside the silero-vad package
 MAX_UTTERANCE_S = 30.0  # the engine reads at most 30 s: a longer turn is ended there
 
 
@@ -62,8 +61,10 @@ class SileroVad:
         import torch
         threads = torch.get_num_threads()
         try:
-            from silero_vad.utils_vad import OnnxWrapper
-            model = OnnxWrapper(str(resources.files("silero_vad.data") / SILERO_MODEL), force_onnx_cpu=True)
+            from silero_vad import load_silero_vad
+            with warnings.catch_warnings():  # silero-vad 6.2.3's loader finds its file with a deprecated call
+                warnings.simplefilter("ignore", DeprecationWarning)
+                model = load_silero_vad(onnx=True)  # the package's ONNX model, on onnxruntime's CPU provider
         except ImportError as e:
             raise RuntimeError("Silero VAD needs: pip install silero-vad==6.2.3 onnxruntime==1.31.1") from e
         finally:

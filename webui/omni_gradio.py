@@ -18,7 +18,7 @@ from pathlib import Path
 
 from webui.client import Answer, OmniClient, ServerError, add_server_arguments, server_options, wav_bytes
 
-INSTALL_HINT = "the Gradio page needs gradio: pip install gradio==6.31.0 (or pip install -r requirements.txt)"
+INSTALL_HINT = "the Gradio page needs gradio: pip install gradio==6.31.0 (or the web extra: pip install .[web])"
 DEFAULT_PORT = 7860
 NO_QUESTION = "Upload or record a question first."
 GENERATED = "Generated:"  # the status once the whole answer has arrived (the player may still be playing it)

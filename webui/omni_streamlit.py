@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from webui.client import Answer, Health, OmniClient, ServerError, add_server_arguments, server_options
 
 INSTALL_HINT = ("the Streamlit page needs streamlit and streamlit-webrtc: pip install streamlit==1.67.0 "
-                "streamlit-webrtc==0.79.0 (or pip install -r requirements.txt)")
+                "streamlit-webrtc==0.79.0 (or the web extra: pip install .[web])")
 RUN_HINT = "start the page with: streamlit run webui/omni_streamlit.py [-- --server-url URL]"
 QUESTION_RATE = 16000  # Hz: what the model hears, so the browser records at that rate
 SNAPSHOT_WIDTH = 160  # px: a camera snapshot as the history shows it
