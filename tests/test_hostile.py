@@ -452,7 +452,7 @@ def test_an_unreadable_checkpoint_directory_is_named(tiny_ckpt, tmp_path):
 def test_a_huge_request_head_gets_a_json_answer_not_a_reset(server, where, status):
     import requests
 
-    from server import MAX_HEADER_BYTES
+    from serving.cli import MAX_HEADER_BYTES
     huge = "a" * 300_000  # the request line
     url = f"http://127.0.0.1:{server.port}/requests/" + (huge if where == "line" else "x")
     response = requests.get(url, headers={"X-Padding": huge} if where == "header" else {}, timeout=60)
