@@ -11,7 +11,7 @@ from omni import CHUNK_SECONDS, INPUT_SAMPLE_RATE, OmniChunk, OmniEngine, load_a
 from .asgi import DISCONNECTED_KEY
 from .formats import MIMETYPES, PCM_HEADERS, encode
 from .index import OPEN_PATHS, add_index_routes
-from .parse import ApiError, ChatRequest, parse_chat
+from .parse import ApiError, ChatRequest, engine_options, parse_chat
 from .security import AccessPolicy
 from .service import EngineService, Record, Refused
 
@@ -40,7 +40,7 @@ def _open_answer(engine: OmniEngine, req: ChatRequest, record: Record,
     record.input_seconds = round(seconds, 3)
     # Checks the options and decodes the image now; generation starts when the body is read.
     return engine.stream(samples, sample_rate=INPUT_SAMPLE_RATE, image=req.image, cancel=disconnected,
-                         **req.options)
+                         **engine_options(req.options, engine, samples, req.image is not None))
 
 
 def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
