@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.text is None) == (args.tokens is None):
         p.error("give the text to speak or --tokens FILE (one of them)")
+    if args.tokens and not Path(args.ckpt_dir).is_dir():  # else SNAC would be fetched from the hub, unasked
+        p.error(f"--tokens decodes with the SNAC of a checkpoint: no directory {args.ckpt_dir!r}; give the one "
+                "the tokens came from with --ckpt-dir DIR")
     try:
         streams, pcm = (read_dump(args.tokens), None) if args.tokens else speak(args.text, args)
         frames = streams_to_frames(streams[:N_AUDIO_LAYERS])

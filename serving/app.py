@@ -10,15 +10,16 @@ from werkzeug.exceptions import HTTPException
 from omni import CHUNK_SECONDS, INPUT_SAMPLE_RATE, OmniChunk, OmniEngine, load_audio
 from .asgi import DISCONNECTED_KEY
 from .formats import MIMETYPES, PCM_HEADERS, encode
-from .index import index_html
+from .index import OPEN_PATHS, add_index_routes
 from .openai_audio import register as register_openai
-from .parse import ApiError, ChatRequest, parse_chat
+from .parse import ApiError, ChatRequest, engine_options, parse_chat
 from .security import AccessPolicy
 from .service import EngineService, Record, Refused
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 RETRY_AFTER_S = 2
-OPEN_ROUTES = ("/health",)  # served without the API key (still subject to the Host and Origin checks)
+OPEN_ROUTES = ("/health", *OPEN_PATHS)  # served without the API key (still subject to the Host and Origin checks):
+# /health for monitoring, the talk page and its files because they hold no secret (the user types the key in)
 TOKEN_HEADER = "X-Request-Token"  # the secret that lets a client read its own answer's record
 
 
@@ -40,7 +41,7 @@ def _open_answer(engine: OmniEngine, req: ChatRequest, record: Record,
     record.input_seconds = round(seconds, 3)
     # Checks the options and decodes the image now; generation starts when the body is read.
     return engine.stream(samples, sample_rate=INPUT_SAMPLE_RATE, image=req.image, cancel=disconnected,
-                         **req.options)
+                         **engine_options(req.options, engine, samples, req.image is not None))
 
 
 def create_app(service: EngineService, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -80,9 +81,7 @@ def _add_guard(app: Flask, policy: AccessPolicy, max_bytes: int) -> None:
 
 
 def _add_info_routes(app: Flask, service: EngineService) -> None:
-    @app.get("/")
-    def index():
-        return Response(index_html(service), mimetype="text/html")
+    add_index_routes(app, service)
 
     @app.get("/health")
     def health():

@@ -9,13 +9,19 @@ from dataclasses import dataclass
 
 from flask import Request
 
+from omni import OmniEngine, Task, prompt_length
+
 FORMATS = ("pcm", "wav", "wav-stream", "multipart", "sse", "ndjson")
 ACCEPT_FORMATS = {  # media types a client may ask for instead of ?format=
     "audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "multipart/x-mixed-replace": "multipart",
     "text/event-stream": "sse", "application/x-ndjson": "ndjson",
 }
-JSON_FIELDS = {"audio": str, "image": str, "stream_stride": int, "first_stride": int, "max_tokens": int}
-NUMBER_FIELDS = ("stream_stride", "first_stride", "max_tokens")
+# max_tokens counts the prompt's positions too (the official meaning); max_new_tokens counts the answer's decode
+# steps only (as the Realtime API's max_output_tokens does): a request gives one or neither.
+NUMBER_FIELDS = ("stream_stride", "first_stride", "max_tokens", "max_new_tokens")
+JSON_FIELDS = {"audio": str, "image": str, **{name: int for name in NUMBER_FIELDS}}
+FILE_FIELDS = ("audio", "image")  # the parts of a multipart body that are files
+QUERY_KEYS = ("format", "api_key", *NUMBER_FIELDS)  # api_key: read by the access check (security.py)
 WHITESPACE = re.compile(r"\s+")  # line breaks of MIME-style base64
 
 
@@ -83,6 +89,10 @@ def _numbers_from(values) -> dict[str, int]:
 
 
 def _from_form(req: Request) -> tuple[bytes, bytes | None, dict[str, int]]:
+    unknown = sorted((set(req.form) - set(NUMBER_FIELDS)) | (set(req.files) - set(FILE_FIELDS)))
+    if unknown:
+        raise ApiError(400, f"unknown form field(s) {unknown}; accepted: files {list(FILE_FIELDS)}, fields "
+                            f"{list(NUMBER_FIELDS)}")
     upload = req.files.get("audio")
     if upload is None:
         raise ApiError(400, "multipart request needs a file part named 'audio'")
@@ -102,19 +112,53 @@ def choose_format(req: Request) -> str:
     return "pcm"
 
 
+def _query_options(req: Request) -> dict[str, int]:
+    """The options in the query string, which any kind of body may take; an unknown key is an error."""
+    unknown = sorted(set(req.args) - set(QUERY_KEYS))
+    if unknown:
+        raise ApiError(400, f"unknown query parameter(s) {unknown}; accepted: {list(QUERY_KEYS)}")
+    return _numbers_from(req.args)
+
+
+def _merge(body: dict[str, int], query: dict[str, int]) -> dict[str, int]:
+    twice = sorted(set(body) & set(query))
+    if twice:
+        raise ApiError(400, f"{twice} given both in the query string and in the body: give each once")
+    options = {**body, **query}
+    if "max_tokens" in options and "max_new_tokens" in options:
+        raise ApiError(400, "give max_tokens (prompt and answer) or max_new_tokens (the answer only), not both")
+    return options
+
+
+def engine_options(options: dict[str, int], engine: OmniEngine, samples, image: bool) -> dict[str, int]:
+    """The request's options as the engine takes them: max_new_tokens becomes the max_tokens that leaves that
+    many decode steps after this question's prompt (at most the model's limit)."""
+    if "max_new_tokens" not in options:
+        return options
+    out = dict(options)
+    steps = out.pop("max_new_tokens")
+    if steps < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {steps}")
+    limit = engine.config.block_size + 1
+    out["max_tokens"] = min(limit, prompt_length(Task.A1A2, samples, None, image) + steps)
+    return out
+
+
 def parse_chat(req: Request) -> ChatRequest:
-    """JSON (the official body), multipart/form-data (`-F audio=@q.wav`) or a raw audio body."""
+    """JSON (the official body), multipart/form-data (`-F audio=@q.wav`) or a raw audio body; the number
+    options in the body or in the query string."""
     fmt = choose_format(req)
+    query = _query_options(req)
     mime = req.mimetype
     if mime == "application/json":
         audio, image, options = _from_json(req)
     elif mime == "multipart/form-data":
         audio, image, options = _from_form(req)
     elif mime.startswith("audio/") or mime in ("application/octet-stream", "video/mp4", "video/webm", "video/ogg"):
-        audio, image, options = req.get_data(cache=False), None, _numbers_from(req.args)
+        audio, image, options = req.get_data(cache=False), None, {}
     else:
         raise ApiError(415, f"unsupported Content-Type {mime or '(none)'}: send application/json "
                             "({\"audio\": base64}), multipart/form-data (audio=@file) or an audio/* body")
     if not audio:
         raise ApiError(400, "the audio is empty")
-    return ChatRequest(audio, image, options, fmt)
+    return ChatRequest(audio, image, _merge(options, query), fmt)

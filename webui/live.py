@@ -34,7 +34,7 @@ class Relay:
         self._past: tuple[TurnView, ...] = ()  # turns of conversations that ended
         self._resampler: av.AudioResampler | None = None
         self._frame: av.VideoFrame | None = None  # the camera's latest frame
-        self.frames_in = 0  # microphone frames received, for the page's diagnostics
+        self.frames_in = 0  # microphone frames received since the conversation started (none: no media path)
 
     @property
     def running(self) -> bool:
@@ -49,6 +49,7 @@ class Relay:
             if self._connection is not None:
                 return
             self._resampler = av.AudioResampler(format="s16", layout="mono", rate=API_RATE)
+            self.frames_in = 0
             conversation = Conversation(playback, self._send, self._take_frame if self.camera else None)
             self._conversation = conversation
             self._connection = RealtimeConnection(self.url, conversation.handle, conversation.closed, self.headers)
@@ -60,6 +61,7 @@ class Relay:
                 self._connection.close()
                 self._past += self._conversation.view().turns
             self._connection = self._conversation = None
+            self.frames_in = 0
 
     def view(self) -> View | None:
         conversation = self._conversation

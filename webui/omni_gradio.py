@@ -3,7 +3,7 @@
     python -m webui.omni_gradio [--server-url http://127.0.0.1:60808] [--port 7860] [--max-tokens N]
 
 UI only: every request goes through `webui.client`. The answer plays as its chunks arrive
-(`gr.Audio(streaming=True)`), the transcript fills in beside it, and the page shows the time to the
+(`gr.Audio(streaming=True)`), the transcript fills in below it, and the page shows the time to the
 first audio and the total time. A new question or Stop ends the running answer (the server stops it too).
 The server line is refreshed every few seconds. The image input appears only when the server's model can see.
 """

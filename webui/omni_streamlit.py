@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass
 
 # `webui` is importable because ./setup.sh installs this project (pip install -e .).
@@ -25,6 +26,12 @@ QUESTION_RATE = 16000  # Hz: what the model hears, so the browser records at tha
 SNAPSHOT_WIDTH = 160  # px: a camera snapshot as the history shows it
 REFRESH_S = 0.3  # how often the live transcript and state are redrawn
 HANDS_FREE, PRESS_TO_TALK = "Hands-free", "Press to talk"
+MEDIA_WAIT_S = 8.0  # START without one microphone frame for this long: WebRTC media found no path
+NO_MEDIA = ("No sound from your microphone has reached this page {wait:.0f} s after START: the browser and this "
+            "page's Python side have no network path for WebRTC media between them. That happens when the page "
+            "is reached through an SSH tunnel or a container's published port, where the only route is "
+            "loopback; WebRTC needs an address both can reach (or a TURN server, --ice-servers). Use press to "
+            "talk instead, or the server's own talk page at {talk_url} (no WebRTC: it works through a tunnel).")
 STATES = {  # the press-to-talk state line
     "listening": "Listening: press the microphone, ask your question, press stop.",
     "thinking": "Thinking…",
@@ -208,6 +215,8 @@ class HandsFree:
             relay.start(playback)
         else:
             relay.stop()
+        started = ctx.state.playing or ctx.state.signalling  # START pressed, whether or not media flows
+        st.session_state.started_at = (st.session_state.get("started_at") or time.monotonic()) if started else None
         st.fragment(run_every=REFRESH_S)(self.live)()
 
     def _keep_context(self) -> None:
@@ -226,12 +235,25 @@ class HandsFree:
             raise SystemExit(f"--ice-servers is not JSON: {e}") from e
         return servers
 
+    def no_media(self) -> bool:
+        """START was pressed MEDIA_WAIT_S ago and not one microphone frame has come: signalling worked (it goes
+        over the page's own HTTP) but ICE found no path for the media."""
+        started_at = self.st.session_state.get("started_at")
+        return (started_at is not None and time.monotonic() - started_at > MEDIA_WAIT_S
+                and self.relay.frames_in == 0)
+
     def live(self) -> None:
         """The state line, the transcript and each turn's latency; redrawn every REFRESH_S."""
         st = self.st
         view = self.relay.view()
-        text, icon = LIVE_STATES[view.state if view is not None else "stopped"]
-        st.info(text, icon=icon)
+        if self.no_media():
+            st.warning(NO_MEDIA.format(wait=MEDIA_WAIT_S, talk_url=self.args.server_url.rstrip("/") + "/"),
+                       icon=":material/wifi_off:")
+            if st.button("Use press to talk", on_click=use_press_to_talk, key="fallback"):
+                st.rerun(scope="app")  # the button is in the fragment: the whole page must redraw in the new mode
+        else:
+            text, icon = LIVE_STATES[view.state if view is not None else "stopped"]
+            st.info(text, icon=icon)
         if view is None:
             return
         if view.error:
@@ -248,6 +270,13 @@ class HandsFree:
                 st.caption(turn_note(turn))
 
 
+def use_press_to_talk() -> None:
+    """The fallback button's callback: runs before the next script run, so it may set the mode widget's value."""
+    import streamlit as st
+
+    st.session_state.mode = PRESS_TO_TALK
+
+
 def question_note(turn) -> str:
     if turn.status == "hearing you":
         return "(speaking…)"
@@ -259,7 +288,8 @@ def turn_note(turn) -> str:
     parts = [{"thinking": "thinking", "speaking": "speaking", "done": "answered", "interrupted": "interrupted",
               "failed": f"failed: {turn.error}"}.get(turn.status, turn.status)]
     if turn.first_audio_ms is not None:
-        parts.append(f"first audio {turn.first_audio_ms:.0f} ms after you stopped")
+        parts.append(f"first audio {turn.first_audio_ms:.0f} ms after you stopped speaking ({turn.vad_ms} ms of it "
+                     "the server's wait for silence; WebRTC's own delay not counted)")
     if turn.answer_s:
         parts.append(f"{turn.answer_s:.1f} s of speech")
     return " · ".join(parts)

@@ -87,7 +87,8 @@ class TurnView:
     image: bool = False  # the server took a camera frame for the question
     answer_text: str = ""
     answer_s: float = 0.0  # seconds of answer audio received
-    first_audio_ms: float | None = None  # end of speech (as the page heard of it) -> first answer audio
+    first_audio_ms: float | None = None  # end of speech (the VAD's turn end less its silence) -> first answer audio
+    vad_ms: int = 0  # of that, the server VAD's wait for silence
     status: str = "hearing you"  # hearing you | thinking | speaking | done | interrupted | failed
     error: str = ""
 
@@ -128,7 +129,8 @@ class Conversation:
         self._lock = threading.Lock()
         self._turns: list[TurnView] = []
         self._answer = _Answer()
-        self._speech_stopped_at: float | None = None
+        self._speech_stopped_at: float | None = None  # when the speech stopped: the VAD's turn end less its silence
+        self._silence_ms = 0  # the session's VAD silence (session.created / updated)
         self._speech_started_ms: int | None = None  # where the server heard the turn start, in its input audio
         self._state = "connecting"
         self._error = ""
@@ -156,6 +158,12 @@ class Conversation:
 
     def _on_session_created(self, event: dict) -> None:
         self._state = "listening"
+        self._on_session_updated(event)
+
+    def _on_session_updated(self, event: dict) -> None:
+        session = event.get("session", {})
+        vad = session.get("turn_detection") or session.get("audio", {}).get("input", {}).get("turn_detection")
+        self._silence_ms = (vad or {}).get("silence_duration_ms", 0)
 
     def _on_error(self, event: dict) -> None:
         self._error = event.get("error", {}).get("message", "the server reported an error")
@@ -187,8 +195,8 @@ class Conversation:
             self._turns[-1] = replace(self._turns[-1], status="interrupted")
 
     def _on_input_audio_buffer_speech_stopped(self, event: dict) -> None:
-        self._speech_stopped_at = self.clock()
-        self._update(status="thinking")
+        self._speech_stopped_at = self.clock() - self._silence_ms / 1000
+        self._update(status="thinking", vad_ms=self._silence_ms)
         self._state = "thinking"
         start = event.get("audio_start_ms", self._speech_started_ms)
         if start is not None and "audio_end_ms" in event:
