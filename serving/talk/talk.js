@@ -157,8 +157,10 @@ const HANDLERS = {
   "response.output_item.added": (e) => { if (answer) answer.answerItem = e.item.id; },
   "response.output_audio.delta": (e) => {
     if (!answer || e.item_id !== answer.answerItem || answer.interrupted) return;
-    answer.audioMs += e.delta.length * 3 / 4 / 2 / RATE * 1000;
-    audio.player.port.postMessage({ type: "push", samples: fromBase64Pcm16(e.delta) });
+    const samples = fromBase64Pcm16(e.delta);
+    // Whole milliseconds per delta, as the server counts the item's audio (a truncate may not pass its count).
+    answer.audioMs += Math.floor(samples.length * 1000 / RATE);
+    audio.player.port.postMessage({ type: "push", samples });
   },
   "response.output_audio_transcript.delta": (e) => { if (answer) { answer.answer += e.delta; render(); } },
   "response.done": (e) => onResponseDone(e.response),
@@ -197,7 +199,7 @@ function interrupt(turn) {
       turn.played = e.data.played;
       if (turn.answerItem && e.data.wasPlaying) {
         send({ type: "conversation.item.truncate", item_id: turn.answerItem, content_index: 0,
-               audio_end_ms: Math.floor(e.data.played * 1000 / RATE) });
+               audio_end_ms: Math.min(Math.floor(e.data.played * 1000 / RATE), turn.audioMs) });
       }
       render();
     }
