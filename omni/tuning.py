@@ -2,7 +2,7 @@
 
 The engine decides its speed choices once, at load: each is measured on the real (or same-shaped)
 weights the first time and kept in `cache_dir()` (keyed by the CPU, torch and what was measured),
-unless an `Overrides` forces it. This module chooses the exact mode's products (`tune_products`), among batch-invariant plans only;
+unless an `Overrides` forces it. This module chooses the exact mode's products (`tune_products`, batch-invariant plans only);
 `omni.runtime` chooses fast mode's kernels through the same `measured_once`.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Overrides:
 
     encoder: str | None = None  # MINI_OMNI_ENCODER: fast mode's Whisper kind, "int8" or "bf16"
     int8: str | None = None  # MINI_OMNI_INT8: fast mode's int8 products, "fbgemm" or "q8rows"
-    products: str | None = None  # MINI_OMNI_PRODUCTS: exact mode's products, one of FORMULATIONS everywhere
+    products: str | None = None  # MINI_OMNI_PRODUCTS: exact mode's products, one of FORMULATIONS (block measured)
     cache: Path = field(default_factory=machine.cache_dir)  # measured choices and built kernels (MINI_OMNI_CACHE)
 
     @classmethod

@@ -97,11 +97,13 @@ def test_head_and_embedding_share_one_table(kind):
 
 def test_f32rows_takes_a_group_only_when_it_beats_the_library_plans(monkeypatch):
     rows = linear.TUNED_ROWS
-    table = {("linear", None): {n: 1.0 for n in rows}, **{("wxt", b): {n: 0.5 for n in rows} for b in linear.BLOCK_ROWS}}
+    table = {("linear", None): {n: 1.0 for n in rows},
+             **{("wxt", b): {n: 0.5 for n in rows} for b in linear.BLOCK_ROWS}}
     monkeypatch.setattr(tuning, "batch_invariant", lambda c, w: True)
     for kernel, wins in ((0.3, True), (0.5, False)):  # a tie keeps the library
         times = {**table, ("f32rows", None): {n: kernel for n in rows}}
-        monkeypatch.setattr(tuning, "measure_products", lambda w, plans, rows: {c: {n: times[c][n] for n in rows} for c in plans})
+        monkeypatch.setattr(tuning, "measure_products",
+                            lambda w, plans, rows: {c: {n: times[c][n] for n in rows} for c in plans})
         assert tuning.choose_products([torch.randn(4, 4)], ("wxt", "f32rows")).kernel == wins
 
 
