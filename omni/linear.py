@@ -36,7 +36,8 @@ KERNEL_FORMULATION = "f32rows"
 # PREFILL_CHUNK of generate.py).
 TUNED_ROWS = (1, 2, 4, 8, 32)
 # Block sizes a library formulation may run its products in (`Products.block`). One row at a time (block
-# 1) is batch invariant everywhere but reads the weights once per row: only the fallback.
+# 1) is batch invariant everywhere and is the official call at 1 row, but reads the weights once per row:
+# `omni.tuning` times it beside these, with F.linear only.
 BLOCK_ROWS = (2, 4, 8)
 
 

@@ -4,6 +4,7 @@ Each formulation this machine offers is forced in turn (its block still measured
 decode step are compared bitwise, not only the tokens (a changed sum rarely changes a greedy token).
 """
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,41 @@ def test_fast_mode_keeps_batch_invariance(tiny_ckpt):
     for s, theirs in zip(everyone, together):
         for a, b in zip(step_logits(engine.model, [s])[0], theirs):
             assert torch.equal(a, b)
+
+
+CONCURRENT_THREADS = 3
+CONCURRENT_ROUNDS = 3
+ROUND_TIMEOUT_S = 300
+TASKS = ["A1A2", "T1A2", "A1T2", "T1T2", "ASR"]
+
+
+@pytest.mark.parametrize("ckpt", ["tiny", "stop"])
+def test_official_tokens_under_concurrency(request, ckpt):
+    """Threads asking at once, ungated (they join and leave the batch wherever their timing puts them),
+    one task after another each, for a few rounds: every answer is its official golden."""
+    engine = request.getfixturevalue("engine" if ckpt == "tiny" else "stop_engine")
+    golden = GOLDEN["checkpoints"][ckpt]
+    failures: list[str] = []
+
+    def ask(thread: int, round_: int) -> None:
+        for k in range(2):
+            task = TASKS[(thread + round_ + k * CONCURRENT_THREADS) % len(TASKS)]
+            kwargs = ({"text": GOLDEN["question_text"]} if task.startswith("T")
+                      else {"audio": ROOT / GOLDEN["question_audio"]})
+            try:
+                streams = engine.run(kwargs.pop("audio", None), task=task, max_tokens=golden["max_tokens"],
+                                     **kwargs).streams
+            except Exception as e:  # noqa: BLE001 - reported below
+                failures.append(f"round {round_} thread {thread} {task}: {e!r}")
+                continue
+            if streams != golden["streams"][task]:
+                failures.append(f"round {round_} thread {thread} {task}: other tokens")
+
+    for round_ in range(CONCURRENT_ROUNDS):
+        threads = [threading.Thread(target=ask, args=(i, round_)) for i in range(CONCURRENT_THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(ROUND_TIMEOUT_S)
+        assert not any(t.is_alive() for t in threads), f"round {round_} did not finish"
+    assert not failures, failures

@@ -62,16 +62,29 @@ def fake_times(table: dict):
 
 def test_the_choice_is_batch_invariant_and_no_slower_for_one_request(monkeypatch):
     official = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 32: 1.0}
-    table = {("linear", None): official, **{c: {1: 2.0, 2: 1.0, 4: 1.0, 8: 1.0, 32: 1.0} for c in
-                                            [("linear", b) for b in BLOCK_ROWS] + [("onednn", b) for b in BLOCK_ROWS]},
+    slow_alone = {1: 2.0, 2: 1.0, 4: 1.0, 8: 1.0, 32: 1.0}
+    table = {("linear", None): official, ("linear", 1): {1: 1.0, 2: 1.5, 4: 3.0, 8: 6.0, 32: 24.0},
+             **{c: slow_alone for c in [("linear", b) for b in BLOCK_ROWS] + [("onednn", b) for b in BLOCK_ROWS]},
              **{("wxt", b): {1: 1.0, 2: 0.5, 4: 0.9 if b == 4 else 2.0, 8: 1.0, 32: 1.0} for b in BLOCK_ROWS}}
     monkeypatch.setattr(tuning, "measure_products", fake_times(table))
     monkeypatch.setattr(tuning, "batch_invariant", lambda c, w: True)
     assert choose_products([torch.randn(4, 4)], ("linear", "wxt", "onednn")) == Products("wxt", 4)
     monkeypatch.setattr(tuning, "batch_invariant", lambda c, w: c[0] != "wxt")  # wxt's sums move on this machine
-    assert choose_products([torch.randn(4, 4)], ("linear", "wxt", "onednn")) == Products("linear", 2)
+    # nothing keeps up at both 1 and 2 rows: one row at a time, which is the official call at 1 row
+    assert choose_products([torch.randn(4, 4)], ("linear", "wxt", "onednn")) == Products("linear", 1)
     monkeypatch.setattr(tuning, "batch_invariant", lambda c, w: False)
-    assert choose_products([torch.randn(4, 4)], ("linear",)) == Products("linear", 1)  # one row at a time
+    assert choose_products([torch.randn(4, 4)], ("linear",)) == Products("linear", 1)
+
+
+def test_a_plan_much_faster_at_two_rows_is_not_kept_if_slower_at_one(monkeypatch):
+    """The sum over row counts must not hide one request's slowdown (as on the 896x4864 down projection)."""
+    table = {("linear", None): {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 32: 1.0},
+             ("linear", 1): {1: 1.0, 2: 1.02, 4: 2.0, 8: 4.0, 32: 16.0},
+             ("wxt", 4): {1: 1.39, 2: 0.6, 4: 0.4, 8: 0.6, 32: 1.2}}
+    monkeypatch.setattr(tuning, "candidates", lambda formulations: [("wxt", 4)])
+    monkeypatch.setattr(tuning, "measure_products", fake_times(table))
+    monkeypatch.setattr(tuning, "batch_invariant", lambda c, w: True)
+    assert choose_products([torch.randn(4, 4)], ("wxt",)) == Products("linear", 1)
 
 
 @pytest.mark.parametrize("formulation", ["linear", "wxt", "onednn"])

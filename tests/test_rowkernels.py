@@ -97,7 +97,7 @@ def test_head_and_embedding_share_one_table(kind):
 
 def test_f32rows_takes_a_group_only_when_it_beats_the_library_plans(monkeypatch):
     rows = linear.TUNED_ROWS
-    table = {("linear", None): {n: 1.0 for n in rows},
+    table = {("linear", None): {n: 1.0 for n in rows}, ("linear", 1): {n: float(n) for n in rows},
              **{("wxt", b): {n: 0.5 for n in rows} for b in linear.BLOCK_ROWS}}
     monkeypatch.setattr(tuning, "batch_invariant", lambda c, w: True)
     for kernel, wins in ((0.3, True), (0.5, False)):  # a tie keeps the library
