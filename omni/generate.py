@@ -161,8 +161,8 @@ class Sequence:
 
     `prefill()` runs the prompt in chunks and ends with the first `Step`; after that, `decode_step`
     advances any number of sequences together, each from its own position. Nothing in a sequence
-    depends on the others it is batched with (per-row activation scales in fast mode; in exact mode
-    only BLAS rounding can differ with the batch's row count).
+    depends on the others it is batched with (per-row activation scales in fast mode, products in
+    fixed-size row blocks in exact mode: `omni.linear.Products`).
     """
 
     def __init__(self, model: OmniLM, prompt: torch.Tensor, decoder: SpeechDecoder | TextDecoder,

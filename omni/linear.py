@@ -1,7 +1,8 @@
 """Linear layers, head and embedding as parts chosen once at load (STYLE: a runtime choice is an object).
 
-- `DenseLinear` / `DenseHead`: fp32 (or the model dtype) with a `Products` plan: how the few-row
-  products of a decode step (1 row to a batch of several requests' rows) are written. `F.linear`
+- `DenseLinear` / `DenseHead`: fp32 (or the model dtype) with a `Products` plan: how the products
+  of a decode step (1 row to a batch of several requests' rows) are written, in blocks of a fixed
+  row count so that a request's numbers do not depend on its company (batch invariance). `F.linear`
   (`x @ W.T`, the official formulation, MKL), `W @ x.T` (MKL) and oneDNN's linear are the same sums
   in another rounding order, but they stream W at very different speeds, and which one wins depends
   on the CPU, the library build and the row count (2.5x either way between two x86 servers; MKL's
@@ -29,56 +30,86 @@ SPLIT_PARTS = ("text", "audio")  # "all" is both, in this order
 INT8_MAX = 127
 ANCHOR = (1.0, -1.0)  # Int8Linear's extra input row: pins the kernel's one quantization range to [-1, 1]
 # This project's kernel (omni.rowkernels): its weights live in a layout of their own, so a weight group
-# takes it for every row count or not at all.
+# takes it for every row count or not at all. It sums each row in a fixed order: batch invariant as it is.
 KERNEL_FORMULATION = "f32rows"
-# Row counts measured: one request (1 or 2 rows), a batch of requests (4, 8) and a prefill chunk (32, the
-# PREFILL_CHUNK of generate.py); n rows use the plan of the smallest measured count >= n, more use F.linear.
+# Row counts timed: one request (1 or 2 rows), a batch of requests (4, 8) and a prefill chunk (32, the
+# PREFILL_CHUNK of generate.py).
 TUNED_ROWS = (1, 2, 4, 8, 32)
+# Block sizes a library formulation may run its products in (`Products.block`). One row at a time (block
+# 1) is batch invariant everywhere and is the official call at 1 row, but reads the weights once per row:
+# `omni.tuning` times it beside these, with F.linear only.
+BLOCK_ROWS = (2, 4, 8)
 
 
 @dataclass(frozen=True)
 class Products:
-    """How a product with few rows is computed: `by_rows[n - 1]` for n rows, F.linear beyond.
+    """How products are computed: one `formulation` for every row count, in blocks of `block` rows.
+
+    BLAS sums a row in another order at another row count (its kernels differ by row count and by
+    a row's place among the remainder rows), so a product of all the rows at once gives a request
+    other numbers in other company. With `block`, n rows run as ceil(n / block) products of exactly
+    `block` rows each (the last one padded with zero rows): a row's numbers then come from the same
+    call whatever shares its step, which is batch invariant where the formulation's result does not
+    depend on the row's place in the block (`omni.tuning` checks that at load, and keeps only those).
+    `block` None: all rows in one product, as the official code does (batch dependent).
 
     "wxt" computes `W @ x.T` with x's transpose as a view (BLAS then streams W row-major); one
     row is doubled first, since a 1-column `W @ x.T` is a plain (slow) matrix-vector product.
     """
 
-    by_rows: tuple[str, ...] = ("linear",) * len(TUNED_ROWS)  # one formulation per TUNED_ROWS entry
+    formulation: str = "linear"
+    block: int | None = None
     head: str = "parts"  # "parts": each row multiplies its own head slice; "full": all rows the whole head
 
     @property
     def kernel(self) -> bool:
         """Whether the group's weights go to the f32rows kernel (`omni.rowkernels`, its own layout)."""
-        return KERNEL_FORMULATION in self.by_rows
-
-    def formulation(self, n: int) -> str:
-        for count, formulation in zip(TUNED_ROWS, self.by_rows):
-            if n <= count:
-                return formulation
-        return "linear"
+        return self.formulation == KERNEL_FORMULATION
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.reshape(-1, x.size(-1))
-        n = rows.size(0)
-        formulation = self.formulation(n) if x.device.type == "cpu" else "linear"
-        if formulation == "linear":
+        if x.device.type != "cpu":
             return F.linear(x, weight, bias)
-        if formulation == KERNEL_FORMULATION:
+        if self.kernel:
             raise RuntimeError("f32rows products run on an F32Table, the kernel's own weight layout")
-        if formulation == "onednn":
-            out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
-            return out.reshape(*x.shape[:-1], weight.size(0))
-        cols = (rows if n > 1 else rows.repeat(2, 1)).t()  # a view: (K, n), column-major
-        # contiguous: a transposed result would pass its strides on and send the next product down a slow path
-        out = torch.mm(weight, cols).t()[:n].contiguous()
-        if bias is not None:
-            out = out + bias
+        if self.block is None:
+            out = _product(self.formulation, rows, weight, bias)
+        else:
+            out = torch.cat([_product(self.formulation, block, weight, bias)[:count]
+                             for block, count in _blocks(rows, self.block)])
         return out.reshape(*x.shape[:-1], weight.size(0))
 
 
+def _blocks(rows: torch.Tensor, size: int) -> list[tuple[torch.Tensor, int]]:
+    """`rows (n, K)` as blocks of exactly `size` rows, each a tensor of its own (the same alignment
+    for every block), the last one padded with zero rows; with the count of real rows in each."""
+    out = []
+    for start in range(0, rows.size(0), size):
+        count = min(size, rows.size(0) - start)
+        if count == size:
+            block = rows[start:start + size].contiguous()
+        else:
+            block = rows.new_zeros(size, rows.size(1))
+            block[:count] = rows[start:start + count]
+        out.append((block, count))
+    return out
+
+
+def _product(formulation: str, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`rows (n, K)` times `weight (N, K)`.T (+ bias) -> `(n, N)`, as `formulation` computes it."""
+    n = rows.size(0)
+    if formulation == "linear":
+        return F.linear(rows, weight, bias)
+    if formulation == "onednn":
+        return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    cols = (rows if n > 1 else rows.repeat(2, 1)).t()  # a view: (K, n), column-major
+    # contiguous: a transposed result would pass its strides on and send the next product down a slow path
+    out = torch.mm(weight, cols).t()[:n].contiguous()
+    return out if bias is None else out + bias
+
+
 class DenseLinear(nn.Module):
-    """A Linear whose few-row products follow a measured `Products` plan; same parameter names."""
+    """A Linear whose products follow a measured `Products` plan; same parameter names."""
 
     def __init__(self, linear: nn.Linear, products: Products) -> None:
         super().__init__()

@@ -2,7 +2,7 @@
 
 The engine decides its speed choices once, at load: each is measured on the real (or same-shaped)
 weights the first time and kept in `cache_dir()` (keyed by the CPU, torch and what was measured),
-unless an `Overrides` forces it. This module chooses the exact mode's products (`tune_products`);
+unless an `Overrides` forces it. This module chooses the exact mode's products (`tune_products`, batch-invariant plans only);
 `omni.runtime` chooses fast mode's kernels through the same `measured_once`.
 """
 from __future__ import annotations
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .linear import KERNEL_FORMULATION, TUNED_ROWS, Products
+from .linear import BLOCK_ROWS, KERNEL_FORMULATION, TUNED_ROWS, Products
 from . import machine, rowkernels
 
 # "linear" first: the official formulation wins ties.
 FORMULATIONS = ("linear", "wxt", "onednn", KERNEL_FORMULATION)
 TUNE_BYTES = 48 << 20  # weights read per timing pass and group: more than a big L3 cache, so it measures DRAM
 TUNE_ROUNDS = 4  # interleaved passes per candidate; the fastest pass counts (other load only slows one)
-TIE_MARGIN = 1.03  # a candidate must beat "linear" by 3% to replace it
+TIE_MARGIN = 1.03  # timings within 3% are a tie
 PRODUCTS_FILE = "products.json"  # the measured choices, in the cache directory
 ENV = {"encoder": "MINI_OMNI_ENCODER", "int8": "MINI_OMNI_INT8", "products": "MINI_OMNI_PRODUCTS"}
 
@@ -39,7 +39,7 @@ class Overrides:
 
     encoder: str | None = None  # MINI_OMNI_ENCODER: fast mode's Whisper kind, "int8" or "bf16"
     int8: str | None = None  # MINI_OMNI_INT8: fast mode's int8 products, one of runtime.INT8_KERNELS
-    products: str | None = None  # MINI_OMNI_PRODUCTS: exact mode's products, one of FORMULATIONS everywhere
+    products: str | None = None  # MINI_OMNI_PRODUCTS: exact mode's products, one of FORMULATIONS (block measured)
     cache: Path = field(default_factory=machine.cache_dir)  # measured choices and built kernels (MINI_OMNI_CACHE)
 
     @classmethod
@@ -58,75 +58,104 @@ def available_formulations(cache: Path | None = None, dtype: torch.dtype = torch
     return tuple(f for f in FORMULATIONS if have.get(f, True))
 
 
-def _pass_seconds(formulation: str, rows: int, weights: Sequence, x: torch.Tensor) -> float:
+Candidate = tuple[str, int | None]  # (formulation, block): a `Products` plan of the exact mode
+OFFICIAL: Candidate = ("linear", None)  # the official products, timed as the reference
+ONE_BY_ONE: Candidate = ("linear", 1)  # each row alone: batch invariant on any machine, the fallback
+
+
+def candidates(formulations: Sequence[str]) -> list[Candidate]:
+    """Every plan to check: each library formulation in each of BLOCK_ROWS, the kernel whole."""
+    return [(f, None) if f == KERNEL_FORMULATION else (f, block) for f in formulations
+            for block in ((None,) if f == KERNEL_FORMULATION else BLOCK_ROWS)]
+
+
+def batch_invariant(candidate: Candidate, weight: torch.Tensor) -> bool:
+    """Whether each row's result under `candidate` is the same at every place in a block and beside any
+    rows (zero padding included), on `weight`'s shape. f32rows sums each row in a fixed order by design."""
+    formulation, block = candidate
+    if block is None:
+        return formulation == KERNEL_FORMULATION
+    plan = Products(formulation, block)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(block, weight.size(1), generator=generator, dtype=weight.dtype)
+    ref = plan(x, weight)
+    if not torch.equal(plan(x[:1], weight)[0], ref[0]):
+        return False
+    return all(torch.equal(plan(x.roll(shift, 0), weight), ref.roll(shift, 0)) for shift in range(1, block))
+
+
+def _pass_seconds(candidate: Candidate, rows: int, weights: Sequence, x: torch.Tensor) -> float:
     """One pass over `weights` (for f32rows: its tables) at `rows` rows."""
-    if formulation == KERNEL_FORMULATION:
-        start = time.perf_counter()
+    start = time.perf_counter()
+    if candidate[0] == KERNEL_FORMULATION:
         for table, part in weights:
             table.multiply(x[:rows], part)
-        return time.perf_counter() - start
-    plan = Products(by_rows=(formulation,) * len(TUNED_ROWS))
-    start = time.perf_counter()
-    for w in weights:
-        plan(x[:rows], w)
+    else:
+        plan = Products(*candidate)
+        for w in weights:
+            plan(x[:rows], w)
     return time.perf_counter() - start
 
 
-def measure_products(weights: Sequence[torch.Tensor]) -> dict[str, dict[int, float]]:
-    """Fastest pass (seconds) of each formulation at each of TUNED_ROWS over `weights`, interleaved."""
-    x = torch.randn(max(TUNED_ROWS), weights[0].size(1), dtype=weights[0].dtype)
-    formulations = available_formulations(dtype=weights[0].dtype)
-    inputs = {f: weights for f in formulations}
-    if KERNEL_FORMULATION in formulations and weights[0].dtype == torch.float32:
-        inputs[KERNEL_FORMULATION] = [(t, t.part(slice(None))) for t in map(rowkernels.F32Table, weights)]
-    else:
-        inputs.pop(KERNEL_FORMULATION, None)
-    best = {f: {n: float("inf") for n in TUNED_ROWS} for f in inputs}
+def measure_products(weights: Sequence[torch.Tensor], plans: Sequence[Candidate], rows: Sequence[int]
+                     ) -> dict[Candidate, dict[int, float]]:
+    """Fastest pass (seconds) of each plan at each row count over `weights`, interleaved."""
+    x = torch.randn(max(rows), weights[0].size(1), dtype=weights[0].dtype)
+    inputs = {c: weights for c in plans}
+    if (KERNEL_FORMULATION, None) in inputs:
+        inputs[KERNEL_FORMULATION, None] = [(t, t.part(slice(None))) for t in map(rowkernels.F32Table, weights)]
+    best = {c: {n: float("inf") for n in rows} for c in inputs}
     for _ in range(TUNE_ROUNDS):
-        for n in TUNED_ROWS:
-            for f in best:
-                best[f][n] = min(best[f][n], _pass_seconds(f, n, inputs[f], x))
+        for n in rows:
+            for c in best:
+                best[c][n] = min(best[c][n], _pass_seconds(c, n, inputs[c], x))
     return best
 
 
-def choose_products(times: dict[str, dict[int, float]]) -> Products:
-    """The fastest formulation per row count ("linear" unless beaten by TIE_MARGIN), and the head layout
-    whose rows stream faster: both layouts read the same bytes, at 1-row or at 2-row speed. f32rows
-    takes every row count if its summed time beats that plan's by TIE_MARGIN."""
-    library = {f: t for f, t in times.items() if f != KERNEL_FORMULATION}
-    by_rows = tuple(min(library, key=lambda f: library[f][n] * (1 if f == "linear" else TIE_MARGIN))
-                    for n in TUNED_ROWS)
-    one, two = (times[by_rows[i]][n] for i, n in enumerate(TUNED_ROWS[:2]))
-    plan = Products(by_rows, head="full" if two < one else "parts")
-    if KERNEL_FORMULATION in times:
-        planned = sum(times[f][n] for f, n in zip(by_rows, TUNED_ROWS))
-        if sum(times[KERNEL_FORMULATION].values()) * TIE_MARGIN < planned:
-            return Products((KERNEL_FORMULATION,) * len(TUNED_ROWS))
-    return plan
+def choose_products(weights: Sequence[torch.Tensor], formulations: Sequence[str]) -> Products:
+    """The batch-invariant plan for `weights`: among those no slower (within TIE_MARGIN) than the
+    official products at 1 row and, separately, at 2 rows (one request of either task kind), the one
+    with the least time summed over TUNED_ROWS. One row at a time (ONE_BY_ONE, at 1 row the official
+    call itself) is always a candidate; if no plan keeps up at both counts, those keeping up at 1 row
+    compete on 2 rows alone. Only the plans kept by the first timing are timed at more rows."""
+    if weights[0].dtype != torch.float32:
+        formulations = [f for f in formulations if f != KERNEL_FORMULATION]
+    plans = [c for c in candidates(formulations) if batch_invariant(c, weights[0])] + [ONE_BY_ONE]
+    solo = measure_products(weights, [OFFICIAL, *plans], TUNED_ROWS[:2])
+
+    def keeps_up(c: Candidate, n: int) -> bool:
+        return solo[c][n] <= solo[OFFICIAL][n] * TIE_MARGIN
+
+    one, two = TUNED_ROWS[:2]
+    kept = [c for c in plans if keeps_up(c, one) and keeps_up(c, two)]
+    if not kept:
+        return Products(*min([c for c in plans if keeps_up(c, one)] or plans, key=lambda c: solo[c][two]))
+    more = measure_products(weights, kept, TUNED_ROWS[2:]) if len(kept) > 1 else {kept[0]: {}}
+    # ties go to the earlier plan: the official formulation, the smaller block
+    return Products(*min(kept, key=lambda c: sum(solo[c].values()) + sum(more[c].values())))
 
 
 def tune_products(groups: dict[str, Sequence[torch.Tensor]], overrides: Overrides) -> dict[str, Products]:
-    """A `Products` plan per group of same-shaped weights, for this machine: from the cache, or
-    measured on a sample of the real weights (a few tenths of a second in all) and cached.
+    """A batch-invariant `Products` plan per group of same-shaped weights, for this machine: from the
+    cache, or checked and measured on a sample of the real weights (a few seconds in all) and cached.
 
-    `overrides.products` (MINI_OMNI_PRODUCTS) forces one formulation everywhere (head layout "parts").
+    `overrides.products` (MINI_OMNI_PRODUCTS) forces one formulation everywhere (its block still measured).
     """
     forced = overrides.products
-    if forced:
-        formulations = available_formulations(overrides.cache)
-        if forced not in formulations:
-            raise ValueError(f"{ENV['products']}={forced!r}; choose one of {formulations}")
-        dtypes = {str(w.dtype).removeprefix("torch.") for ws in groups.values() for w in ws}
-        if forced == KERNEL_FORMULATION and dtypes != {"float32"}:
-            raise ValueError(f"{ENV['products']}={forced} computes in fp32; this model's weights are {sorted(dtypes)}")
-        return {name: Products((forced,) * len(TUNED_ROWS)) for name in groups}
     samples = {name: _sample(ws) for name, ws in groups.items()}
-    shapes = {n: [list(s[0].shape), len(s), str(s[0].dtype)] for n, s in samples.items()}
     dtype = next(iter(samples.values()))[0].dtype
-    what = {"rows": TUNED_ROWS, "formulations": available_formulations(overrides.cache, dtype), "groups": shapes}
-    chosen = measured_once(what, lambda: {name: _as_json(choose_products(measure_products(s)))
+    formulations = available_formulations(overrides.cache, dtype)
+    if forced:
+        if forced not in available_formulations(overrides.cache):
+            raise ValueError(f"{ENV['products']}={forced!r}; choose one of {available_formulations(overrides.cache)}")
+        if forced not in formulations:
+            raise ValueError(f"{ENV['products']}={forced} computes in fp32; this model's weights are {dtype}")
+        formulations = (forced,)
+    shapes = {n: [list(s[0].shape), len(s), str(s[0].dtype)] for n, s in samples.items()}
+    what = {"rows": TUNED_ROWS, "blocks": BLOCK_ROWS, "formulations": formulations, "groups": shapes}
+    chosen = measured_once(what, lambda: {name: _as_json(choose_products(s, formulations))
                                           for name, s in samples.items()}, overrides.cache)
-    return {name: Products(tuple(entry["by_rows"]), entry["head"]) for name, entry in chosen.items() if name in groups}
+    return {name: Products(entry["formulation"], entry["block"]) for name, entry in chosen.items() if name in groups}
 
 
 def measured_once(what: dict, measure: Callable[[], dict], cache: Path) -> dict:
@@ -148,7 +177,7 @@ def measured_once(what: dict, measure: Callable[[], dict], cache: Path) -> dict:
 
 
 def _as_json(plan: Products) -> dict:
-    return {"by_rows": list(plan.by_rows), "head": plan.head}
+    return {"formulation": plan.formulation, "block": plan.block}
 
 
 def _sample(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:

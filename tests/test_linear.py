@@ -7,17 +7,18 @@ import torch.nn as nn
 
 import omni.tuning as tuning
 from omni.machine import has_vnni
-from omni.linear import TUNED_ROWS, DenseHead, Int8Linear, Products
-from omni.tuning import Overrides, available_formulations, choose_products, tune_products
+from omni.linear import BLOCK_ROWS, DenseHead, Int8Linear, Products
+from omni.tuning import Overrides, available_formulations, batch_invariant, choose_products, tune_products
 from omni.tokens import PADDED_VOCAB
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 12])
+@pytest.mark.parametrize("block", [None, 1, *BLOCK_ROWS])
 @pytest.mark.parametrize("formulation", ["linear", "wxt", "onednn"])
-def test_formulations_compute_the_same_product(formulation, rows):
+def test_formulations_compute_the_same_product(formulation, block, rows):
     if formulation not in available_formulations():
         pytest.skip(f"this torch build has no {formulation}")
-    plan = Products((formulation,) * len(TUNED_ROWS))
+    plan = Products(formulation, block)
     torch.manual_seed(0)
     w, b, x = torch.randn(48, 32), torch.randn(48), torch.randn(rows, 32)
     out = plan(x, w, b)
@@ -30,7 +31,7 @@ def test_formulations_compute_the_same_product(formulation, rows):
 def test_head_layouts_give_each_row_its_part(layout):
     torch.manual_seed(1)
     weight = torch.randn(PADDED_VOCAB, 8)
-    head = DenseHead(nn.Parameter(weight), Products(("wxt", "wxt"), head=layout))
+    head = DenseHead(nn.Parameter(weight), Products("wxt", 2, head=layout))
     x = torch.randn(2, 8)
     audio, text = head.rows(x, ("audio", "text"))
     full = x @ weight.T
@@ -54,26 +55,46 @@ def test_int8_rows_are_quantized_one_by_one(reduce_range):
     assert error.max() < (0.05 if reduce_range else 0.03), error
 
 
-def test_ties_keep_the_official_formulation():
-    times = {"linear": {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 32: 1.0}, "wxt": {1: 0.99, 2: 0.5, 4: 1.2, 8: 1.5, 32: 2},
-             "onednn": {1: 1.0, 2: 0.9, 4: 0.6, 8: 0.7, 32: 0.99}}
-    plan = choose_products(times)
-    assert plan.by_rows == ("linear", "wxt", "onednn", "onednn", "linear")
-    assert plan.head == "full"  # both rows at once stream faster than one row at a time
-    slow_two = {"linear": {1: 0.3, 2: 1.0, 4: 1, 8: 1, 32: 1}, "wxt": {1: 0.4, 2: 0.9, 4: 1, 8: 1, 32: 1}}
-    assert choose_products(slow_two).head == "parts"
+def fake_times(table: dict):
+    """A stand-in for `measure_products` answering from `table` {plan: {rows: seconds}}."""
+    return lambda weights, plans, rows: {c: {n: table[c][n] for n in rows} for c in plans}
 
 
-def test_row_counts_use_the_plan_of_the_next_measured_count():
-    plan = Products(("wxt", "linear", "onednn", "wxt", "onednn"))
-    assert [plan.formulation(n) for n in (1, 2, 3, 4, 5, 8, 9, 32, 33)] == [
-        "wxt", "linear", "onednn", "onednn", "wxt", "wxt", "onednn", "onednn", "linear"]
+def test_the_choice_is_batch_invariant_and_no_slower_for_one_request(monkeypatch):
+    official = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 32: 1.0}
+    slow_alone = {1: 2.0, 2: 1.0, 4: 1.0, 8: 1.0, 32: 1.0}
+    table = {("linear", None): official, ("linear", 1): {1: 1.0, 2: 1.5, 4: 3.0, 8: 6.0, 32: 24.0},
+             **{c: slow_alone for c in [("linear", b) for b in BLOCK_ROWS] + [("onednn", b) for b in BLOCK_ROWS]},
+             **{("wxt", b): {1: 1.0, 2: 0.5, 4: 0.9 if b == 4 else 2.0, 8: 1.0, 32: 1.0} for b in BLOCK_ROWS}}
+    monkeypatch.setattr(tuning, "measure_products", fake_times(table))
+    monkeypatch.setattr(tuning, "batch_invariant", lambda c, w: True)
+    assert choose_products([torch.randn(4, 4)], ("linear", "wxt", "onednn")) == Products("wxt", 4)
+    monkeypatch.setattr(tuning, "batch_invariant", lambda c, w: c[0] != "wxt")  # wxt's sums move on this machine
+    # nothing keeps up at both 1 and 2 rows: one row at a time, which is the official call at 1 row
+    assert choose_products([torch.randn(4, 4)], ("linear", "wxt", "onednn")) == Products("linear", 1)
+    monkeypatch.setattr(tuning, "batch_invariant", lambda c, w: False)
+    assert choose_products([torch.randn(4, 4)], ("linear",)) == Products("linear", 1)
 
 
-def test_a_prefill_chunk_is_a_measured_row_count():
-    from omni.generate import PREFILL_CHUNK
+def test_a_plan_much_faster_at_two_rows_is_not_kept_if_slower_at_one(monkeypatch):
+    """The sum over row counts must not hide one request's slowdown (as on the 896x4864 down projection)."""
+    table = {("linear", None): {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 32: 1.0},
+             ("linear", 1): {1: 1.0, 2: 1.02, 4: 2.0, 8: 4.0, 32: 16.0},
+             ("wxt", 4): {1: 1.39, 2: 0.6, 4: 0.4, 8: 0.6, 32: 1.2}}
+    monkeypatch.setattr(tuning, "candidates", lambda formulations: [("wxt", 4)])
+    monkeypatch.setattr(tuning, "measure_products", fake_times(table))
+    monkeypatch.setattr(tuning, "batch_invariant", lambda c, w: True)
+    assert choose_products([torch.randn(4, 4)], ("wxt",)) == Products("linear", 1)
 
-    assert PREFILL_CHUNK in TUNED_ROWS
+
+@pytest.mark.parametrize("formulation", ["linear", "wxt", "onednn"])
+def test_the_invariance_check_sees_a_row_count_dependent_product(formulation):
+    """All rows in one product (block None) is what BLAS makes batch dependent; 1-row blocks never are."""
+    if formulation not in available_formulations():
+        pytest.skip(f"this torch build has no {formulation}")
+    weight = torch.randn(256, 512)
+    assert not batch_invariant((formulation, None), weight)
+    assert batch_invariant((formulation, 1), weight) or formulation == "wxt"
 
 
 def test_the_choice_is_measured_once_then_cached(tmp_path, monkeypatch):
@@ -84,7 +105,7 @@ def test_the_choice_is_measured_once_then_cached(tmp_path, monkeypatch):
     assert set(first) == set(groups)
     assert len(json.loads((tmp_path / "products.json").read_text())) == 1
 
-    def no_measuring(weights):
+    def no_measuring(weights, plans, rows):
         raise AssertionError("measured again")
 
     monkeypatch.setattr(tuning, "measure_products", no_measuring)
@@ -93,7 +114,7 @@ def test_the_choice_is_measured_once_then_cached(tmp_path, monkeypatch):
 
 def test_a_formulation_can_be_forced(monkeypatch):
     monkeypatch.setenv("MINI_OMNI_PRODUCTS", "wxt")
-    assert tune_products({"a": [torch.randn(4, 4)]}, Overrides.from_env())["a"].by_rows == ("wxt",) * len(TUNED_ROWS)
+    assert tune_products({"a": [torch.randn(4, 4)]}, Overrides.from_env())["a"].formulation == "wxt"
     monkeypatch.setenv("MINI_OMNI_PRODUCTS", "blas")
     with pytest.raises(ValueError, match="MINI_OMNI_PRODUCTS"):
         tune_products({"a": [torch.randn(4, 4)]}, Overrides.from_env())

@@ -36,21 +36,20 @@ def test_our_chunks_are_the_official_ones_plus_the_tail(request, ckpt, sample_wa
     assert len(chunks) == official + 1 and 0 < len(chunks[-1].pcm) < 16384  # the tail: under one stride
 
 
-@pytest.mark.parametrize("plan", [("linear", "parts"), ("wxt", "parts"), ("wxt", "full"), ("linear", "full"),
-                                  ("onednn", "parts"), ("f32rows", "parts")])
+@pytest.mark.parametrize("plan", [("linear", None), ("linear", 1), ("linear", 4), ("wxt", 2), ("wxt", 8),
+                                  ("onednn", 2), ("onednn", 4), ("f32rows", None)])
 def test_every_measured_choice_gives_the_official_tokens(tiny_ckpt, monkeypatch, plan):
     """Exact mode's products are chosen by timing on each machine; every choice must keep the tokens."""
     import omni.runtime
     from omni.linear import Products
     from omni_engine import OmniEngine
 
-    from omni.linear import TUNED_ROWS
     from omni.tuning import available_formulations
     from omni.rowkernels import F32Table
 
     if plan[0] not in available_formulations():
         pytest.skip(f"this machine has no {plan[0]}")
-    chosen = Products((plan[0],) * len(TUNED_ROWS), head=plan[1])
+    chosen = Products(*plan)
     monkeypatch.setattr(omni.runtime, "tune_products", lambda groups, overrides: {name: chosen for name in groups})
     engine = OmniEngine(tiny_ckpt, device="cpu")
     if chosen.kernel:

@@ -212,12 +212,16 @@ def test_head_and_embedding_share_one_table(kind):
     assert ((full - ref).norm(dim=1) / ref.norm(dim=1)).max() < (0.03 if int8 else 1e-6)
 
 
-def test_f32rows_takes_a_group_only_when_it_beats_the_plan_for_every_row_count_together():
+def test_f32rows_takes_a_group_only_when_it_beats_the_library_plans(monkeypatch):
     rows = linear.TUNED_ROWS
-    library = {"linear": {n: 1.0 for n in rows}, "wxt": {n: 0.5 for n in rows}}
-    assert tuning.choose_products({**library, "f32rows": {n: 0.3 for n in rows}}).kernel
-    assert not tuning.choose_products({**library, "f32rows": {n: 0.495 for n in rows}}).kernel  # a tie
-    assert not tuning.choose_products(library).kernel
+    table = {("linear", None): {n: 1.0 for n in rows}, ("linear", 1): {n: float(n) for n in rows},
+             **{("wxt", b): {n: 0.5 for n in rows} for b in linear.BLOCK_ROWS}}
+    monkeypatch.setattr(tuning, "batch_invariant", lambda c, w: True)
+    for kernel, wins in ((0.3, True), (0.5, False)):  # a tie keeps the library
+        times = {**table, ("f32rows", None): {n: kernel for n in rows}}
+        monkeypatch.setattr(tuning, "measure_products",
+                            lambda w, plans, rows: {c: {n: times[c][n] for n in rows} for c in plans})
+        assert tuning.choose_products([torch.randn(4, 4)], ("wxt", "f32rows")).kernel == wins
 
 
 @needs_f32

@@ -53,15 +53,20 @@ def memory_floor(engine, positions: int) -> dict:
     return {"step_bytes_mb": total / 1e6, "bandwidth_gbs": total / best / 1e9, "floor_ms": best * 1000}
 
 
+def _plan_name(plan) -> str:
+    """"wxt/4": W @ x.T in blocks of 4 rows; "linear": all rows at once (the official products)."""
+    return plan.formulation if plan.block is None else f"{plan.formulation}/{plan.block}"
+
+
 def products_summary(engine) -> dict:
     """The product formulations chosen at load, per weight shape of a block and for the head, and the encoder's kind."""
     model = engine.model
-    plans = {"x".join(map(str, m.weight.shape)): "/".join(m.products.by_rows)
+    plans = {"x".join(map(str, m.weight.shape)): _plan_name(m.products)
              for m in model.transformer.h[0].modules() if isinstance(m, DenseLinear)}
     plans.update({f"{m.out_features}x{m.in_features}": "f32rows" for m in model.transformer.h[0].modules()
                   if isinstance(m, RowsLinear) and isinstance(m.table, F32Table)})
     if hasattr(model.lm_head, "products"):
-        plans["head"] = "/".join(model.lm_head.products.by_rows) + f" {model.lm_head.products.head}"
+        plans["head"] = f"{_plan_name(model.lm_head.products)} {model.lm_head.products.head}"
     elif isinstance(model.lm_head, RowsHead) and isinstance(model.lm_head.table, F32Table):
         plans["head"] = "f32rows"
     tables = {m.kernel for m in model.modules() if isinstance(m, Q8Table)}
