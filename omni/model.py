@@ -158,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         v = qkv[:, :, c.q_per_kv + 1]
         ys = [self._attend(qk[rows], v[rows], cache, start, mask) for rows, cache, start, mask in segments]
         y = ys[0] if len(ys) == 1 else torch.cat(ys)  # (B, G, q_per_kv * T, hs), queries in (head, t) order
-        return self.proj(y.view(B, c.n_head, T, c.head_size).transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
+        return self.proj(y.reshape(B, c.n_head, T, c.head_size).transpose(1, 2).reshape(B, T, c.n_head * c.head_size))
 
     def _attend(self, qk: torch.Tensor, v: torch.Tensor, cache: KVCache | None, start: int,
                 mask: torch.Tensor | None) -> torch.Tensor:
