@@ -50,11 +50,12 @@ class Overrides:
 
 def available_formulations(cache: Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[str, ...]:
     """The formulations this machine offers for weights of `dtype`: oneDNN's linear needs a torch build
-    with it (and, for bf16, a CPU its oneDNN runs bf16 on), f32rows an AVX-512 CPU and a C compiler
+    with it (and, for bf16, a CPU its oneDNN runs bf16 on), f32rows fp32 weights, an AVX-512 CPU and a C compiler
     (`omni.rowkernels`, built into `cache`)."""
     onednn = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
               and (dtype != torch.bfloat16 or machine.onednn_bf16()))
-    have = {"onednn": onednn, KERNEL_FORMULATION: rowkernels.load(KERNEL_FORMULATION, cache) is not None}
+    f32rows = dtype == torch.float32 and rowkernels.load(KERNEL_FORMULATION, cache) is not None
+    have = {"onednn": onednn, KERNEL_FORMULATION: f32rows}
     return tuple(f for f in FORMULATIONS if have.get(f, True))
 
 
