@@ -33,6 +33,7 @@ Setup = Units[Sequence]
 DRIVER_WAIT_S = 0.05  # a waiting thread re-checks this often, besides being woken after every turn
 # Weight of the newest decode step in the moving estimate of a frame's time (`BatchStats.frame_seconds`):
 # about the last 20 steps, five SNAC chunks at stride 4, so the estimate follows load without jumping.
+# Until there are that many, it is their plain mean (the warm-up answer's 12 steps fill it at start-up).
 FRAME_EMA_WEIGHT = 0.05
 
 
@@ -70,14 +71,20 @@ class BatchStats:
     # by batch size, a moving estimate of the seconds one decode step and its requests' audio take:
     # the wall time in which each of them gets one more frame
     frame_seconds: dict[int, float] = field(default_factory=dict)
+    frames: dict[int, int] = field(default_factory=dict)  # steps seen by batch size
 
     def step(self, batch: int, seconds: float) -> None:
         self.steps[batch] = self.steps.get(batch, 0) + 1
         self.step_seconds[batch] = self.step_seconds.get(batch, 0.0) + seconds
 
     def frame(self, batch: int, seconds: float) -> None:
-        old = self.frame_seconds.get(batch)
-        self.frame_seconds[batch] = seconds if old is None else old + FRAME_EMA_WEIGHT * (seconds - old)
+        """Count one decode step of `batch` requests and their audio; the first at each batch size pays
+        first-call costs (new shapes) and is left out of the estimate."""
+        seen = self.frames[batch] = self.frames.get(batch, 0) + 1
+        if seen == 1:
+            return
+        old = self.frame_seconds.get(batch, seconds)
+        self.frame_seconds[batch] = old + max(FRAME_EMA_WEIGHT, 1 / (seen - 1)) * (seconds - old)
 
 
 class Scheduler:

@@ -29,6 +29,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
+from prometheus_client import Gauge
+
 from omni import OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, OmniChunk, OmniEngine
 from .capacity import FixedFrameTimes, FrameTimes, LiveFrameTimes, describe, realtime_capacity
 from .formats import Event, Summary
@@ -163,6 +165,7 @@ class EngineService:
             self.queue.set_max_running(engine.scheduler.max_batch)
             self.frame_times = self.frame_times or LiveFrameTimes(engine.scheduler.stats)
             self.metrics.watch(engine)
+            self._watch_capacity()
             self.engine = engine
             log.info("ready: %s on %s (%s), %s mode: %s", engine.family, engine.device, engine.dtype, engine.mode,
                      engine.mode_reason)
@@ -178,6 +181,13 @@ class EngineService:
     def capacity(self) -> int:
         """Requests admitted at most at once, running and waiting (the running ones: the engine's batch)."""
         return self.queue.max_running + self.queue.max_waiting
+
+    def _watch_capacity(self) -> None:
+        registry = self.metrics.registry
+        Gauge("omni_realtime_capacity", "Answers this machine speaks at once in real time (-1: not measured yet)",
+              registry=registry).set_function(lambda: -1 if self.realtime_capacity is None else self.realtime_capacity)
+        Gauge("omni_conversations", "Open Realtime sessions and /chat requests in flight",
+              registry=registry).set_function(lambda: self.conversations)
 
     @property
     def realtime_capacity(self) -> int | None:

@@ -1,4 +1,5 @@
-"""Barge-in under load: a cancel is honoured at the next boundary between units of work, whatever else runs.
+"""Barge-in under load: a cancel is honoured at the next boundary between units of work, whatever else runs
+(and the scheduler's frame-time estimate, which admission by capacity reads).
 
 Latency is counted in the scheduler's units (setup units and decode steps, `BatchStats.units`), not in
 wall-clock time: a cancel set in the middle of a unit must end its request before the next unit starts.
@@ -143,3 +144,17 @@ def test_a_waiting_request_cancelled_leaves_without_running(engine, long_audio):
     waiting.cancel_now()
     drive(scheduler, lambda: waiting.ended is not None)
     assert waiting.ended == "cancelled" and waiting.setup_units == 0
+
+
+def test_the_frame_time_estimate_leaves_out_the_first_step_then_follows_the_load():
+    from omni.batch import FRAME_EMA_WEIGHT, BatchStats
+
+    stats = BatchStats()
+    stats.frame(1, 10.0)  # first-call costs
+    assert 1 not in stats.frame_seconds
+    for seconds in (1.0, 3.0):
+        stats.frame(1, seconds)
+    assert stats.frame_seconds[1] == 2.0  # the mean at first
+    for _ in range(round(1 / FRAME_EMA_WEIGHT) * 4):
+        stats.frame(1, 5.0)
+    assert 4.9 < stats.frame_seconds[1] < 5.0

@@ -413,6 +413,7 @@ def test_admission_by_real_time_capacity(tiny_ckpt, tmp_path, sample_bytes):
         first[0].close()
         metrics = srv.get("/metrics")[2].decode()
         assert 'omni_requests_total{outcome="over_capacity"} 1.0' in metrics
+        assert "omni_realtime_capacity 2.0" in metrics and "omni_conversations 1.0" in metrics
     finally:
         srv.stop()
 
