@@ -6,6 +6,12 @@ one unit of the oldest request still setting up, then one decode step of every r
 decoding, all rows together (`decode_step`). A request joins the batch when its prefill ends and
 leaves it the step it stops, is cancelled or is dropped by its consumer.
 
+Barge-in: a cancelled request's exit runs before anything else. Every job's `interrupted` is read
+at every boundary between units of work (before a setup unit, before a decode step, before each
+request's step goes out to its audio decoder), so a cancel waits for at most the unit in progress,
+and no unit is longer than about one decode step (the encoder runs in half blocks, the prefill in
+chunks of PREFILL_CHUNK positions).
+
 There is no scheduler thread: a thread waiting for its request's next piece runs turns for everyone
 (`drive_until`) while the others wait for it to finish a turn. Measured on a 2-core CPU, torch's
 OpenMP products ran ~1.5x slower on a second thread than on the thread that had already run them,
@@ -25,6 +31,10 @@ from .units import Units
 
 Setup = Units[Sequence]
 DRIVER_WAIT_S = 0.05  # a waiting thread re-checks this often, besides being woken after every turn
+# Weight of the newest decode step in the moving estimate of a frame's time (`BatchStats.frame_seconds`):
+# about the last 20 steps, five SNAC chunks at stride 4, so the estimate follows load without jumping.
+# Until there are that many, it is their plain mean (the warm-up answer's 12 steps fill it at start-up).
+FRAME_EMA_WEIGHT = 0.05
 
 
 @dataclass
@@ -33,7 +43,9 @@ class Job:
 
     `on_step` gets each `Step` (first the prefill's); `on_end` is called once when the request has
     ended: with the exception that ended it, or None, and whether a cancel ended it. Both run on the
-    driving thread. `cancel` is polled before every decode step; `Scheduler.close` drops the job.
+    driving thread. `cancel` is polled before every decode step; `interrupted`, a side-effect-free
+    read of the same state (an Event's `is_set`), between every two units of work, even during the
+    setup; when it is true, `cancel` is called once to confirm. `Scheduler.close` drops the job.
     """
 
     setup: Setup
@@ -41,22 +53,38 @@ class Job:
     on_end: Callable[[BaseException | None, bool], None]
     cancel: Callable[[], bool] = lambda: False
     on_decode_time: Callable[[float], None] = lambda seconds: None
+    interrupted: Callable[[], bool] = lambda: False
     sequence: Sequence | None = None
     closed: bool = False
 
 
 @dataclass
 class BatchStats:
-    """Decode steps and their time by batch size (requests decoding together), and admissions."""
+    """Decode steps and their time by batch size (requests decoding together), admissions, and units
+    of work run (setup units and decode steps: what a cancel may wait for)."""
 
     steps: dict[int, int] = field(default_factory=dict)
     step_seconds: dict[int, float] = field(default_factory=dict)
     queue_waits: int = 0  # requests admitted into the batch so far
     active: int = 0  # requests in the scheduler now (setting up or decoding)
+    units: int = 0
+    # by batch size, a moving estimate of the seconds one decode step and its requests' audio take:
+    # the wall time in which each of them gets one more frame
+    frame_seconds: dict[int, float] = field(default_factory=dict)
+    frames: dict[int, int] = field(default_factory=dict)  # steps seen by batch size
 
     def step(self, batch: int, seconds: float) -> None:
         self.steps[batch] = self.steps.get(batch, 0) + 1
         self.step_seconds[batch] = self.step_seconds.get(batch, 0.0) + seconds
+
+    def frame(self, batch: int, seconds: float) -> None:
+        """Count one decode step of `batch` requests and their audio; the first at each batch size pays
+        first-call costs (new shapes) and is left out of the estimate."""
+        seen = self.frames[batch] = self.frames.get(batch, 0) + 1
+        if seen == 1:
+            return
+        old = self.frame_seconds.get(batch, seconds)
+        self.frame_seconds[batch] = old + max(FRAME_EMA_WEIGHT, 1 / (seen - 1)) * (seconds - old)
 
 
 class Scheduler:
@@ -129,9 +157,11 @@ class Scheduler:
             if not self._admit():
                 return
             self._drop_stopped()
+            self._reap_cancelled()
             setting_up = [job for job in self._active if job.sequence is None]
             if setting_up:
                 self._setup_unit(setting_up[0])
+                self._reap_cancelled()
             decoding = [job for job in self._active if job.sequence is not None]
             if decoding:
                 self._decode(decoding)
@@ -147,9 +177,9 @@ class Scheduler:
     def _admit(self) -> bool:
         """Move waiting jobs into the batch (closed ones leave at once); False when there is no work."""
         with self._cond:
-            for job in [job for job in self._waiting if job.closed]:
+            for job in [job for job in self._waiting if job.closed or _interrupted(job)]:
                 self._waiting.remove(job)
-                job.on_end(None, False)
+                job.on_end(None, not job.closed)
             while self._waiting and len(self._active) < self.max_batch:
                 self._active.append(self._waiting.popleft())
                 self.stats.queue_waits += 1
@@ -169,6 +199,17 @@ class Scheduler:
         for job in [job for job in self._active if job.closed]:
             self._end(job)
 
+    def _reap_cancelled(self) -> None:
+        """End every active job whose cancel has been set (its exit before any more work)."""
+        for job in [job for job in self._active if job.interrupted()]:
+            try:
+                confirmed = job.cancel()
+            except Exception as e:  # noqa: BLE001 - a broken cancel callable ends its own request only
+                self._end(job, e)
+                continue
+            if confirmed:
+                self._end(job, cancelled=True)
+
     def _end(self, job: Job, error: BaseException | None = None, cancelled: bool = False) -> None:
         self._active.remove(job)
         job.setup.close()
@@ -186,6 +227,7 @@ class Scheduler:
 
     def _setup_unit(self, job: Job) -> None:
         """One unit of a newcomer's setup; when it completes, the prefill's step goes out."""
+        self.stats.units += 1
         try:
             next(job.setup)
             return
@@ -220,9 +262,22 @@ class Scheduler:
             return
         seconds = time.perf_counter() - start
         self.stats.step(len(going), seconds)
+        self.stats.units += 1
         for job, step in zip(going, steps):
             job.on_decode_time(seconds)
+            self._reap_cancelled()  # a step's audio may take a while: a cancel meanwhile drops its step
+            if job not in self._active:
+                continue
             if step is None:
                 self._end(job)
             else:
                 self._emit(job, step)
+        self.stats.frame(len(going), time.perf_counter() - start)
+
+
+def _interrupted(job: Job) -> bool:
+    """A waiting job's cancel, read without side effects; confirmed by its `cancel` like an active one's."""
+    try:
+        return job.interrupted() and job.cancel()
+    except Exception:  # noqa: BLE001 - a broken cancel: the job runs and fails at its first poll, as before
+        return False

@@ -166,7 +166,9 @@ class OmniEngine:
             task: A1A2 (default), A1T2, ASR, T1A2 or T1T2.
             image: for a Mini-Omni2 checkpoint and task A1A2, a picture the spoken question is about:
                 a path, the bytes of an image file, a PIL image or an `(H, W, 3)` uint8 array.
-            cancel: an Event or callable, checked before every decode step; set, it ends the stream.
+            cancel: an Event or callable, checked before every decode step; set, it ends the stream. One
+                with an `is_set()` (an Event) is also read between every two units of work, during the
+                encoder and prefill too: the stream then ends within one unit (about one decode step).
             config / options: a `GenerationConfig`, or its fields as keywords (stream_stride, first_stride,
                 max_tokens, temperature, top_k, top_p, seed, joins).
         Returns:
@@ -187,7 +189,7 @@ class OmniEngine:
         if text_ids is not None and not text_ids:
             raise ValueError("the text question is empty")
         check_length(prompt_length(task, samples, text_ids, pixels is not None), cfg, self.config.block_size)
-        return self._answer(task, samples, text_ids, pixels, cfg, _as_callable(cancel), timings)
+        return self._answer(task, samples, text_ids, pixels, cfg, _as_callable(cancel), timings, _watcher(cancel))
 
     def run(self, audio: AudioSource | None = None, **kwargs: Any) -> OmniResult:
         """The whole answer: `stream()` collected."""
@@ -276,6 +278,7 @@ class OmniEngine:
         length = trimmed_length(samples.size) if self.trim_encoder else N_SAMPLES
         with self._timed(timings, "mel"):
             mel = log_mel(pad_or_trim(samples, length), self._device)
+        yield
         rows = (Task.A1A2, Task.A1T2) if task == Task.A1A2 else (task,)
         image_features = None
         features = (yield from self._timed_units(self.whisper.stages(mel.unsqueeze(0)), timings, "encoder"))
@@ -303,11 +306,13 @@ class OmniEngine:
         return SpeechDecoder(rows == 2, cost) if task.speaks else TextDecoder(cost)
 
     def _answer(self, task: Task, samples: np.ndarray | None, text_ids: list[int] | None, pixels: torch.Tensor | None,
-                cfg: GenerationConfig, cancel: Callable[[], bool], timings: Timings) -> Iterator[OmniChunk]:
+                cfg: GenerationConfig, cancel: Callable[[], bool], timings: Timings,
+                interrupted: Callable[[], bool]) -> Iterator[OmniChunk]:
         self.last_timings = timings
         answer = _Answer(self, task, cfg, timings)
         setup = self._setup(task, samples, text_ids, pixels, cfg, timings, time.perf_counter())
-        job = self.scheduler.submit(Job(setup, answer.step, answer.end, cancel, timings.decode_steps.append))
+        job = self.scheduler.submit(Job(setup, answer.step, answer.end, cancel, timings.decode_steps.append,
+                                        interrupted))
         text = TextStream(self.tokenizer)
         try:
             while (piece := self._next_piece(answer)) is not None:
@@ -332,6 +337,7 @@ class OmniEngine:
         """A request's work before its first decode step, in units: encoder blocks, prefill chunks."""
         timings.queue_wait = time.perf_counter() - submitted  # the scheduler has just started it
         inputs = yield from self._prepare_units(task, samples, text_ids, pixels, timings)
+        yield  # the encoder's last unit and the first prefill chunk are two units
         # The request's own randomness: a generator for sampling (SNAC's noise seeds: `_Answer`);
         # torch's global RNG is left as it was, so a seeded answer is the same whatever ran before it.
         sampler = torch.Generator(self._device).manual_seed(cfg.seed) if cfg.seed is not None else None
@@ -377,6 +383,13 @@ def prompt_length(task: Task, samples: np.ndarray | None, text_ids: list[int] | 
     """Positions the prompt of `task` takes: L + 3 for audio input (L + 55 with an image), N + 3 for text."""
     body = feature_frames(samples.size) if samples is not None else len(text_ids or ())
     return body + (IMAGE_PROMPT_EXTRA if image else PROMPT_EXTRA)
+
+
+def _watcher(cancel: Cancel) -> Callable[[], bool]:
+    """The cancel's state read without side effects (`is_set`), if it has one, for the scheduler to
+    read between units of work; a plain callable is only polled before decode steps, as documented."""
+    is_set = getattr(cancel, "is_set", None)
+    return is_set if callable(is_set) else (lambda: False)
 
 
 def _as_callable(cancel: Cancel) -> Callable[[], bool]:

@@ -72,7 +72,13 @@ class EncoderBlock(nn.Module):
         self.mlp_ln = nn.LayerNorm(n_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_ln(x))
+        return self.feed_forward(self.attend(x))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's first half, its own unit of work (`WhisperEncoder.stages`)."""
+        return x + self.attn(self.attn_ln(x))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.mlp_ln(x))
 
 
@@ -102,15 +108,19 @@ class WhisperEncoder(nn.Module):
         return drain(self.stages(mel))
 
     def stages(self, mel: torch.Tensor) -> Generator[None, None, torch.Tensor]:
-        """`forward` in units, yielding after the convolutions and after each block (a scheduler runs
-        other requests' decode steps in between); returns the features."""
+        """`forward` in units, yielding after each convolution and each half of a block (a scheduler
+        runs other requests' decode steps and cancels in between: a unit stays near one decode step's
+        time on 30 s of audio); returns the features."""
         x = F.gelu(self.conv1(mel.to(self.dtype)))
+        yield
         x = F.gelu(self.conv2(x)).permute(0, 2, 1)  # (B, n_ctx, n_state); n_ctx = 1500 for 30 s
         assert x.size(1) <= self.positional_embedding.size(0), f"mel gives {tuple(x.shape)}, more than 30 s"
         x = x + self.positional_embedding[: x.size(1)]
         for block in self.blocks:
             yield
-            x = block(x)
+            x = block.attend(x)
+            yield
+            x = block.feed_forward(x)
         return self.ln_post(x).float()
 
 

@@ -3,8 +3,8 @@ the spoken answer as it is generated, and `/v1/realtime` speaks the OpenAI Realt
 WebSocket, on the same host and port.
 
     python server.py [--ckpt-dir DIR] [--host 127.0.0.1] [--port 60808] [--device auto] [--mode auto|exact|fast|baseline]
-                     [--max-batch N] [--max-queue 4] [--max-sessions 4] [--max-bytes N] [--api-key KEY] [--allow-origin ORIGIN]
-                     [--allow-host NAME] [--log-level info]
+                     [--max-batch N] [--max-queue 4] [--max-sessions 4] [--no-realtime-admission] [--max-bytes N]
+                     [--api-key KEY] [--allow-origin ORIGIN] [--allow-host NAME] [--log-level info]
 
 `GET /` lists the routes; `--help` explains every flag (`--mode auto`, the default, is exact where
 this machine keeps up with it, else fast; `--mode exact` gives the official tokens).
@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request body accepted")
     p.add_argument("--max-sessions", type=int, default=DEFAULT_MAX_SESSIONS,
                    help="open /v1/realtime sessions at most; more are refused at the handshake")
+    p.add_argument("--no-realtime-admission", dest="realtime_admission", action="store_false",
+                   help="admit by the counts above only, not also by how many answers this machine speaks at "
+                        "once in real time (measured decode steps, docs/server.md)")
     p.add_argument("--idle-timeout", type=positive_seconds, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
                    help="close a /v1/realtime session after this long with no client event and no answer running")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     if swept := sweep_stale_temp_dirs():
         log.info("removed %d temporary directories left by a stopped server", swept)
     service = EngineService(lambda: OmniEngine(args.ckpt_dir, device=args.device, mode=args.mode,
-                                                     max_batch=args.max_batch), args.max_queue)
+                                                     max_batch=args.max_batch), args.max_queue,
+                            args.realtime_admission)
     service.start()
     policy = AccessPolicy(args.api_key, frozenset(args.allow_origin), frozenset(args.allow_host))
     app = asgi_app(service, policy, args.max_bytes, args.max_sessions, args.idle_timeout)

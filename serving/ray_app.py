@@ -56,6 +56,7 @@ class ServerOptions:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_bytes: int = DEFAULT_MAX_BYTES
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    realtime_admission: bool = True  # False: --no-realtime-admission
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
     api_key: str | None = None  # default: $MINI_OMNI_API_KEY on the replica's machine
     allow_origin: tuple[str, ...] = ()
@@ -101,6 +102,10 @@ def _typed(options: type, name: str, value: object) -> object:
         return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
     if isinstance(value, str) and hint in (int, float):
         return hint(value)
+    if isinstance(value, str) and hint is bool:
+        if value.lower() not in ("true", "false"):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value.lower() == "true"
     return value
 
 
@@ -175,7 +180,8 @@ class OmniReplica:
     def __init__(self, options: dict) -> None:
         opts = ServerOptions(**options)
         self.service = EngineService(lambda: OmniEngine(opts.ckpt_dir, device=opts.device, mode=opts.mode,
-                                                        max_batch=opts.max_batch), opts.max_queue)
+                                                        max_batch=opts.max_batch), opts.max_queue,
+                                     opts.realtime_admission)
         # Served only once loaded: a failed load is not raised here but reported by check_health, which
         # keeps the replica out of routing and tells `serve status` why.
         self.service.start().result()

@@ -11,7 +11,9 @@ queue is full) before it makes any engine call, waits for its turn, then streams
         for event in turn.answer(chunks, cancel): ...      # OmniChunks, then a Summary; the turn ends
 
 Up to the engine's `max_batch` requests run at once (its scheduler decodes them in one batch), at most
-`max_queue` wait behind them. Only running requests call into the engine, so the scheduler's own
+`max_queue` wait behind them. Where this machine keeps fewer than `max_batch` answers in real time
+(`serving.capacity`), a conversation beyond that capacity (a `/chat` request, a new Realtime session) is
+refused instead, so that the ones admitted never stutter. Only running requests call into the engine, so the scheduler's own
 waiting line only ever holds a request for the moment between its submission and the next turn.
 """
 from __future__ import annotations
@@ -27,7 +29,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
+from prometheus_client import Gauge
+
 from omni import OUTPUT_SAMPLE_RATE, PCM_SAMPLE_WIDTH, OmniChunk, OmniEngine
+from .capacity import FixedFrameTimes, FrameTimes, LiveFrameTimes, describe, realtime_capacity
 from .formats import Event, Summary
 from .metrics import Metrics
 
@@ -130,8 +135,14 @@ class EngineService:
     """Loads the engine in the background; admits requests in arrival order, as many at once as the
     engine batches (`--max-batch`), with a bounded queue behind them."""
 
-    def __init__(self, load: Callable[[], OmniEngine], max_queue: int) -> None:
+    def __init__(self, load: Callable[[], OmniEngine], max_queue: int, realtime_admission: bool = True) -> None:
+        """`realtime_admission` False: admit by the counts only (--max-batch, --max-queue, --max-sessions)."""
         self._load = load
+        self.realtime_admission = realtime_admission
+        self.frame_times: FrameTimes | None = FixedFrameTimes.from_env()  # else the engine's, once loaded
+        self.open_sessions: Callable[[], int] = lambda: 0  # Realtime sessions open (its endpoint says)
+        self._chats = 0  # /chat requests admitted and not finished
+        self._counting = threading.Lock()  # a capacity check and the count it lets in are one step
         self.engine: OmniEngine | None = None
         self.load_error: str | None = None
         self.queue = TurnQueue(max_queue)
@@ -152,7 +163,9 @@ class EngineService:
             engine = self._load()
             engine.warmup()
             self.queue.set_max_running(engine.scheduler.max_batch)
+            self.frame_times = self.frame_times or LiveFrameTimes(engine.scheduler.stats)
             self.metrics.watch(engine)
+            self._watch_capacity()
             self.engine = engine
             log.info("ready: %s on %s (%s), %s mode: %s", engine.family, engine.device, engine.dtype, engine.mode,
                      engine.mode_reason)
@@ -169,6 +182,34 @@ class EngineService:
         """Requests admitted at most at once, running and waiting (the running ones: the engine's batch)."""
         return self.queue.max_running + self.queue.max_waiting
 
+    def _watch_capacity(self) -> None:
+        registry = self.metrics.registry
+        Gauge("omni_realtime_capacity", "Answers this machine speaks at once in real time (-1: not measured yet)",
+              registry=registry).set_function(lambda: -1 if self.realtime_capacity is None else self.realtime_capacity)
+        Gauge("omni_conversations", "Open Realtime sessions and /chat requests in flight",
+              registry=registry).set_function(lambda: self.conversations)
+
+    @property
+    def realtime_capacity(self) -> int | None:
+        """Answers this machine speaks at once in real time (up to max_batch); None: not known yet."""
+        if self.engine is None or self.frame_times is None:
+            return None
+        return realtime_capacity(self.frame_times, self.engine.scheduler.max_batch)
+
+    @property
+    def conversations(self) -> int:
+        """Open Realtime sessions and /chat requests in flight."""
+        return self.open_sessions() + self._chats
+
+    def over_capacity(self) -> str | None:
+        """Why one more conversation would push everyone past real time, or None (also when turned off)."""
+        capacity = self.realtime_capacity
+        if (not self.realtime_admission or capacity is None or capacity >= self.engine.scheduler.max_batch
+                or self.conversations < capacity):
+            return None
+        return (f"at real-time capacity: {self.conversations} conversations already; "
+                f"{describe(self.frame_times, capacity)}; retry when one ends")
+
     def check_ready(self) -> None:
         """Refuse (and count) a request while the engine is not loaded."""
         if self.engine is not None:
@@ -179,16 +220,24 @@ class EngineService:
                                        "restart the server", retry=False)
         raise Refused(f"the model is {self.status}")
 
-    def admit(self) -> Admission:
-        """A place in the queue and a fresh record, or `Refused`. The request's time counts from here."""
+    def admit(self, conversation: bool = True) -> Admission:
+        """A place in the queue and a fresh record, or `Refused`. The request's time counts from here.
+        `conversation` False: a turn of an admitted Realtime session (counted at its handshake)."""
         self.check_ready()
-        ticket = self.queue.enter()
+        with self._counting:
+            over = self.over_capacity() if conversation else None
+            ticket = None if over else self.queue.enter()
+            if ticket is not None:
+                self._chats += conversation
+        if over:
+            self.reject("over_capacity")
+            raise Refused(over)
         if ticket is None:
             self.reject("busy")
             raise Refused(f"the server is busy ({self.queue.max_waiting} requests already waiting)")
         self.metrics.in_flight.inc()
         self.metrics.queue_depth.set(self.queue.depth)
-        return Admission(self, ticket, self._new_record())
+        return Admission(self, ticket, self._new_record(), conversation)
 
     def on_engine_thread(self, call: Callable[..., T], *args: object) -> T:
         """Run `call(*args)` on the engine's thread and return its result."""
@@ -217,8 +266,8 @@ class EngineService:
 class Admission:
     """One admitted request, from admission until `finish()`: its place in the queue and its record."""
 
-    def __init__(self, service: EngineService, ticket: object, record: Record) -> None:
-        self.service, self.ticket, self.record = service, ticket, record
+    def __init__(self, service: EngineService, ticket: object, record: Record, conversation: bool = True) -> None:
+        self.service, self.ticket, self.record, self.conversation = service, ticket, record, conversation
         self._ending = threading.Lock()  # the response's close and the answer's end may race to finish
 
     def prepare(self, stream: Callable[[], Iterator[OmniChunk]]) -> Iterator[OmniChunk]:
@@ -263,6 +312,8 @@ class Admission:
                 return
             record.finished = True
         service.queue.leave(self.ticket)
+        with service._counting:
+            service._chats -= self.conversation
         if outcome is not None:
             record.outcome = outcome
         elif record.outcome in ("running", "queued"):  # the body was dropped mid-way

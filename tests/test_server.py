@@ -344,3 +344,89 @@ def test_first_stride_field(server, sample_bytes, expected):
     assert status == 200 and events[0]["steps"] == first_steps and len(base64.b64decode(events[0]["audio"])) == 4096
     # chunks are decoded one by one, so other boundaries give other samples: compare the length only
     assert len(b"".join(base64.b64decode(e["audio"]) for e in events[:-1])) == len(expected.pcm)
+
+
+def test_capacity_is_the_largest_batch_within_real_time():
+    from omni.auto import REALTIME_SHARE
+    from omni.codec import SECONDS_PER_FRAME
+    from serving.capacity import FixedFrameTimes, frame_seconds, realtime_capacity
+
+    budget = REALTIME_SHARE * SECONDS_PER_FRAME
+    assert realtime_capacity(FixedFrameTimes({}), 4) is None  # nothing measured yet: counts only
+    assert realtime_capacity(FixedFrameTimes({1: 0.3 * budget, 2: 0.9 * budget, 3: 2 * budget}), 4) == 2
+    assert realtime_capacity(FixedFrameTimes({1: 1.1 * budget}), 4) == 0
+    assert realtime_capacity(FixedFrameTimes({1: 0.1 * budget}), 3) == 3  # never above max_batch
+    assert frame_seconds({1: 1.0, 2: 1.5}, 4) == 2.5  # on the line through the two largest measured
+    assert frame_seconds({1: 1.0}, 3) > 2.0  # one measured: a cautious growth per request
+
+
+def capacity_table(*shares: float) -> str:
+    """A MINI_OMNI_FRAME_SECONDS table: each batch size's frame time as a share of the real-time budget."""
+    from omni.auto import REALTIME_SHARE
+    from omni.codec import SECONDS_PER_FRAME
+
+    return ",".join(f"{n}={share * REALTIME_SHARE * SECONDS_PER_FRAME}" for n, share in enumerate(shares, 1))
+
+
+def capacity_server(tiny_ckpt, tmpdir, *extra: str) -> Server:
+    """A server told (instead of measuring) that 2 answers at once keep real time and 3 do not."""
+    from serving.capacity import FRAME_SECONDS_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FRAME_SECONDS_ENV, capacity_table(0.3, 0.9, 2.0))
+        return Server(tiny_ckpt, tmpdir, "--max-batch", "3", *extra)
+
+
+def wait_conversations(srv: Server, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while srv.get_json("/health")["conversations"] != n:
+        assert time.monotonic() < deadline, srv.get_json("/health")
+        time.sleep(0.05)
+
+
+def test_admission_by_real_time_capacity(tiny_ckpt, tmp_path, sample_bytes):
+    """Two conversations fit: a third /chat gets 503 with Retry-After and the reason, as does a third
+    Realtime handshake; when one ends, the next is admitted. The admitted answer goes on meanwhile."""
+    websockets_sync = pytest.importorskip("websockets.sync.client")
+    websockets_exceptions = pytest.importorskip("websockets.exceptions")
+    (tmp_path / "tmp").mkdir()
+    srv = capacity_server(tiny_ckpt, tmp_path / "tmp")
+    try:
+        health = srv.get_json("/health")
+        assert health["realtime_capacity"] == 2 and health["max_batch"] == 3 and health["conversations"] == 0
+        first = srv.open_chat(sample_bytes, max_tokens=LONG)
+        assert first[1].status == 200 and len(first[1].read(16384)) == 16384
+        with websockets_sync.connect(f"ws://127.0.0.1:{srv.port}/v1/realtime") as session:
+            assert json.loads(session.recv())["type"] == "session.created"
+            wait_conversations(srv, 2)
+            status, headers, body = srv.chat(sample_bytes, max_tokens=MAX)
+            assert status == 503 and headers["Retry-After"] == "2"
+            assert "real-time capacity" in json.loads(body)["error"]
+            with pytest.raises(websockets_exceptions.InvalidStatus) as refused:
+                with websockets_sync.connect(f"ws://127.0.0.1:{srv.port}/v1/realtime"):
+                    pass
+            assert refused.value.response.status_code == 503
+            assert "real-time capacity" in json.loads(refused.value.response.body)["error"]
+        wait_conversations(srv, 1)  # the session has closed: room for one more
+        assert srv.chat(sample_bytes, max_tokens=MAX)[0] == 200
+        assert len(first[1].read(16384)) == 16384  # the first answer goes on
+        first[0].close()
+        metrics = srv.get("/metrics")[2].decode()
+        assert 'omni_requests_total{outcome="over_capacity"} 1.0' in metrics
+        assert "omni_realtime_capacity 2.0" in metrics and "omni_conversations 1.0" in metrics
+    finally:
+        srv.stop()
+
+
+def test_realtime_admission_can_be_turned_off(tiny_ckpt, tmp_path, sample_bytes):
+    (tmp_path / "tmp").mkdir()
+    srv = capacity_server(tiny_ckpt, tmp_path / "tmp", "--no-realtime-admission")
+    try:
+        running = [srv.open_chat(sample_bytes, max_tokens=LONG) for _ in range(2)]
+        for conn, resp in running:
+            assert resp.status == 200 and len(resp.read(16384)) == 16384
+        assert srv.chat(sample_bytes, max_tokens=MAX)[0] == 200  # the third, past capacity, admitted
+        for conn, resp in running:
+            conn.close()
+    finally:
+        srv.stop()

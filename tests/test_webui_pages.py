@@ -305,32 +305,23 @@ RELAY_ONLY = """(() => { const Native = window.RTCPeerConnection; if (!Native) r
   window.RTCPeerConnection.prototype = Native.prototype; })();"""
 
 
-def test_streamlit_hands_free_without_a_media_path_offers_press_to_talk(streamlit, server_url, sample_wav,
-                                                                        tmp_path):
+def test_streamlit_hands_free_without_a_media_path_offers_press_to_talk(tab, streamlit, server_url, tmp_path):
     """WebRTC signalling works (it goes over HTTP) but media finds no path, as through an SSH tunnel: the
     browser may use relayed candidates only and has no TURN server, so ICE cannot connect (on a machine with
     a network address besides loopback media would otherwise find its way). The page says so in words,
     offers press to talk and the server's talk page, and press to talk then answers."""
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            tmp_path / "profile", executable_path=CHROMIUM, permissions=["microphone", "camera"],
-            args=chromium_args(sample_wav), viewport={"width": 1280, "height": 900})
-        browser.add_init_script(RELAY_ONLY)  # in every frame: streamlit-webrtc's iframe too
-        tab = browser.new_page()
-        try:
-            tab.goto(streamlit.url)
-            tab.wait_for_selector("iframe[title*=webrtc]", timeout=ANSWER_TIMEOUT_MS)
-            tab.frame_locator("iframe[title*=webrtc]").get_by_role("button", name="START").click()
-            tab.wait_for_function("document.body.innerText.includes('No sound from your microphone')",
-                                  timeout=ANSWER_TIMEOUT_MS)
-            assert f"{server_url}/" in tab.inner_text("body")  # the server's own talk page
-            tab.screenshot(path=tmp_path / "streamlit-no-media-path.png", full_page=True)
-            tab.get_by_role("button", name="Use press to talk").click()
-            tab.wait_for_selector("[data-testid=stAudioInput]", timeout=ANSWER_TIMEOUT_MS)
-            print("\nstreamlit page, no media path, press to talk:",
-                  _streamlit_turn(tab, server_url, tmp_path / "streamlit-no-media-fallback.png", RECORD_MAX))
-        finally:
-            browser.close()
+    tab.add_init_script(RELAY_ONLY)  # in every frame of this tab: streamlit-webrtc's iframe too
+    tab.goto(streamlit.url)
+    tab.wait_for_selector("iframe[title*=webrtc]", timeout=ANSWER_TIMEOUT_MS)
+    tab.frame_locator("iframe[title*=webrtc]").get_by_role("button", name="START").click()
+    tab.wait_for_function("document.body.innerText.includes('No sound from your microphone')",
+                          timeout=ANSWER_TIMEOUT_MS)
+    assert f"{server_url}/" in tab.inner_text("body")  # the server's own talk page
+    tab.screenshot(path=tmp_path / "streamlit-no-media-path.png", full_page=True)
+    tab.get_by_role("button", name="Use press to talk").click()
+    tab.wait_for_selector("[data-testid=stAudioInput]", timeout=ANSWER_TIMEOUT_MS)
+    print("\nstreamlit page, no media path, press to talk:",
+          _streamlit_turn(tab, server_url, tmp_path / "streamlit-no-media-fallback.png", RECORD_MAX))
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ class ServiceRunner:
             return JobEnd(job.key, "failed", f"the question takes {prompt} positions; the model reads at most "
                                              f"{positions}: shorten it")
         try:
-            turn = self.service.admit()
+            turn = self.service.admit(conversation=False)  # the session was counted at its handshake
             chunks = turn.prepare(lambda: self._stream(job, max(max_tokens, prompt + 1)))
         except Refused as e:
             return JobEnd(job.key, "failed", e.message)
@@ -145,6 +145,7 @@ class RealtimeEndpoint:
         self.vad_factory = vad_factory or _silero
         self.open = 0
         self._lock = threading.Lock()
+        service.open_sessions = lambda: self.open
 
     def refusal(self, scope: Scope) -> tuple[int, str] | None:
         """Why this handshake is refused, or None."""
@@ -156,7 +157,7 @@ class RealtimeEndpoint:
         if self.open >= self.max_sessions:
             return 503, (f"too many open realtime sessions ({self.max_sessions}, --max-sessions): close one or "
                          f"retry in {SESSION_RETRY_AFTER_S} s (Retry-After)")
-        return None
+        return (503, over) if (over := self.service.over_capacity()) else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
