@@ -83,13 +83,14 @@ def frame_seconds(measured: Mapping[int, float], n: int) -> float | None:
 
 
 def realtime_capacity(times: FrameTimes, max_batch: int) -> int | None:
-    """Conversations that keep real time together (0: not even one), up to `max_batch`; None: not measured."""
+    """Conversations that keep real time together, up to `max_batch`; None: not measured. At least one:
+    where not even one keeps real time (a loaded or slow machine), refusing it would help nobody."""
     measured = times.measured()
     if not measured:
         return None
     budget = REALTIME_SHARE * SECONDS_PER_FRAME
     fits = [n for n in range(1, max_batch + 1) if frame_seconds(measured, n) <= budget]
-    return max(fits, default=0)
+    return max(fits, default=1)
 
 
 def describe(times: FrameTimes, capacity: int) -> str:

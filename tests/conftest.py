@@ -29,6 +29,21 @@ class FakeResponse(io.BytesIO):
 STOP_SEED = 1
 
 
+# Servers started by the tests admit by a fixed frame time that fits every batch (MINI_OMNI_FRAME_SECONDS),
+# not by their own measurement: on a busy machine a tiny model's measured steps would refuse a test's second
+# conversation now and then. Admission by capacity is tested with tables of its own (tests/test_server.py).
+TEST_FRAME_SECONDS = "1=0.001"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fixed_frame_times():
+    from serving.capacity import FRAME_SECONDS_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FRAME_SECONDS_ENV, os.environ.get(FRAME_SECONDS_ENV, TEST_FRAME_SECONDS))
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def product_choices_cache(tmp_path_factory):
     """Keep the measured product choices of the tiny models out of the user's cache directory."""

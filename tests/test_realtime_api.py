@@ -428,3 +428,28 @@ def test_image_message_on_mini_omni2(vision_server):
     audio = b"".join(base64.b64decode(e.delta) for e in events if e.type == "response.output_audio.delta")
     assert events[-1].response.status in ("completed", "incomplete") and audio
     assert audio == chat_answer(vision_server, heard(pcm), SHORT, image)[0]
+
+
+def test_an_image_too_large_to_decode_fails_its_answer_and_the_session_goes_on(vision_server):
+    """A PNG whose header claims 144 MP (its data is one pixel): refused from the header, after admission,
+    as the answer's failure naming the bound; the session goes on, and once the client deletes that message
+    (later turns are asked about the latest image) it answers again."""
+    from tests.test_hostile import _png_claiming
+    pcm = question_pcm()
+    with connect(vision_server, "ga") as conn:
+        until(conn, "session.created")
+        conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_image", "image_url": "data:image/png;base64," + b64(_png_claiming(12_000, 12_000))},
+            {"type": "input_audio", "audio": b64(pcm)}]})
+        image_item = until(conn, "conversation.item.done")[-1].item.id
+        conn.response.create(response={"max_output_tokens": SHORT})
+        failed = until(conn, "response.done")[-1].response
+        assert failed.status == "failed" and "MAX_DECODED_PIXELS" in failed.status_details.error.message
+        conn.conversation.item.delete(item_id=image_item)
+        until(conn, "conversation.item.deleted")
+        conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_audio", "audio": b64(pcm)}]})
+        until(conn, "conversation.item.done")
+        conn.response.create(response={"max_output_tokens": SHORT})
+        done = until(conn, "response.done")[-1].response
+    assert done.status in ("completed", "incomplete")
