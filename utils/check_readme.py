@@ -108,8 +108,7 @@ def start_server(base: Path, port: int, log: Path) -> subprocess.Popen:
     with log.open("w") as out:  # the server keeps its own copy of the file descriptor
         return subprocess.Popen([sys.executable, "server.py", "--ckpt-dir", "checkpoint", "--port", str(port),
                                  "--device", "cpu", "--mode", "exact", "--no-realtime-admission"], cwd=base,
-                                stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_ready(proc: subprocess.Popen, port: int, log: Path) -> None:
