@@ -5,8 +5,10 @@ WebSocket, on the same host and port.
     python server.py [--ckpt-dir DIR] [--host 127.0.0.1] [--port 60808] [--device auto] [--mode auto|exact|fast|baseline]
                      [--max-batch N] [--max-queue 4] [--max-sessions 4] [--no-realtime-admission] [--max-bytes N]
                      [--api-key KEY] [--allow-origin ORIGIN] [--allow-host NAME] [--log-level info]
+                     [--ssl-certfile CERT --ssl-keyfile KEY]
 
-`GET /` lists the routes; `--help` explains every flag (`--mode auto`, the default, is exact where
+`GET /` is the talk page (`--ssl-certfile/--ssl-keyfile` serve it over HTTPS, which a browser on another host
+needs before it lends the page its microphone); `--help` explains every flag (`--mode auto`, the default, is exact where
 this machine keeps up with it, else fast; `--mode exact` gives the official tokens).
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 
 from omni import AUTO_MODE, DEFAULT_MAX_BATCH, MODE_HELP, MODE_NAMES, OmniEngine, sweep_stale_temp_dirs
 
@@ -69,7 +72,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(repeatable)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                    help="the least severe records logged, the server's and uvicorn's alike")
+    p.add_argument("--ssl-certfile", metavar="CERT",
+                   help="serve HTTPS and wss:// with this PEM certificate (with --ssl-keyfile): browsers lend a page "
+                        "the microphone only on localhost and over HTTPS (docs/server.md shows how to make one)")
+    p.add_argument("--ssl-keyfile", metavar="KEY", help="the certificate's private key, PEM, not encrypted")
     return p.parse_args(argv)
+
+
+def tls_options(args: argparse.Namespace) -> dict[str, str]:
+    """uvicorn's TLS options, checked before the model loads: a missing or unusable file ends the program with
+    one line that names it."""
+    cert, key = args.ssl_certfile, args.ssl_keyfile
+    if cert is None and key is None:
+        return {}
+    if cert is None or key is None:
+        raise SystemExit("error: HTTPS needs both --ssl-certfile CERT and --ssl-keyfile KEY")
+    for flag, path in (("--ssl-certfile", cert), ("--ssl-keyfile", key)):
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {flag} {path}: no such file")
+    try:  # the load uvicorn does at start-up; an encrypted key fails here rather than prompting for a password
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as e:
+        raise SystemExit(f"error: cannot use certificate {cert} with key {key}: {e}") from None
+    return {"ssl_certfile": cert, "ssl_keyfile": key}
 
 
 def warn_if_exposed(args: argparse.Namespace, log: logging.Logger) -> None:
@@ -87,6 +112,7 @@ def warn_if_exposed(args: argparse.Namespace, log: logging.Logger) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    tls = tls_options(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # every logger's records, uvicorn's included, pass here
         handler.addFilter(RedactQuery())
@@ -104,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     policy = AccessPolicy(args.api_key, frozenset(args.allow_origin), frozenset(args.allow_host))
     app = asgi_app(service, policy, args.max_bytes, args.max_sessions, args.idle_timeout)
     warn_if_exposed(args, log)
-    log.info("listening on http://%s:%d (WebSocket: ws://%s:%d/v1/realtime)", args.host, args.port, args.host,
-             args.port)
+    http, ws = ("https", "wss") if tls else ("http", "ws")
+    log.info("listening on %s://%s:%d (talk page; WebSocket: %s://%s:%d/v1/realtime)", http, args.host, args.port,
+             ws, args.host, args.port)
     # uvicorn: one asyncio loop for all sockets (HTTP and WebSocket); Flask runs on the bridge's threads,
     # which also refuse a body over --max-bytes from its declared length or as soon as it passes it.
     # Our h11 protocol (it answers an over-long request line) and asyncio by name: uvicorn would otherwise pick
@@ -114,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                 ws="websockets-sansio", ws_max_size=WS_MAX_FRAME,
                 ws_per_message_deflate=False, lifespan="off", limit_concurrency=CONNECTION_LIMIT,
                 h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                server_header=False,
+                server_header=False, **tls,
                 headers=[("server", "mini-omni")], log_config=None, access_log=False)
 
 

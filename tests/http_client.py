@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,9 +27,11 @@ class Server:
     compare with the `engine` fixture's (`mode="auto"`: the server's default, measured at load)."""
 
     def __init__(self, ckpt: Path, tmpdir: Path, *extra: str, mode: str = "exact", command: tuple[str, ...] = (),
-                 cwd: Path = ROOT) -> None:
-        """`command` starts another server program (an installed `mini-omni-server`), run in `cwd`."""
+                 cwd: Path = ROOT, tls: ssl.SSLContext | None = None) -> None:
+        """`command` starts another server program (an installed `mini-omni-server`), run in `cwd`; `tls` is
+        the client's context for a server started with --ssl-certfile (requests go over HTTPS)."""
         self.port = free_port()
+        self.tls = tls
         self.tmpdir = tmpdir
         env = {**os.environ, "TMPDIR": str(tmpdir)}
         self.log = open(tmpdir.parent / f"server-{self.port}.log", "w")
@@ -47,6 +50,8 @@ class Server:
         raise TimeoutError("server did not become ready")
 
     def connect(self) -> http.client.HTTPConnection:
+        if self.tls is not None:
+            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=120, context=self.tls)
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):

@@ -1,11 +1,14 @@
 """The pages' HTTP client against the real server process: answers, and every failure as a readable message."""
 import io
+import time
 import wave
+from contextlib import closing
 
 import pytest
 
 from tests.http_client import Server, free_port
-from webui.client import Answer, OmniClient, ServerError
+from webui import omni_gradio, omni_streamlit
+from webui.client import Answer, OmniClient, ServerError, server_options, wav_bytes
 
 MAX = 120  # max_tokens: a short answer on the tiny checkpoint
 LONG = 1200  # an answer that keeps the engine busy while another request arrives
@@ -69,3 +72,41 @@ def test_server_down_reads_as_a_message(sample_wav):
         down.health()
     with pytest.raises(ServerError, match="Cannot reach the server"):
         list(down.ask(sample_wav.read_bytes()))
+
+
+LONG_QUESTION_S = 12  # a question of about 600 prompt positions, far more than a short answer's bound
+SHORT_ANSWER = 40  # decode steps: --max-tokens 40 on a page
+IDLE_TIMEOUT_S = 60  # for the server to finish cancelling an answer the test stopped reading
+
+
+def _long_question(sample_wav) -> bytes:
+    """The sample said over and over for LONG_QUESTION_S: a long question the tests make without a recorder."""
+    with wave.open(str(sample_wav)) as w:
+        rate, frames = w.getframerate(), w.readframes(w.getnframes())
+    repeats = -(-LONG_QUESTION_S * rate * 2 // len(frames))  # ceiling: at least LONG_QUESTION_S of int16 audio
+    return wav_bytes(frames * repeats, rate)
+
+
+def _idle(server) -> None:
+    deadline = time.monotonic() + IDLE_TIMEOUT_S
+    while server.get_json("/health")["busy"]:
+        assert time.monotonic() < deadline, "the stopped answer still holds the engine"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("page", [omni_gradio, omni_streamlit])
+def test_pages_answer_a_long_question_whatever_their_length_setting(server, client, sample_wav, page):
+    """A page's length option bounds the answer alone: a question longer than the bound is answered, not refused
+    (as the server's prompt-counting max_tokens would refuse it)."""
+    question = _long_question(sample_wav)
+    _idle(server)  # the busy test's long answer may still be stopping (this server queues none)
+    with pytest.raises(ServerError, match="leaves no room to answer"):
+        list(client.ask(question, max_tokens=SHORT_ANSWER))
+    reply = Answer()
+    for chunk in client.ask(question, **server_options(page.parse_args(["--max-tokens", str(SHORT_ANSWER)]))):
+        reply.add(chunk)
+    status, headers, pcm = server.chat(question, max_new_tokens=SHORT_ANSWER)  # the same answer, asked directly
+    assert status == 200 and bytes(reply.pcm) == pcm != b"" and server.record(headers)["steps"] <= SHORT_ANSWER
+    with closing(client.ask(question, **server_options(page.parse_args([])))) as chunks:  # the page's default
+        assert next(chunk for chunk in chunks if chunk.pcm)  # answered: its first audio came; no need to hear it all
+    _idle(server)

@@ -19,10 +19,11 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"the browser tests need Debian's chromium at {CHROMIUM}: apt-get install chromium",
                 allow_module_level=True)
 
-MAX = 120  # max_tokens for the uploaded sample: a short answer on the tiny checkpoint
+# The pages' --max-new-tokens (alias --max-tokens) bounds the answer alone: the question's length (or an image)
+# does not count, so each bound below is the answer's decode steps, whatever the recording's length.
+MAX = 58  # a short answer to the uploaded sample on the tiny checkpoint
 LONG_MAX = 1200  # an answer long enough to interrupt
-RECORD_MAX = 150  # max_tokens for a recorded question, whose prompt is longer than the sample's
-IMAGE_EXTRA = 80  # max_tokens beyond those for the same question without an image (its 50 features, then steps)
+RECORD_MAX = 70  # a short answer to a recorded question
 RECORD_S = 1.5  # how long the test speaks into the fake microphone
 ANSWER_TIMEOUT_MS = 120_000
 AAC_SLACK_S = 3 * 1024 / 24000  # Gradio streams AAC: encoder priming and padding, up to three 1024-sample frames
@@ -66,11 +67,11 @@ def tab(browser):
     assert outside == []
 
 
-def _expected_answer(server_url: str, question: bytes, max_tokens: int,
+def _expected_answer(server_url: str, question: bytes, max_new_tokens: int,
                      image: bytes | None = None) -> tuple[bytes, str]:
     """What the server answers to this question when asked directly (answers are seeded: the same bytes)."""
     pcm, text = b"", ""
-    for chunk in OmniClient(server_url).ask(question, image, max_tokens=max_tokens):
+    for chunk in OmniClient(server_url).ask(question, image, max_new_tokens=max_new_tokens):
         pcm, text = pcm + chunk.pcm, text + chunk.text
     return pcm, text
 
@@ -95,7 +96,7 @@ def _rms(samples: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def gradio(server_url, tmp_path_factory):
-    page = gradio_page(server_url, tmp_path_factory.mktemp("gradio-logs"), "--max-tokens", str(MAX))
+    page = gradio_page(server_url, tmp_path_factory.mktemp("gradio-logs"), "--max-new-tokens", str(MAX))
     yield page
     page.stop()
 
@@ -156,13 +157,13 @@ def v2_server(vision_ckpt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def v2_gradio(v2_server, tmp_path_factory):
     page = gradio_page(f"http://127.0.0.1:{v2_server.port}", tmp_path_factory.mktemp("v2-gradio-logs"),
-                       "--max-tokens", str(MAX + IMAGE_EXTRA))
+                       "--max-tokens", str(MAX))
     yield page
     page.stop()
 
 
 def test_gradio_sends_the_image_to_a_model_that_sees(tab, v2_server, v2_gradio, sample_wav, sample_image, tmp_path):
-    pcm, text = _expected_answer(f"http://127.0.0.1:{v2_server.port}", sample_wav.read_bytes(), MAX + IMAGE_EXTRA,
+    pcm, text = _expected_answer(f"http://127.0.0.1:{v2_server.port}", sample_wav.read_bytes(), MAX,
                                  sample_image.read_bytes())
     _open_gradio(tab, v2_gradio.url)
     assert "It can see" in tab.inner_text("#server")
@@ -219,7 +220,8 @@ def test_gradio_new_question_and_stop_end_the_running_answer(tab, server, long_g
 
 @pytest.fixture(scope="module")
 def streamlit(server_url, tmp_path_factory):
-    page = streamlit_page(server_url, tmp_path_factory.mktemp("streamlit-logs"), "--max-tokens", str(RECORD_MAX))
+    page = streamlit_page(server_url, tmp_path_factory.mktemp("streamlit-logs"), "--max-new-tokens",
+                          str(RECORD_MAX))
     yield page
     page.stop()
 
@@ -255,7 +257,7 @@ def _turn_ended(tab) -> None:
     assert tab.locator("[data-testid=stException]").count() == 0, tab.inner_text("body")
 
 
-def _streamlit_turn(tab, server_url: str, screenshot, max_tokens: int, image: bytes | None = None) -> str:
+def _streamlit_turn(tab, server_url: str, screenshot, max_new_tokens: int, image: bytes | None = None) -> str:
     """Speak a question into the open page, check that it was heard and that the page shows and plays the
     server's answer to exactly that recording (and `image`); save a screenshot and return the measured times."""
     started = time.monotonic()
@@ -272,7 +274,7 @@ def _streamlit_turn(tab, server_url: str, screenshot, max_tokens: int, image: by
     question = tab.request.get(question_src).body()
     rate, heard = _wav(question)
     assert rate == 16000 and heard.size > 0.5 * RECORD_S * rate and _rms(heard) > SPEECH_RMS  # it heard speech
-    pcm, text = _expected_answer(server_url, question, max_tokens, image)
+    pcm, text = _expected_answer(server_url, question, max_new_tokens, image)
     assert pcm  # an answer to hear
     rate, answer = _wav(tab.request.get(answer_src).body())
     assert rate == 24000 and answer.tobytes() == pcm  # the page played the server's answer to what it sent
@@ -327,7 +329,7 @@ def test_streamlit_hands_free_without_a_media_path_offers_press_to_talk(tab, str
 @pytest.fixture(scope="module")
 def v2_streamlit(v2_server, tmp_path_factory):
     page = streamlit_page(f"http://127.0.0.1:{v2_server.port}", tmp_path_factory.mktemp("v2-streamlit-logs"),
-                          "--max-tokens", str(RECORD_MAX + IMAGE_EXTRA))
+                          "--max-tokens", str(RECORD_MAX))
     yield page
     page.stop()
 
@@ -356,7 +358,7 @@ def test_streamlit_sends_a_camera_snapshot_to_a_model_that_sees(tab, v2_server, 
     snapshot = base64.b64decode(snapshot_url.removeprefix("data:image/jpeg;base64,"))
     print("\nstreamlit page, Mini-Omni2 with a camera snapshot:",
           _streamlit_turn(tab, f"http://127.0.0.1:{v2_server.port}", tmp_path / "streamlit-camera.png",
-                          RECORD_MAX + IMAGE_EXTRA, snapshot))
+                          RECORD_MAX, snapshot))
 
 
 # ---- The server goes away ----------------------------------------------------------------------------------

@@ -30,13 +30,17 @@ SAMPLE_WIDTH = 2  # bytes per int16 sample of the answer's PCM
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every page passes through to the server."""
     parser.add_argument("--server-url", default=DEFAULT_SERVER_URL, help="where `python server.py` listens")
-    parser.add_argument("--max-tokens", type=int, help="the server's max_tokens (default: the server's, 2048)")
+    # The answer's length alone (the server's max_new_tokens, Realtime's max_output_tokens), so a long question
+    # is never refused for leaving no room; --max-tokens is the older name, with this meaning on every page.
+    parser.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, metavar="N",
+                        help="the answer's length at most, in decode steps; the question does not count (default: "
+                             "as long as the model allows after the question). --max-tokens is the same option")
     parser.add_argument("--first-stride", type=int, help="a smaller first chunk, so the answer starts sooner")
 
 
 def server_options(args: argparse.Namespace) -> dict[str, int]:
     """The `ask()` options set on the command line."""
-    given = {"max_tokens": args.max_tokens, "first_stride": args.first_stride}
+    given = {"max_new_tokens": args.max_new_tokens, "first_stride": args.first_stride}
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -147,7 +151,7 @@ class OmniClient:
     def ask(self, audio: bytes, image: bytes | None = None, **options: int) -> Iterator[Chunk]:
         """Send a question (the bytes of an audio file, optionally an image) and yield the answer's chunks.
 
-        `options` are the server's `stream_stride`, `first_stride` and `max_tokens`.
+        `options` are the server's `stream_stride`, `first_stride` and `max_new_tokens` (or `max_tokens`).
         Raises `ServerError` before the first chunk (refused, busy, unreachable) or during the answer.
         """
         body = {"audio": base64.b64encode(audio).decode(), **options}

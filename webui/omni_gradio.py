@@ -1,6 +1,6 @@
 """Gradio page: upload or record a question and hear the answer stream back from `server.py`.
 
-    python -m webui.omni_gradio [--server-url http://127.0.0.1:60808] [--port 7860] [--max-tokens N]
+    python -m webui.omni_gradio [--server-url http://127.0.0.1:60808] [--port 7860] [--max-new-tokens N]
 
 UI only: every request goes through `webui.client`. The answer plays as its chunks arrive
 (`gr.Audio(streaming=True)`), the transcript fills in below it, and the page shows the time to the

@@ -1,6 +1,6 @@
 """Streamlit page: talk with the model hands-free, or press to talk.
 
-    streamlit run webui/omni_streamlit.py [-- --server-url http://127.0.0.1:60808 --max-tokens N]
+    streamlit run webui/omni_streamlit.py [-- --server-url http://127.0.0.1:60808 --max-new-tokens N]
 
 UI only. Hands-free, the browser's microphone (echo cancellation and noise suppression on) reaches the
 page's Python side through streamlit-webrtc, and `webui.live.Relay` relays it to the server's
@@ -190,7 +190,7 @@ class HandsFree:
         self.args = args
         self.can_see = can_see
         if "relay" not in st.session_state or st.session_state.relay.camera != can_see:
-            session = session_update(args.max_tokens, args.silence_ms, args.transcribe)
+            session = session_update(args.max_new_tokens, args.silence_ms, args.transcribe)
             st.session_state.relay = Relay(realtime_url(args.server_url), session, camera=can_see,
                                            headers=client.headers)  # the API key, when the server wants one
         self.relay = st.session_state.relay

@@ -40,7 +40,8 @@ def realtime_url(server_url: str) -> str:
 
 def session_update(max_tokens: int | None = None, silence_ms: int | None = None,
                    transcribe: bool = False) -> dict:
-    """The page's session: speech in and out, server VAD ending turns, the server's defaults otherwise."""
+    """The page's session: speech in and out, server VAD ending turns, the server's defaults otherwise.
+    `max_tokens` bounds the answer alone (the protocol's meaning), as the pages' --max-new-tokens does."""
     vad = {"type": "server_vad", "create_response": True}
     if silence_ms is not None:
         vad["silence_duration_ms"] = silence_ms
