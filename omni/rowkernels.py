@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -343,7 +343,7 @@ class RowsSwiGLU(nn.Module):
     `table(weight)` makes a table of a kernel; `mlp` is the SwiGLU to copy (its `fc_1`, `fc_2`, `proj`).
     """
 
-    def __init__(self, mlp: nn.Module, table) -> None:
+    def __init__(self, mlp: nn.Module, table: Callable[[torch.Tensor], Table]) -> None:
         super().__init__()
         self.hidden = mlp.fc_1.out_features
         self.fc_12 = RowsLinear(table(torch.cat([mlp.fc_1.weight.detach(), mlp.fc_2.weight.detach()])), None)

@@ -22,6 +22,7 @@ import copy
 import ctypes
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,7 +264,7 @@ def _install_int8(model: OmniLM, overrides: Overrides) -> None:
     gc.collect()  # the swapped-out fp32 modules sit in reference cycles that hold the file's mapping
 
 
-def _fuse_mlps(module: nn.Module, table) -> None:
+def _fuse_mlps(module: nn.Module, table: Callable[[torch.Tensor], Q8Table]) -> None:
     """Every SwiGLU inside `module` as a `RowsSwiGLU` over `table(weight)`s: its two input products one call."""
     for name, child in list(module.named_children()):
         if isinstance(child, SwiGLU):
