@@ -26,9 +26,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        if dtype != torch.float32:  # a conversion to the same dtype is still a call: a decode step has ~50 norms
+            x = x.float()
         x = x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + self.eps)
-        return x.to(dtype) * self.weight
+        return (x if dtype == torch.float32 else x.to(dtype)) * self.weight
 
 
 class SwiGLU(nn.Module):
@@ -127,7 +128,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """NeoX rotate-half RoPE over the last dim of `x: (B, nh, T, hs)`."""
     half = x.size(-1) // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return ((x * cos) + (rotated * sin)).to(x.dtype)
+    out = (x * cos) + (rotated * sin)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):

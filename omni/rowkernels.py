@@ -27,8 +27,9 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,11 +142,25 @@ def _require(name: str) -> ctypes.CDLL:
 
 
 def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
-    """`x (..., K)` as contiguous fp32 rows `(M, width)`, zero-padded to the table's width."""
+    """`x (..., K)` as contiguous fp32 rows of the table's width (zero-padded): `x` itself where it
+    already is, as every torch call costs a few microseconds and a decode step makes ~100 kernel calls."""
+    if x.dtype == torch.float32 and x.size(-1) == width and x.is_contiguous():
+        return x
     rows = x.reshape(-1, x.size(-1)).float()
     if rows.size(1) != width:
         rows = F.pad(rows, (0, width - rows.size(1)))
     return rows.contiguous()
+
+
+_scratch = threading.local()  # per thread: ctypes lets go of the GIL, so two threads may multiply at once
+
+
+def _scratch_ptr(nbytes: int) -> int:
+    """The address of this thread's scratch memory for a kernel call, at least `nbytes` (kept and reused)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _scratch.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf.data_ptr()
 
 
 def _padded(n: int, multiple: int) -> int:
@@ -178,11 +193,14 @@ class Table(nn.Module):
         return slice(start // BLOCK_ROWS, _padded(stop, BLOCK_ROWS) // BLOCK_ROWS), start, stop
 
 
-def _out(x: torch.Tensor, out: torch.Tensor, n_out: int) -> torch.Tensor:
-    """The kernel's `(M, padded rows)` result as `(..., n_out)`."""
-    if out.size(1) != n_out:
-        out = out[:, :n_out]
-    return out.reshape(*x.shape[:-1], n_out)
+def _out(x: torch.Tensor, Np: int) -> torch.Tensor:
+    """The kernel's result, `(..., padded rows)` (contiguous: `(M, Np)` to the kernel)."""
+    return torch.empty(*x.shape[:-1], Np)
+
+
+def _cut(out: torch.Tensor, n_out: int) -> torch.Tensor:
+    """The result without the padding rows' outputs."""
+    return out if out.size(-1) == n_out else out[..., :n_out]
 
 
 def q8_layout(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,14 +239,12 @@ class Q8Table(Table):
         blocks, scale, qsum, n_out = part
         Kp, Np = blocks.size(1) * Q8_CHUNK, blocks.size(0) * BLOCK_ROWS
         rows = _rows(x, Kp)
-        M = rows.size(0)
-        out = torch.empty(M, Np)
-        xq = torch.empty(M * Kp, dtype=torch.uint8)
-        xs = torch.empty(M)
+        M = rows.numel() // Kp
+        out = _out(x, Np)
+        xq = _scratch_ptr(M * Kp + 4 * M)  # the quantized rows (M * Kp bytes), then their scales (M floats)
         _entries[self.kernel](rows.data_ptr(), M, Kp, blocks.data_ptr(), scale.data_ptr(), qsum.data_ptr(),
-                              None if bias is None else bias.data_ptr(), Np, out.data_ptr(), xq.data_ptr(),
-                              xs.data_ptr())
-        return _out(x, out, n_out)
+                              None if bias is None else bias.data_ptr(), Np, out.data_ptr(), xq, xq + M * Kp)
+        return _cut(out, n_out)
 
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows `idx` dequantized (the same values as `Int8Embedding`)."""
@@ -259,10 +275,10 @@ class F32Table(Table):
         blocks, n_out = part
         Kp, Np = blocks.size(1), blocks.size(0) * BLOCK_ROWS
         rows = _rows(x, Kp)
-        out = torch.empty(rows.size(0), Np)
-        _entries["f32rows"](rows.data_ptr(), rows.size(0), Kp, blocks.data_ptr(),
+        out = _out(x, Np)
+        _entries["f32rows"](rows.data_ptr(), rows.numel() // Kp, Kp, blocks.data_ptr(),
                             None if bias is None else bias.data_ptr(), Np, out.data_ptr())
-        return _out(x, out, n_out)
+        return _cut(out, n_out)
 
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows `idx`: the stored values exactly."""
@@ -285,7 +301,8 @@ class RowsLinear(nn.Module):
         return self.table.weight_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.table.multiply(x, self.args, self.bias).to(x.dtype)
+        out = self.table.multiply(x, self.args, self.bias)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class RowsHead(nn.Module):
@@ -316,3 +333,28 @@ class RowsEmbedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.table.lookup(idx)
+
+
+class RowsSwiGLU(nn.Module):
+    """A SwiGLU (`proj(silu(fc_1 x) * fc_2 x)`) whose two products of the same input are one table: one
+    kernel call and one quantization of x instead of two, the same numbers bit for bit (each output row is
+    computed on its own, from its own weight row and scale).
+
+    `table(weight)` makes a table of a kernel; `mlp` is the SwiGLU to copy (its `fc_1`, `fc_2`, `proj`).
+    """
+
+    def __init__(self, mlp: nn.Module, table: Callable[[torch.Tensor], Table]) -> None:
+        super().__init__()
+        self.hidden = mlp.fc_1.out_features
+        self.fc_12 = RowsLinear(table(torch.cat([mlp.fc_1.weight.detach(), mlp.fc_2.weight.detach()])), None)
+        self.proj = RowsLinear(table(mlp.proj.weight), mlp.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        both = self.fc_12(x)  # (..., 2 * hidden)
+        gate = both[..., :self.hidden]
+        # silu sees gate laid out as an unfused fc_1's output (contiguous, or rows cut from whole blocks), so
+        # torch splits it into the same vector runs and scalar tails (its scalar exp may round unlike its
+        # vector exp); the product is exact whatever the layout.
+        if self.hidden % BLOCK_ROWS == 0:
+            gate = gate.contiguous()
+        return self.proj(F.silu(gate) * both[..., self.hidden:])

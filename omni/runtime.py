@@ -22,6 +22,7 @@ import copy
 import ctypes
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from . import rowkernels
 from .generate import EXACT_COST, OFFICIAL_COST, CostPlan
 from .linear import DenseHead, DenseLinear, Int8Embedding, Int8Head, Int8Linear, Products, install
 from .machine import has_bf16, has_vnni
-from .model import OmniLM
-from .rowkernels import F32Table, Q8Table, RowsEmbedding, RowsHead, RowsLinear
+from .model import OmniLM, SwiGLU
+from .rowkernels import F32Table, Q8Table, RowsEmbedding, RowsHead, RowsLinear, RowsSwiGLU
 from .tuning import ENV, TIE_MARGIN, TUNE_ROUNDS, Overrides, measured_once, tune_products
 from .whisper import EncoderBlock, RowChunks, WhisperEncoder, encoder_shape, load_whisper_encoder
 
@@ -256,10 +257,20 @@ def _install_int8(model: OmniLM, overrides: Overrides) -> None:
     del weight
     _detach_vectors(model)
     if kernel != LIBRARY_INT8:
+        _fuse_mlps(model, lambda weight: Q8Table(weight, kernel))
         install(model, lambda linear: RowsLinear(Q8Table(linear.weight, kernel), linear.bias))
     else:
         _int8_linears(model)
     gc.collect()  # the swapped-out fp32 modules sit in reference cycles that hold the file's mapping
+
+
+def _fuse_mlps(module: nn.Module, table: Callable[[torch.Tensor], Q8Table]) -> None:
+    """Every SwiGLU inside `module` as a `RowsSwiGLU` over `table(weight)`s: its two input products one call."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, SwiGLU):
+            setattr(module, name, RowsSwiGLU(child, table))
+        else:
+            _fuse_mlps(child, table)
 
 
 def int8_kernel(n_out: int, n_in: int, overrides: Overrides) -> str:

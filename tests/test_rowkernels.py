@@ -2,9 +2,11 @@
 ARM64) give the same exact per-row integer sums, bit for bit; f32rows (fp32, AVX-512) fixed-order sums;
 each keeps one table for head and embedding; each is chosen by measurement with a fallback. A kernel for
 another CPU runs in a C harness (tests/csrc/q8harness.c), under qemu-user where the CPU differs."""
+import copy
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ import torch.nn as nn
 
 from omni import linear, rowkernels, runtime, tuning
 from omni.linear import HEAD_PARTS, Int8Embedding, int8_rows
-from omni.rowkernels import Q8_KERNELS, F32Table, Q8Table, RowsHead, RowsLinear, q8_layout
+from omni.model import SwiGLU
+from omni.rowkernels import Q8_KERNELS, F32Table, Q8Table, RowsHead, RowsLinear, RowsSwiGLU, q8_layout
 from omni.tokens import PADDED_VOCAB
 from omni.tuning import Overrides
 from omni_engine import OmniEngine
@@ -148,9 +151,47 @@ def test_fast_engine_on_a_forced_int8_kernel_keeps_one_table(kind, tiny_ckpt, sa
     monkeypatch.setenv("MINI_OMNI_INT8", kind)
     fast = OmniEngine(tiny_ckpt, device="cpu", mode="fast")
     assert fast.model.lm_head.table is fast.model.transformer.wte.table
-    table = fast.model.transformer.h[0].mlp.fc_1.table
+    table = fast.model.transformer.h[0].mlp.fc_12.table
     assert isinstance(table, Q8Table) and table.kernel == kind
     assert len(fast.run(sample_wav, max_tokens=100).streams[0]) > 0
+
+
+@pytest.mark.parametrize("kind", Q8_KERNELS)
+@pytest.mark.parametrize("shape", [(64, 128), (40, 130)])  # hidden width on whole blocks, and not
+@pytest.mark.parametrize("rows", [1, 2, 33])  # a decode step, a batch, more than a prefill chunk
+def test_fused_mlp_equals_the_unfused_one_bit_for_bit(kind, shape, rows):
+    """fc_1 and fc_2 as one table (one call, one quantization of x) give the unfused layers' exact bits."""
+    loaded(kind)
+    hidden, width = shape
+    torch.manual_seed(1)
+    mlp = SwiGLU(width, hidden, width)
+    unfused = copy.deepcopy(mlp)
+    linear.install(unfused, lambda lin: RowsLinear(Q8Table(lin.weight, kind), lin.bias))
+    fused = RowsSwiGLU(mlp, lambda weight: Q8Table(weight, kind))
+    x = torch.randn(rows, 3, width) * torch.logspace(-2, 2, 3)[:, None]
+    assert torch.equal(fused(x), unfused(x))
+
+
+@pytest.mark.parametrize("kind", Q8_KERNELS)
+def test_threads_multiplying_at_once_each_use_their_own_scratch(kind):
+    """The kernel's quantized rows live in per-thread scratch memory, kept between calls: threads that
+    multiply at the same time (ctypes lets go of the GIL) still get the single-threaded results."""
+    loaded(kind)
+    w, b, x = sample(SHAPES[1], rows=33)
+    layer = RowsLinear(Q8Table(w, kind), b)
+    inputs = [x[:rows] * (1 + rows) for rows in (1, 2, 33, 3)]  # the scratch grows and is reused
+    expected = [layer(xi) for xi in inputs]
+    results: list[list[bool]] = []
+
+    def worker():
+        results.append([torch.equal(layer(xi), want) for _ in range(20) for xi, want in zip(inputs, expected)])
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == len(threads) and all(all(r) for r in results)
 
 
 def test_the_kernel_is_chosen_by_measurement_and_falls_back_to_fbgemm(monkeypatch):
