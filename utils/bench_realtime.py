@@ -131,7 +131,20 @@ def play_out(listener: Listener, first: tuple[float, object], turn: TurnTiming) 
     time.sleep(max(0.0, speaker.ends_at() - time.perf_counter()))  # the user listens to the end
 
 
-def run_session(index: int, args: argparse.Namespace, questions: list[bytes], out: list[TurnTiming]) -> None:
+def run_session(index: int, args: argparse.Namespace, questions: list[bytes], out: list[TurnTiming],
+                refused: list[dict]) -> None:
+    """One session's turns into `out`; a session the server refuses at the handshake (over its real-time
+    capacity, or --max-sessions) into `refused`, with the server's reason."""
+    from websockets.exceptions import InvalidStatus
+
+    try:
+        _session(index, args, questions, out)
+    except InvalidStatus as e:
+        refused.append({"session": index, "status": e.response.status_code,
+                        "reason": json.loads(e.response.body or b"{}").get("error", "")})
+
+
+def _session(index: int, args: argparse.Namespace, questions: list[bytes], out: list[TurnTiming]) -> None:
     from openai import OpenAI
 
     base = f"127.0.0.1:{args.port}/v1"
@@ -206,12 +219,17 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     questions = [load_question(path) for path in args.samples]
     turns: list[TurnTiming] = []
-    threads = [threading.Thread(target=run_session, args=(i, args, questions, turns)) for i in range(args.sessions)]
+    refused: list[dict] = []
+    threads = [threading.Thread(target=run_session, args=(i, args, questions, turns, refused))
+               for i in range(args.sessions)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    summary = {"sessions": args.sessions, "silence_ms": args.silence_ms, **summarize(turns)}
+    summary = {"sessions": args.sessions, "silence_ms": args.silence_ms, **summarize(turns),
+               "sessions_refused": sorted(refused, key=lambda r: r["session"])}
+    for r in summary["sessions_refused"]:
+        print(f"session {r['session']} refused at the handshake: {r['status']} {r['reason']}")
     for t in sorted(turns, key=lambda t: (t.session, t.index)):
         print(f"session {t.session} turn {t.index:2d}: first audio {t.first_audio_ms:7.0f} ms"
               + (f", barge-in -> cancelled {t.cancel_ms:5.0f} ms" if t.cancel_ms is not None else
