@@ -15,7 +15,9 @@ chunks of PREFILL_CHUNK positions).
 There is no scheduler thread: a thread waiting for its request's next piece runs turns for everyone
 (`drive_until`) while the others wait for it to finish a turn. Measured on a 2-core CPU, torch's
 OpenMP products ran ~1.5x slower on a second thread than on the thread that had already run them,
-so the engine's work stays on the threads that ask (the server funnels its calls into one).
+so a server keeps every turn on one thread of its own (`drive_elsewhere`, `run_turns`): the threads
+serving its requests only wait, each woken by the turn that made its own piece, so no request waits
+for another's piece (a cancel's exit, a chunk) to be handed over.
 """
 from __future__ import annotations
 
@@ -105,14 +107,39 @@ class Scheduler:
         self._active: list[Job] = []
         self._driving = threading.Lock()  # held by the thread running a turn
         self._idle = True
+        self._request_turns: Callable[[], None] | None = None  # set by `drive_elsewhere`
 
     def submit(self, job: Job) -> Job:
         with self._cond:
             self._waiting.append(job)
         return job
 
+    def drive_elsewhere(self, request_turns: Callable[[], None]) -> None:
+        """From now on turns run only in `run_turns`, on a thread the caller owns: a thread waiting for its
+        request's piece calls `request_turns()`, which must see that thread running `run_turns` (started, or
+        already running) and return at once, then waits for the turns."""
+        self._request_turns = request_turns
+
+    def run_turns(self) -> None:
+        """Run turns, waking the waiting threads after each, until no request is in the loop."""
+        while self.has_work():
+            with self._driving:
+                self._turn()
+            with self._cond:
+                self._cond.notify_all()
+
+    def has_work(self) -> bool:
+        with self._cond:
+            return bool(self._waiting or self._active)
+
     def drive_until(self, ready: Callable[[], bool]) -> None:
-        """Run turns on this thread until `ready()`; while another thread drives, wait for its turns."""
+        """Run turns on this thread until `ready()`; while another thread drives, wait for its turns.
+        After `drive_elsewhere`, only wait (asking for turns)."""
+        while self._request_turns is not None and not ready():
+            self._request_turns()
+            with self._cond:
+                if not ready():
+                    self._cond.wait(DRIVER_WAIT_S)
         while not ready():
             if self._driving.acquire(blocking=False):
                 try:

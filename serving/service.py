@@ -27,7 +27,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import TypeVar
 
 from prometheus_client import Gauge
 
@@ -43,7 +42,6 @@ RECORDS_KEPT = 256  # answers whose text stays retrievable at GET /requests/<id>
 TOKEN_BYTES = 16  # 128 random bits: the secret that lets only the asking client read its record
 HIDDEN_FIELDS = ("finished", "started", "token")
 BYTES_PER_SECOND = OUTPUT_SAMPLE_RATE * PCM_SAMPLE_WIDTH
-T = TypeVar("T")
 
 
 class TurnQueue:
@@ -149,10 +147,12 @@ class EngineService:
         self.metrics = Metrics()
         self.records: OrderedDict[str, Record] = OrderedDict()
         self._records_lock = threading.Lock()
-        # Every engine call runs on this one thread, whichever server thread serves the request: torch then
-        # keeps one OpenMP pool (its products ran ~1.5x slower on a second thread), and the engine batches
-        # the requests whichever of them this thread is waiting for.
+        # The engine's work (its load, then the batch's turns) runs on this one thread, whichever server
+        # thread serves a request: torch then keeps one OpenMP pool (its products ran ~1.5x slower on a
+        # second thread). The request threads wait for their pieces (omni.batch: `drive_elsewhere`).
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._turning = False  # the engine thread is running the batch's turns
+        self._turning_lock = threading.Lock()
 
     def start(self) -> Future:
         """Load and warm the engine in the background, on the engine's own thread."""
@@ -166,6 +166,7 @@ class EngineService:
             self.frame_times = self.frame_times or LiveFrameTimes(engine.scheduler.stats)
             self.metrics.watch(engine)
             self._watch_capacity()
+            engine.scheduler.drive_elsewhere(self._request_turns)
             self.engine = engine
             log.info("ready: %s on %s (%s), %s mode: %s", engine.family, engine.device, engine.dtype, engine.mode,
                      engine.mode_reason)
@@ -239,9 +240,28 @@ class EngineService:
         self.metrics.queue_depth.set(self.queue.depth)
         return Admission(self, ticket, self._new_record(), conversation)
 
-    def on_engine_thread(self, call: Callable[..., T], *args: object) -> T:
-        """Run `call(*args)` on the engine's thread and return its result."""
-        return self._worker.submit(call, *args).result()
+    def _request_turns(self) -> None:
+        """See the engine's thread running the batch's turns (start them there unless they run)."""
+        with self._turning_lock:
+            if self._turning:
+                return
+            self._turning = True
+        self._worker.submit(self._run_turns)
+
+    def _run_turns(self) -> None:
+        """The batch's turns until it is empty; a request that joins meanwhile is seen before it stops."""
+        scheduler = self.engine.scheduler
+        try:
+            while True:
+                scheduler.run_turns()
+                with self._turning_lock:
+                    if not scheduler.has_work():
+                        self._turning = False
+                        return
+        except BaseException:
+            with self._turning_lock:
+                self._turning = False
+            raise
 
     def reject(self, outcome: str) -> None:
         self.metrics.requests.labels(outcome).inc()
@@ -330,7 +350,7 @@ class Admission:
         record, service = self.record, self.service
         gen_start = time.perf_counter()
         try:
-            while (chunk := service.on_engine_thread(next, chunks, None)) is not None:
+            while (chunk := next(chunks, None)) is not None:  # the engine's thread makes it
                 self._count(chunk)
                 yield chunk
         except Exception as e:  # the response has started: report in-band and in the record
@@ -339,7 +359,7 @@ class Admission:
             yield Summary("error", record.text, record.steps, record.audio_seconds, record.error)
             return
         finally:
-            service.on_engine_thread(chunks.close)  # the engine drops the request, also when the client left
+            chunks.close()  # the engine drops the request, also when the client left
         if disconnected():
             record.outcome = "cancelled"
             return

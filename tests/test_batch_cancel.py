@@ -158,3 +158,45 @@ def test_the_frame_time_estimate_leaves_out_the_first_step_then_follows_the_load
     for _ in range(round(1 / FRAME_EMA_WEIGHT) * 4):
         stats.frame(1, 5.0)
     assert 4.9 < stats.frame_seconds[1] < 5.0
+
+
+def test_a_served_request_is_not_held_behind_another_requests_setup(tiny_ckpt, sample_wav, long_audio):
+    """Through the server's service, where all engine work runs on one thread: a decoding answer cancelled
+    while another request's long setup runs ends within a unit or two of the cancel, and its consumer gets
+    that end at once (it is not handed over only after the other request's first piece)."""
+    from omni_engine import OmniEngine
+    from serving.service import EngineService
+
+    service = EngineService(lambda: OmniEngine(tiny_ckpt, device="cpu", max_batch=2), max_queue=2,
+                            realtime_admission=False)
+    service.start().result()
+    scheduler, never = service.engine.scheduler, (lambda: False)
+    cancel_a, cancel_b = threading.Event(), threading.Event()
+    a = service.admit()
+    a_chunks = a.prepare(lambda: service.engine.stream(load_audio(sample_wav), sample_rate=SAMPLE_RATE,
+                                                       cancel=cancel_a, max_tokens=MAX_TOKENS))
+    assert a.wait(never)
+    a_events = a.answer(a_chunks, cancel_a.is_set)
+    next(a_events)  # a is decoding
+    b = service.admit()
+    b_chunks = b.prepare(lambda: service.engine.stream(long_audio, sample_rate=SAMPLE_RATE, cancel=cancel_b,
+                                                       max_tokens=MAX_TOKENS))
+    assert b.wait(never)
+    b_thread = threading.Thread(target=lambda: list(b.answer(b_chunks, cancel_b.is_set)))
+    b_thread.start()
+    try:
+        for _ in range(MAX_TURNS):  # until b's setup is under way (a few units in)
+            if scheduler.stats.units >= 3 and any(job.sequence is None for job in scheduler._active):
+                break
+            next(a_events)
+        else:
+            raise AssertionError("b's setup never started")
+        units_at_cancel = scheduler.stats.units
+        cancel_a.set()
+        list(a_events)  # a's remaining pieces and its end, as its consumer sees them
+        assert scheduler.stats.units - units_at_cancel <= 2
+        assert any(job.sequence is None for job in scheduler._active)  # b is still setting up
+    finally:
+        cancel_b.set()
+        b_thread.join(timeout=120)
+    assert not b_thread.is_alive()
