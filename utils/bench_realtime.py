@@ -1,7 +1,9 @@
 """Benchmark `/v1/realtime` as users meet it: N sessions through the openai SDK, questions spoken in real time.
 
     python server.py --ckpt-dir /tmp/tiny &
-    python -m utils.bench_realtime --port 60808 --sessions 2 --turns 10
+    python -m utils.bench_realtime --port 60808 --sessions 1,2,3 --turns 10
+
+Each count in `--sessions` runs in turn (the sessions of one count at once); a table compares them.
 
 Each session speaks a recorded question at real-time pace (100 ms chunks), then silence, and plays the
 answer on a simulated speaker that starts at the first audio delta. Every other turn the next question is
@@ -205,28 +207,17 @@ def summarize(turns: list[TurnTiming]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, default=60808)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--sessions", type=int, default=1)
-    p.add_argument("--turns", type=int, default=10, help="questions per session (every other one interrupts)")
-    p.add_argument("--max-output-tokens", type=int, default=150, help="decode steps per answer (150 = ~12 s)")
-    p.add_argument("--silence-ms", type=int, default=500, help="server VAD silence_duration_ms")
-    p.add_argument("--samples", nargs="+", type=Path,
-                   default=sorted(SAMPLES_DIR.glob("output*.wav")))
-    p.add_argument("--json", type=Path, help="also write the turns and the summary here")
-    args = p.parse_args(argv)
-    questions = [load_question(path) for path in args.samples]
+def run_count(sessions: int, args: argparse.Namespace, questions: list[bytes]) -> tuple[dict, list[TurnTiming]]:
+    """`sessions` sessions at once: their summary (with the sessions refused at the handshake) and turns."""
     turns: list[TurnTiming] = []
     refused: list[dict] = []
     threads = [threading.Thread(target=run_session, args=(i, args, questions, turns, refused))
-               for i in range(args.sessions)]
+               for i in range(sessions)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    summary = {"sessions": args.sessions, "silence_ms": args.silence_ms, **summarize(turns),
+    summary = {"sessions": sessions, "silence_ms": args.silence_ms, **summarize(turns),
                "sessions_refused": sorted(refused, key=lambda r: r["session"])}
     for r in summary["sessions_refused"]:
         print(f"session {r['session']} refused at the handshake: {r['status']} {r['reason']}")
@@ -234,9 +225,39 @@ def main(argv: list[str] | None = None) -> None:
         print(f"session {t.session} turn {t.index:2d}: first audio {t.first_audio_ms:7.0f} ms"
               + (f", barge-in -> cancelled {t.cancel_ms:5.0f} ms" if t.cancel_ms is not None else
                  f", {t.audio_s:5.2f} s played, underruns {t.underruns} ({t.stall_ms:.0f} ms)") + f"  [{t.status}]")
-    print(json.dumps(summary, indent=2))
+    return summary, turns
+
+
+def print_table(summaries: list[dict]) -> None:
+    print("\nsessions  refused  first audio p50/p90 (ms)  barge-in p90 (ms)  answers with underrun  stalls (ms)")
+    for s in summaries:
+        first, cancel = s["first_audio_ms"], s["barge_in_to_cancelled_ms"]
+        print(f"{s['sessions']:8d}  {len(s['sessions_refused']):7d}  {first['p50']!s:>11}/{first['p90']!s:<12} "
+              f"{cancel['p90']!s:>17}  {s['answers_with_underrun']:>10} of {s['answers_played']:<8}"
+              f"{s['stall_ms_total']:>12}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, default=60808)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--sessions", type=lambda v: [int(n) for n in v.split(",")], default=[1],
+                   help="sessions at once; a list (1,2,3) runs each count in turn")
+    p.add_argument("--turns", type=int, default=10, help="questions per session (every other one interrupts)")
+    p.add_argument("--max-output-tokens", type=int, default=150, help="decode steps per answer (150 = ~12 s)")
+    p.add_argument("--silence-ms", type=int, default=500, help="server VAD silence_duration_ms")
+    p.add_argument("--samples", nargs="+", type=Path,
+                   default=sorted(SAMPLES_DIR.glob("output*.wav")))
+    p.add_argument("--json", type=Path, help="also write the turns and the summaries here")
+    args = p.parse_args(argv)
+    questions = [load_question(path) for path in args.samples]
+    runs = [run_count(n, args, questions) for n in args.sessions]
+    summaries = [summary for summary, _ in runs]
+    print(json.dumps(summaries, indent=2))
+    print_table(summaries)
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "turns": [asdict(t) for t in turns]}, indent=2))
+        args.json.write_text(json.dumps([{"summary": summary, "turns": [asdict(t) for t in turns]}
+                                         for summary, turns in runs], indent=2))
 
 
 if __name__ == "__main__":
