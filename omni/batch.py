@@ -229,13 +229,18 @@ class Scheduler:
     def _reap_cancelled(self) -> None:
         """End every active job whose cancel has been set (its exit before any more work)."""
         for job in [job for job in self._active if job.interrupted()]:
-            try:
-                confirmed = job.cancel()
-            except Exception as e:  # noqa: BLE001 - a broken cancel callable ends its own request only
-                self._end(job, e)
-                continue
-            if confirmed:
-                self._end(job, cancelled=True)
+            self._ended_by_cancel(job)
+
+    def _ended_by_cancel(self, job: Job) -> bool:
+        """Poll `job`'s cancel; end it if set (or if the cancel callable fails: that ends this job only)."""
+        try:
+            cancelled = job.cancel()
+        except Exception as e:  # noqa: BLE001 - a broken cancel callable ends its own request only
+            self._end(job, e)
+            return True
+        if cancelled:
+            self._end(job, cancelled=True)
+        return bool(cancelled)
 
     def _end(self, job: Job, error: BaseException | None = None, cancelled: bool = False) -> None:
         self._active.remove(job)
@@ -267,17 +272,7 @@ class Scheduler:
 
     def _decode(self, jobs: list[Job]) -> None:
         """Poll each job's cancel, then one step of those still going, all together."""
-        going = []
-        for job in jobs:
-            try:
-                cancelled = job.cancel()
-            except Exception as e:  # noqa: BLE001 - a broken cancel callable ends its own request only
-                self._end(job, e)
-                continue
-            if cancelled:
-                self._end(job, cancelled=True)
-            else:
-                going.append(job)
+        going = [job for job in jobs if not self._ended_by_cancel(job)]
         if not going:
             return
         start = time.perf_counter()
