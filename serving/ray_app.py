@@ -26,6 +26,7 @@ from typing import get_args, get_origin, get_type_hints
 from ray import serve
 from ray.serve import Application
 from ray.serve.metrics import Gauge
+from starlette.middleware import Middleware
 
 from omni import AUTO_MODE, DEFAULT_MAX_BATCH, OmniEngine
 from .app import DEFAULT_MAX_BYTES
@@ -43,6 +44,12 @@ HEALTH_CHECK_TIMEOUT_S = 30.0  # a replica that does not answer within this is u
 METRICS_PERIOD_S = 5.0  # how often a replica copies its Prometheus metrics into Ray's metrics export
 METRIC_PREFIX = "omni_"  # the families copied (the process_* ones Ray reports itself, per worker)
 DEFAULT_MAX_QUEUED = 16  # requests Ray's proxy holds while every replica is full; 503 beyond
+# Ray's proxy wraps its ASGI app in the middlewares this environment variable's function returns (read by each
+# proxy when it starts, so it is set where Ray starts: `ray start`, `serve run`).
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "serving.ray_app:proxy_middlewares"
+REPLICA_LOST_CODE = 1011  # WebSocket "internal error": the server could not go on with the session
+REPLICA_LOST_REASON = "the replica serving this session stopped; open a new session"
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,39 @@ def with_replica_header(app: AsgiApp, replica: str) -> AsgiApp:
             await send(message)
         await app(scope, receive, send_tagged)
     return tagged
+
+
+class CloseLostSessions:
+    """Ray's proxy, around its own ASGI app: a WebSocket session whose replica died gets a close frame with a
+    code and reason. Without it the proxy drops the connection bare (the client sees 1006, no reason): a dead
+    replica sends no close, and the proxy sends none for it. A session closed by either end is left alone."""
+
+    def __init__(self, app: AsgiApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        seen: set[str] = set()
+
+        async def watched_receive() -> dict:
+            message = await receive()
+            seen.add(message["type"])
+            return message
+
+        async def watched_send(message: dict) -> None:
+            seen.add(message["type"])
+            await send(message)
+
+        await self.app(scope, watched_receive, watched_send)
+        if "websocket.accept" in seen and not seen & {"websocket.close", "websocket.disconnect"}:
+            await send({"type": "websocket.close", "code": REPLICA_LOST_CODE, "reason": REPLICA_LOST_REASON})
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """The proxy's middlewares (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.ray_app:proxy_middlewares`)."""
+    return [Middleware(CloseLostSessions)]
 
 
 class MetricsMirror:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import re
 import threading
 import time
@@ -26,7 +27,9 @@ from tests.test_realtime_api import connect, heard, question_pcm, silence, speak
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install .[ray])")
 serve = pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install .[ray])")
 websockets_sync = pytest.importorskip("websockets.sync.client")
-from serving.ray_app import REPLICA_HEADER, build_app  # noqa: E402  (needs ray)
+from websockets.exceptions import ConnectionClosedError  # noqa: E402
+from serving.ray_app import (PROXY_CALLBACK, PROXY_CALLBACK_ENV, REPLICA_HEADER, REPLICA_LOST_CODE,  # noqa: E402
+                             REPLICA_LOST_REASON, build_app)
 
 KEY = "ray-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -47,7 +50,7 @@ class Proxy(Server):
     """The proxy's address, with the test server's client methods (no process of its own)."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
+        self.port, self.tls = port, None
 
 
 def poll(what: str, check, timeout_s: float = STATE_TIMEOUT_S):
@@ -62,8 +65,10 @@ def poll(what: str, check, timeout_s: float = STATE_TIMEOUT_S):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A local Ray cluster (loopback, logical CPUs for two replicas), Serve's proxy on a free port."""
+    """A local Ray cluster (loopback, logical CPUs for two replicas), Serve's proxy on a free port with the
+    application's proxy middleware (read from the environment Ray starts in)."""
     metrics_port = free_port()
+    os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK
     ray.init(num_cpus=CPUS * (REPLICAS + 1), include_dashboard=False, _metrics_export_port=metrics_port,
              logging_level="warning", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     port = free_port()
@@ -71,6 +76,7 @@ def cluster(tmp_path_factory):
     yield port, metrics_port
     serve.shutdown()
     ray.shutdown()
+    os.environ.pop(PROXY_CALLBACK_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +183,22 @@ def test_a_replica_killed_mid_answer(proxy, sample_bytes, sample_wav, engine):
     assert status == 200 and answer == wanted and headers[REPLICA] != victim
     poll("two running replicas again", lambda: running_replicas() == REPLICAS)
     assert chat(proxy, sample_bytes)[0] == 200
+
+
+def test_a_realtime_session_whose_replica_is_killed_is_closed_with_a_reason(proxy, sample_bytes):
+    with connect(proxy, "beta", key=KEY) as conn:
+        assert conn.recv().type == "session.created"
+        victim = conn._connection.response.headers[REPLICA]  # the SDK's websockets connection: the handshake
+        conn.session.update(session={"max_response_output_tokens": LONG})
+        speak(conn, question_pcm() + silence(1.0))
+        until(conn, "response.audio.delta")  # the answer is streaming
+        ray.kill(ray.get_actor(victim, namespace="serve"))
+        with pytest.raises(ConnectionClosedError) as closed:
+            until(conn, "response.done")
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (REPLICA_LOST_CODE, REPLICA_LOST_REASON)
+    status, headers, _ = chat(proxy, sample_bytes)  # the survivor answers
+    assert status == 200 and headers[REPLICA] != victim
+    poll("two running replicas again", lambda: running_replicas() == REPLICAS)
 
 
 def test_a_replica_whose_checkpoint_fails_is_unhealthy(cluster, tmp_path):
