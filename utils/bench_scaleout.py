@@ -115,10 +115,12 @@ def measure(setup: str, port: int, servers: int, args: argparse.Namespace) -> Fi
     answers, wall_s = burst(port, body, args.overload * capacity, args.timeout)
     answered = [a.first_chunk_s for a in answers if a.status == 200 and a.first_chunk_s is not None]
     refused = sum(a.status == 503 for a in answers)
-    return Figures(setup, capacity, statistics.median(a.first_chunk_s for a in done),
-                   1000 * statistics.median(g for a in done for g in a.gaps_s), len(answers), len(answered),
-                   refused, len(answers) - len(answered) - refused, 60 * len(answered) / wall_s,
-                   statistics.median(answered) if answered else None, max(answered) if answered else None)
+    figures = Figures(setup, capacity, statistics.median(a.first_chunk_s for a in done),
+                      1000 * statistics.median(g for a in done for g in a.gaps_s), len(answers), len(answered),
+                      refused, len(answers) - len(answered) - refused, 60 * len(answered) / wall_s,
+                      statistics.median(answered) if answered else None, max(answered) if answered else None)
+    print(f"measured {asdict(figures)}", flush=True)  # each setup as it ends: a long run shows its progress
+    return figures
 
 
 def wait_ready(port: int, alive) -> None:
