@@ -184,7 +184,7 @@ def table(figures: list[Figures]) -> str:
             "| burst first chunk p50 / max |", "|---|---|---|---|---|---|---|---|---|"]
     for f in figures:
         rows.append(f"| {f.setup} | {f.first_chunk_p50_s:.2f} s | {f.gap_p50_ms:.0f} ms | {f.burst} ({f.capacity}) "
-                    f"| {f.answered} | {f.refused_503} | {f.other} | {f.answers_per_min:.0f} "
+                    f"| {f.answered} | {f.refused_503} | {f.other} | {f.answers_per_min:.1f} "
                     f"| {s(f.burst_first_chunk_p50_s)} / {s(f.burst_first_chunk_max_s)} s |")
     return "\n".join(rows)
 
