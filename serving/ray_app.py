@@ -12,7 +12,9 @@ is Ray's (`http_options` of the config file, loopback by default), not `--host`/
 
 Each replica admits requests as the server does (the engine's batch, then `max_queue` waiting, then 503);
 Ray sends a replica at most that many requests plus its Realtime sessions (`max_ongoing_requests`) and
-keeps the rest in the proxy's queue (`max_queued_requests`, 503 beyond it).
+keeps the rest in the proxy's queue (`max_queued_requests`, 503 beyond it). Ray started with
+`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serving.ray_app:proxy_middlewares` gives its proxy `CloseLostSessions`:
+a Realtime session whose replica died is closed with a code and a reason instead of dropped.
 """
 from __future__ import annotations
 
