@@ -53,6 +53,7 @@ class Kernel:
     compile_flags: tuple[str, ...]
     signature: tuple  # ctypes argument types of its entry point `<source>_linear`
     source: str  # csrc/<source>.c
+    pass_rows: int = BLOCK_ROWS  # int8 kernels: the weight rows one pass over a block reads together
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -62,12 +63,12 @@ _Q8_SIGNATURE = (_P, _I, _I, _P, _P, _P, _P, _I, _P, _P, _P)
 KERNELS = {
     "q8rows": Kernel(("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
                      _Q8 + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"), _Q8_SIGNATURE, "q8rows"),
-    "q8avxvnni": Kernel(("avx2", "avx_vnni"), _Q8 + ("-mavx2", "-mavxvnni"), _Q8_SIGNATURE, "q8avx2"),
-    "q8avx2": Kernel(("avx2",), _Q8 + ("-mavx2",), _Q8_SIGNATURE, "q8avx2"),
-    "q8neon": Kernel(("asimddp",), _Q8 + ("-march=armv8.2-a+dotprod",), _Q8_SIGNATURE, "q8neon"),
+    "q8avxvnni": Kernel(("avx2", "avx_vnni"), _Q8 + ("-mavx2", "-mavxvnni"), _Q8_SIGNATURE, "q8avx2", 4),
+    "q8avx2": Kernel(("avx2",), _Q8 + ("-mavx2",), _Q8_SIGNATURE, "q8avx2", 4),
+    "q8neon": Kernel(("asimddp",), _Q8 + ("-march=armv8.2-a+dotprod",), _Q8_SIGNATURE, "q8neon", 4),
     "f32rows": Kernel(("avx512f",), _COMMON + ("-mavx512f",), (_P, _I, _I, _P, _P, _I, _P), "f32rows"),
 }
-# The int8 kernels, one table layout and the same numbers; on a CPU with several, the first is the fastest.
+# The int8 kernels, the same numbers; on a CPU with several, the first is the fastest.
 Q8_KERNELS = ("q8rows", "q8avxvnni", "q8avx2", "q8neon")
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -203,21 +204,23 @@ def _cut(out: torch.Tensor, n_out: int) -> torch.Tensor:
     return out if out.size(-1) == n_out else out[..., :n_out]
 
 
-def q8_layout(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`weight (N, K)` in the int8 kernels' layout: blocks `(Np / 16, Kp / 64, 16, 64)` int8, scales
-    `(Np,)` and row sums `(Np,)` int32, N and K zero-padded to whole blocks and chunks."""
+def q8_layout(weight: torch.Tensor, pass_rows: int = BLOCK_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`weight (N, K)` in an int8 kernel's layout: blocks `(Np / 16, 16 / pass_rows, Kp / 64, pass_rows,
+    64)` int8 (each block as its passes, each pass chunk by chunk, so that a pass reads one sequential
+    run), scales `(Np,)` and row sums `(Np,)` int32, N and K zero-padded to whole blocks and chunks."""
     q, scale = int8_rows(weight)
     N, K = q.shape
     Np, Kp = _padded(N, BLOCK_ROWS), _padded(K, Q8_CHUNK)
     padded = torch.zeros(Np, Kp, dtype=torch.int8)
     padded[:N, :K] = q
-    blocks = padded.view(Np // BLOCK_ROWS, BLOCK_ROWS, Kp // Q8_CHUNK, Q8_CHUNK).transpose(1, 2).contiguous()
-    return blocks, torch.cat([scale, scale.new_zeros(Np - N)]), padded.sum(dim=1, dtype=torch.int32)
+    blocks = padded.view(Np // BLOCK_ROWS, BLOCK_ROWS // pass_rows, pass_rows, Kp // Q8_CHUNK, Q8_CHUNK)
+    return blocks.transpose(2, 3).contiguous(), torch.cat([scale, scale.new_zeros(Np - N)]), \
+        padded.sum(dim=1, dtype=torch.int32)
 
 
 class Q8Table(Table):
-    """int8 rows with one fp32 scale each, for `kernel` (one of Q8_KERNELS, which share this layout): each
-    block stored chunk by chunk (`(N / 16, K / 64, 16, 64)`), K zero-padded to whole chunks."""
+    """int8 rows with one fp32 scale each, for `kernel` (one of Q8_KERNELS), in its layout (`q8_layout`):
+    q8rows reads a block's 16 rows together, the 256-bit and NEON kernels 4 at a time."""
 
     def __init__(self, weight: torch.Tensor, kernel: str = "q8rows") -> None:
         super().__init__()
@@ -225,7 +228,7 @@ class Q8Table(Table):
             raise ValueError(f"{kernel!r} is not an int8 kernel; choose one of {Q8_KERNELS}")
         _require(kernel)
         self.kernel = kernel
-        blocks, scale, qsum = q8_layout(weight)
+        blocks, scale, qsum = q8_layout(weight, KERNELS[kernel].pass_rows)
         self.register_buffer("blocks", blocks)
         self.register_buffer("scale", scale)
         self.register_buffer("qsum", qsum)
@@ -237,7 +240,7 @@ class Q8Table(Table):
 
     def multiply(self, x: torch.Tensor, part: tuple, bias: torch.Tensor | None = None) -> torch.Tensor:
         blocks, scale, qsum, n_out = part
-        Kp, Np = blocks.size(1) * Q8_CHUNK, blocks.size(0) * BLOCK_ROWS
+        Kp, Np = blocks.size(2) * Q8_CHUNK, blocks.size(0) * BLOCK_ROWS
         rows = _rows(x, Kp)
         M = rows.numel() // Kp
         out = _out(x, Np)
@@ -248,8 +251,9 @@ class Q8Table(Table):
 
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows `idx` dequantized (the same values as `Int8Embedding`)."""
-        rows = self.blocks[idx // BLOCK_ROWS, :, idx % BLOCK_ROWS].reshape(*idx.shape, -1)[..., :self.n_cols]
-        return rows.float() * self.scale[idx].unsqueeze(-1)
+        row, pass_rows = idx % BLOCK_ROWS, self.blocks.size(3)
+        rows = self.blocks[idx // BLOCK_ROWS, row // pass_rows, :, row % pass_rows]
+        return rows.reshape(*idx.shape, -1)[..., :self.n_cols].float() * self.scale[idx].unsqueeze(-1)
 
 
 class F32Table(Table):

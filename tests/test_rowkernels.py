@@ -97,10 +97,10 @@ def build_harness(cc, kind, exe):
     return exe
 
 
-def run_harness(command, tmp_path, x, w, b=None):
-    """`x @ w.T (+ b)` by the harness `command`, through Q8Table's layout."""
-    blocks, scale, qsum = q8_layout(w)
-    Np, Kp = scale.numel(), blocks.size(1) * rowkernels.Q8_CHUNK
+def run_harness(command, kind, tmp_path, x, w, b=None):
+    """`x @ w.T (+ b)` by the harness `command` of kernel `kind`, through its table layout."""
+    blocks, scale, qsum = q8_layout(w, rowkernels.KERNELS[kind].pass_rows)
+    Np, Kp = scale.numel(), blocks.size(2) * rowkernels.Q8_CHUNK
     rows = nn.functional.pad(x, (0, Kp - x.size(1)))
     bias = None if b is None else nn.functional.pad(b, (0, Np - b.numel()))
     head = np.array([rows.size(0), Kp, Np, bias is not None], np.int32)
@@ -112,25 +112,26 @@ def run_harness(command, tmp_path, x, w, b=None):
     return out[:, :w.size(0)]
 
 
-def check_in_harness(command, tmp_path):
+def check_in_harness(command, kind, tmp_path):
     for shape in SHAPES:
         w, b, x = sample(shape)
-        assert torch.equal(run_harness(command, tmp_path, x, w, b), reference(x, w, b)), shape
+        assert torch.equal(run_harness(command, kind, tmp_path, x, w, b), reference(x, w, b)), shape
     w, x = extremes(4864)
-    assert torch.equal(run_harness(command, tmp_path, x, w), reference(x, w))
+    assert torch.equal(run_harness(command, kind, tmp_path, x, w), reference(x, w))
 
 
 @pytest.mark.skipif(not (shutil.which(ARM_CC) and shutil.which(QEMU_ARM) and Path(ARM_ROOT).is_dir()),
                     reason=f"needs {ARM_CC} and {QEMU_ARM} (Debian: gcc-aarch64-linux-gnu, qemu-user)")
 def test_the_arm64_kernel_under_qemu(tmp_path):
     exe = build_harness(ARM_CC, "q8neon", tmp_path / "q8neon")
-    check_in_harness([QEMU_ARM, "-L", ARM_ROOT, str(exe)], tmp_path)
+    check_in_harness([QEMU_ARM, "-L", ARM_ROOT, str(exe)], "q8neon", tmp_path)
 
 
 def test_the_harness_runs_the_avx2_kernel(tmp_path):
     """The harness itself, checked where it runs natively."""
     loaded("q8avx2")
-    check_in_harness([str(build_harness(shutil.which("cc") or "gcc", "q8avx2", tmp_path / "q8avx2"))], tmp_path)
+    check_in_harness([str(build_harness(shutil.which("cc") or "gcc", "q8avx2", tmp_path / "q8avx2"))], "q8avx2",
+                     tmp_path)
 
 
 def test_the_avx_vnni_kernel_builds_with_256_bit_vpdpbusd(tmp_path):

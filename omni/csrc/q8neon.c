@@ -1,14 +1,15 @@
 /* Few-row int8 products for ARM64 with the dot-product extension (ARMv8.2 `sdot`): q8rows's numbers
  * (csrc/q8rows.c) on 128-bit NEON registers.
  *
- * Same table (blocks of 16 weight rows, each block chunk by chunk: [block][K / 64][16 rows][64 bytes],
- * int8 weights in [-127, 127], one fp32 scale per row), same input quantization (each row on its own,
- * amax / 127, nearest even, clamped to [-127, 127]), same exact int32 sums and the same float scaling, so
+ * Same weights (int8 in [-127, 127], one fp32 scale per row, blocks of 16 rows) stored for 4-row passes,
+ * as q8avx2 has them: each block as four quarters of 4 rows, each quarter chunk by chunk ([block][4]
+ * [K / 64][4 rows][64 bytes]), so a pass reads one sequential run. Same input quantization (each row on
+ * its own, amax / 127, nearest even, clamped to [-127, 127]), same exact int32 sums and the same float scaling, so
  * every output is bit for bit the one q8rows computes. `sdot` multiplies signed bytes by signed bytes into
  * int32 lanes, so the input needs no offset and `qsum` is not read.
  *
- * One input row at a time meets 4 weight rows in 4 accumulators (one output vector); a block's four
- * quarters run one after the other while it stays in cache. Threads (OpenMP) split the blocks.
+ * One input row at a time meets 4 weight rows in 4 accumulators (one output vector); the passes for more
+ * input rows read a quarter again from cache. Threads (OpenMP) split the blocks.
  */
 #include <arm_neon.h>
 #include <stddef.h>
@@ -48,7 +49,7 @@ static inline int32x4_t rows4(const int8_t *w, int r0, const int8_t *x, int K) {
         for (int h = 0; h < 64; h += 16) {
             int8x16_t xv = vld1q_s8(x + k + h);
             for (int r = 0; r < ROWS; r++)
-                acc[r] = vdotq_s32(acc[r], xv, vld1q_s8(w + (size_t)k * 16 + (r0 + r) * 64 + h));
+                acc[r] = vdotq_s32(acc[r], xv, vld1q_s8(w + (size_t)r0 * K + (size_t)k * ROWS + r * 64 + h));
         }
     }
     return vpaddq_s32(vpaddq_s32(acc[0], acc[1]), vpaddq_s32(acc[2], acc[3]));  /* lane r: sum of acc[r] */

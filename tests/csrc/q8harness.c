@@ -1,8 +1,8 @@
 /* Runs one int8 kernel (its source compiled in with this file) on a problem read from a file and writes
  * its output: the way tests run a kernel for another CPU under qemu-user, or one not loaded by ctypes.
  *
- * Usage: q8harness IN OUT. IN: int32 M, K, N, has_bias; float x[M * K]; int8 blocks[N * K] (Q8Table's
- * layout); float scale[N]; int32 qsum[N]; float bias[N] if has_bias. OUT: float out[M * N].
+ * Usage: q8harness IN OUT. IN: int32 M, K, N, has_bias; float x[M * K]; int8 blocks[N * K] (the
+ * kernel's layout, q8_layout); float scale[N]; int32 qsum[N]; float bias[N] if has_bias. OUT: float out[M * N].
  */
 #include <stdint.h>
 #include <stdio.h>
