@@ -14,6 +14,8 @@ import pytest
 from omni_engine import OmniChunk
 from serving.realtime.jobs import SPECULATION_DROPPED, JobChunk, JobEnd
 from serving.realtime.session import RealtimeSession
+from voice.signal import FRAME_SAMPLES
+from voice.vad import Segmenter, VadConfig
 from tests.http_client import Server
 from tests.test_realtime_api import API_RATE, SHORT, connect, metric, question_pcm, silence, speak, until
 from tests.test_realtime_session import FakeRunner, append, loud_is_speech, quiet, tone, types
@@ -70,6 +72,30 @@ def test_speech_after_a_pause_drops_the_answer_without_a_word_to_the_client():
     used = runner.jobs[-1]
     assert len(runner.jobs) == 2 and not used.cancel.is_set() and dropped.key not in session.ctx.jobs
     assert np.array_equal(session.conversation.items[events[2]["item_id"]].audio, used.audio)
+
+
+def test_the_segmenter_says_what_a_silence_would_commit_before_it_has_lasted():
+    config = VadConfig()
+    seg = Segmenter(config)
+    events = [seg.push(np.full(FRAME_SAMPLES, i, np.float32), p, 0.0) for i, p in enumerate([0.9] * 10 + [0.0] * 3)]
+    assert [e.event.value for e in events if e is not None] == ["onset"]
+    assert np.array_equal(seg.spoken(), np.repeat(np.arange(11, dtype=np.float32), FRAME_SAMPLES))
+    seg.push(np.zeros(FRAME_SAMPLES, np.float32), 0.9, 0.0)  # speech again: no pause now
+    assert seg.spoken() is None
+    end = [seg.push(np.zeros(FRAME_SAMPLES, np.float32), 0.0, 0.0) for _ in range(config.end_frames)][-1]
+    assert end.spoken_samples == (10 + 3 + 1 + 1) * FRAME_SAMPLES  # up to the last silence's first frame
+    assert len(end.audio) == end.spoken_samples + (config.end_frames - 1) * FRAME_SAMPLES
+
+
+def test_speech_over_a_speculative_answer_still_cancels_it():
+    session, runner = make()
+    append(session, tone(1.0) + quiet(1.0))
+    (answer,) = runner.jobs
+    session.on_job(JobChunk(answer.key, OmniChunk(b"\1\0" * 480, "Hi")))
+    assert types(append(session, tone(0.5)))[0] == "input_audio_buffer.speech_started"
+    assert answer.cancel.reason == "turn_detected"
+    out = session.on_job(JobEnd(answer.key, "cancelled", steps=4, prompt_tokens=40))
+    assert out[-1]["type"] == "response.done" and out[-1]["response"]["status"] == "cancelled"
 
 
 def test_a_client_response_create_or_clear_drops_the_speculation():
