@@ -88,7 +88,8 @@ def _add_info_routes(app: Flask, service: EngineService) -> None:
         engine = service.engine
         body = {"status": service.status, "queue_depth": service.queue.depth, "max_queue": service.queue.max_waiting,
                 "busy": service.queue.busy, "running": service.queue.running, "max_batch": service.queue.max_running,
-                "realtime_capacity": service.realtime_capacity, "conversations": service.conversations}
+                "realtime_capacity": service.realtime_capacity, "conversations": service.conversations,
+                "speculative_turns": service.speculative_turns}
         if engine is not None:
             body.update(family=engine.family, mode=engine.mode, mode_reason=engine.mode_reason,
                         device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),

@@ -3,8 +3,9 @@ the spoken answer as it is generated, and `/v1/realtime` speaks the OpenAI Realt
 WebSocket, on the same host and port.
 
     python server.py [--ckpt-dir DIR] [--host 127.0.0.1] [--port 60808] [--device auto] [--mode auto|exact|fast|baseline]
-                     [--max-batch N] [--max-queue 4] [--max-sessions 4] [--no-realtime-admission] [--max-bytes N]
-                     [--api-key KEY] [--allow-origin ORIGIN] [--allow-host NAME] [--log-level info]
+                     [--max-batch N] [--max-queue 4] [--max-sessions 4] [--no-realtime-admission]
+                     [--no-speculative-turns] [--max-bytes N] [--api-key KEY] [--allow-origin ORIGIN]
+                     [--allow-host NAME] [--log-level info]
                      [--ssl-certfile CERT --ssl-keyfile KEY]
 
 `GET /` is the talk page (`--ssl-certfile/--ssl-keyfile` serve it over HTTPS, which a browser on another host
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-realtime-admission", dest="realtime_admission", action="store_false",
                    help="admit by the counts above only, not also by how many answers this machine speaks at "
                         "once in real time (measured decode steps, docs/server.md)")
+    p.add_argument("--no-speculative-turns", dest="speculative_turns", action="store_false",
+                   help="start a /v1/realtime turn's answer only once the VAD's silence_duration_ms has passed, not "
+                        "already at the first silence after speech (the same answer, heard later)")
     p.add_argument("--idle-timeout", type=positive_seconds, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
                    help="close a /v1/realtime session after this long with no client event and no answer running")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         log.info("removed %d temporary directories left by a stopped server", swept)
     service = EngineService(lambda: OmniEngine(args.ckpt_dir, device=args.device, mode=args.mode,
                                                      max_batch=args.max_batch), args.max_queue,
-                            args.realtime_admission)
+                            args.realtime_admission, args.speculative_turns)
     service.start()
     policy = AccessPolicy(args.api_key, frozenset(args.allow_origin), frozenset(args.allow_host))
     app = asgi_app(service, policy, args.max_bytes, args.max_sessions, args.idle_timeout)

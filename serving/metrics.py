@@ -76,6 +76,9 @@ class RealtimeMetrics:
                                  registry=registry)
         self.truncations = Counter("omni_realtime_truncations", "Answers the client cut short where its listener "
                                    "stopped hearing them (conversation.item.truncate)", registry=registry)
+        self.speculative_turns = Counter("omni_speculative_turns", "Answers started at the first silence after "
+                                         "speech, by outcome: used (the turn ended there) or dropped (speech resumed)",
+                                         ["outcome"], registry=registry)
         self.cancel_steps_h = Histogram("omni_realtime_cancel_steps",
                                         "Decode steps the engine started after a cancel (0: stopped at its next check)",
                                         buckets=CANCEL_STEP_BUCKETS, registry=registry)
@@ -91,6 +94,9 @@ class RealtimeMetrics:
 
     def truncated(self) -> None:
         self.truncations.inc()
+
+    def speculative_turn(self, outcome: str) -> None:
+        self.speculative_turns.labels(outcome).inc()
 
     def cancel_steps(self, steps: int) -> None:
         self.cancel_steps_h.observe(steps)

@@ -133,10 +133,13 @@ class EngineService:
     """Loads the engine in the background; admits requests in arrival order, as many at once as the
     engine batches (`--max-batch`), with a bounded queue behind them."""
 
-    def __init__(self, load: Callable[[], OmniEngine], max_queue: int, realtime_admission: bool = True) -> None:
-        """`realtime_admission` False: admit by the counts only (--max-batch, --max-queue, --max-sessions)."""
+    def __init__(self, load: Callable[[], OmniEngine], max_queue: int, realtime_admission: bool = True,
+                 speculative_turns: bool = True) -> None:
+        """`realtime_admission` False: admit by the counts only (--max-batch, --max-queue, --max-sessions).
+        `speculative_turns` False: a Realtime turn's answer starts only once its silence has lasted."""
         self._load = load
         self.realtime_admission = realtime_admission
+        self.speculative_turns = speculative_turns
         self.frame_times: FrameTimes | None = FixedFrameTimes.from_env()  # else the engine's, once loaded
         self.open_sessions: Callable[[], int] = lambda: 0  # Realtime sessions open (its endpoint says)
         self._chats = 0  # /chat requests admitted and not finished

@@ -3,13 +3,16 @@
     python server.py --ckpt-dir /tmp/tiny &
     python -m utils.bench_realtime --port 60808 --sessions 1,2,3 --turns 10
 
-Each count in `--sessions` runs in turn (the sessions of one count at once); a table compares them.
+Each count in `--sessions` runs in turn (the sessions of one count at once); a table compares them. The
+server's settings that change these figures (its mode, whether its turns are speculative: `--no-speculative-turns`)
+are read from its /health and printed with them.
 
 Each session speaks a recorded question at real-time pace (100 ms chunks), then silence, and plays the
 answer on a simulated speaker that starts at the first audio delta. Every other turn the next question is
 spoken over the answer (barge-in). Reported, p50/p90 over all turns:
 - end of speech -> first audio delta: from the last chunk of speech sent to the first audio delta received
-  (this includes the server VAD's silence_duration_ms, which has to pass before the turn can end);
+  (this includes the server VAD's silence_duration_ms, which has to pass before the turn can end; a
+  speculative server has started the answer at the first silence, so less of the rest follows it);
 - barge-in -> cancelled: from `speech_started` of the interrupting question to `response.done` cancelled;
 - underruns: answers whose audio did not stay ahead of playback (the speaker ran dry before the answer ended).
 """
@@ -22,6 +25,7 @@ import queue
 import statistics
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -184,6 +188,15 @@ def _session(index: int, args: argparse.Namespace, questions: list[bytes], out: 
             out.append(turn)
 
 
+def server_settings(args: argparse.Namespace) -> dict:
+    """What the server's /health says of the settings these figures depend on."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{args.port}/health", headers=headers)
+    with urllib.request.urlopen(request, timeout=EVENT_TIMEOUT_S) as response:
+        health = json.loads(response.read())
+    return {name: health.get(name) for name in ("mode", "speculative_turns")}
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -217,7 +230,7 @@ def run_count(sessions: int, args: argparse.Namespace, questions: list[bytes]) -
         t.start()
     for t in threads:
         t.join()
-    summary = {"sessions": sessions, "silence_ms": args.silence_ms, **summarize(turns),
+    summary = {"sessions": sessions, "silence_ms": args.silence_ms, **server_settings(args), **summarize(turns),
                "sessions_refused": sorted(refused, key=lambda r: r["session"])}
     for r in summary["sessions_refused"]:
         print(f"session {r['session']} refused at the handshake: {r['status']} {r['reason']}")
@@ -229,7 +242,9 @@ def run_count(sessions: int, args: argparse.Namespace, questions: list[bytes]) -
 
 
 def print_table(summaries: list[dict]) -> None:
-    print("\nsessions  refused  first audio p50/p90 (ms)  barge-in p90 (ms)  answers with underrun  stalls (ms)")
+    print(f"\nmode {summaries[0]['mode']}, speculative turns {summaries[0]['speculative_turns']}, "
+          f"VAD silence {summaries[0]['silence_ms']} ms")
+    print("sessions  refused  first audio p50/p90 (ms)  barge-in p90 (ms)  answers with underrun  stalls (ms)")
     for s in summaries:
         first, cancel = s["first_audio_ms"], s["barge_in_to_cancelled_ms"]
         print(f"{s['sessions']:8d}  {len(s['sessions_refused']):7d}  {first['p50']!s:>11}/{first['p90']!s:<12} "

@@ -94,6 +94,9 @@ class Segment:
     time: float  # clock time of the frame that decided it (s)
     speech_start: float  # clock time the speech run began (s)
     audio: np.ndarray  # float32 16 kHz
+    # END: samples of `audio` up to the first frame of the silence that ended it (all of it when the length cap
+    # did). The rest is silence heard only to be sure the turn is over; None: all of `audio` is the utterance.
+    spoken_samples: int | None = None
 
 
 class Segmenter:
@@ -110,6 +113,7 @@ class Segmenter:
         self.utterance: list[np.ndarray] | None = None  # frames of the confirmed turn
         self.run_start = 0.0
         self.silent_frames = 0
+        self.pause_at: int | None = None  # utterance frames up to the first quiet frame of the silence now running
         self.dropped_runs = 0  # speech runs shorter than start_ms (coughs, clicks), for reports
 
     @property
@@ -142,12 +146,22 @@ class Segmenter:
         self.utterance.append(frame)
         quiet = prob < self.config.threshold - SILENCE_MARGIN
         self.silent_frames = self.silent_frames + 1 if quiet else 0
+        if self.silent_frames == 1:
+            self.pause_at = len(self.utterance)
+        elif not quiet:
+            self.pause_at = None
         too_long = len(self.utterance) * FRAME_SECONDS >= self.config.max_utterance_s
         if self.silent_frames < self.config.end_frames and not too_long:
             return None
         audio = np.concatenate(self.utterance)
-        self.utterance, self.silent_frames = None, 0
-        return Segment(SpeechEvent.END, now, self.run_start, audio)
+        spoken = (self.pause_at or len(self.utterance)) * FRAME_SAMPLES
+        self.utterance, self.silent_frames, self.pause_at = None, 0, None
+        return Segment(SpeechEvent.END, now, self.run_start, audio, spoken)
+
+    def spoken(self) -> np.ndarray | None:
+        """While a silence runs after speech: the utterance up to its first frame, which is what END reports as
+        spoken if this silence lasts (known now, before the turn is over); None while speech goes on."""
+        return np.concatenate(self.utterance[:self.pause_at]) if self.speaking and self.pause_at else None
 
     def _drop_run(self) -> None:
         self.dropped_runs += bool(self.run)

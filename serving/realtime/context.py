@@ -26,6 +26,7 @@ class Context:
     can_see: bool  # the checkpoint takes images (Mini-Omni2)
     metrics: Metrics | None = None
     clock: Callable[[], float] = time.perf_counter
+    speculative: bool = True  # a spoken turn's answer starts at the first silence after speech (speculation.py)
     id: str = field(default_factory=lambda: new_id("sess"))
     conversation_id: str = field(default_factory=lambda: new_id("conv"))
     config: SessionConfig = field(default_factory=SessionConfig)

@@ -123,7 +123,11 @@ class Conversation:
             raise ProtocolError(f"the audio of item {question.id} was dropped to keep the session's audio and images "
                                 f"under {MAX_KEPT_BYTES} bytes (MAX_KEPT_BYTES): ask about a newer one",
                                 "item_audio_dropped", "item_id")
-        return question, next((i.image for i in items if i.image is not None), None)
+        return question, self.image()
+
+    def image(self) -> bytes | None:
+        """The latest image: what a spoken question is asked about (on a checkpoint that sees)."""
+        return next((i.image for i in reversed(self.items.values()) if i.image is not None), None)
 
     # -- client events ------------------------------------------------------------------------------------------
 

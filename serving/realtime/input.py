@@ -2,7 +2,9 @@
 the Silero segmenter of `voice/`), or kept whole for the client's own commit when turn detection is off.
 
 A confirmed onset and a finished utterance go to the turn machine (`responses.py`); the utterance itself
-becomes a user item of the conversation.
+becomes a user item of the conversation. It ends with the first frame of the silence that ended it: the rest of
+`silence_duration_ms` is only waited for, so the committed audio is known when that silence begins, and the
+turn's answer may start then (`speculation.py`), on exactly the audio the item will hold.
 """
 from __future__ import annotations
 
@@ -56,6 +58,8 @@ class Turns(Protocol):
     def speech_started(self) -> list[dict]: ...
     def speech_stopped(self, item_id: str, speech_end: float) -> list[dict]: ...
     def speech_dropped(self) -> None: ...
+    def speech_paused(self, spoken: np.ndarray) -> None: ...
+    def speech_resumed(self) -> None: ...
 
 
 class InputBuffer:
@@ -104,7 +108,17 @@ class InputBuffer:
             segment = self.segmenter.push(frame, self.vad(frame), index * FRAME_SECONDS)
             if segment is not None:
                 out += self._on_segment(segment, (index + 1) * FRAME_SAMPLES)
+            elif self.segmenter.speaking:
+                self._follow_silence()
         return out
+
+    def _follow_silence(self) -> None:
+        """The first silent frame after speech may end the turn: what it would commit is known now, so its
+        answer may start (unannounced); speech before the silence lasts drops that answer."""
+        if self.segmenter.pause_at is None:
+            self.turns.speech_resumed()
+        elif self.segmenter.silent_frames == 1:
+            self.turns.speech_paused(self.segmenter.spoken())
 
     def _on_segment(self, segment: Segment, end_sample: int) -> list[dict]:
         if segment.event is SpeechEvent.ONSET:
@@ -114,9 +128,10 @@ class InputBuffer:
                                      item_id=self.speech_item_id)
             return [started, *self.turns.speech_started()]
         item_id, self.speech_item_id = self.speech_item_id or new_id("item"), None
-        out = [self.ctx.event("input_audio_buffer.speech_stopped", audio_end_ms=end_sample // SAMPLES_PER_MS,
-                              item_id=item_id)]
-        out += self.items.add_audio(item_id, segment.audio)
+        spoken = segment.audio[:segment.spoken_samples]
+        end_ms = (end_sample - len(segment.audio) + len(spoken)) // SAMPLES_PER_MS  # the end of what is committed
+        out = [self.ctx.event("input_audio_buffer.speech_stopped", audio_end_ms=end_ms, item_id=item_id)]
+        out += self.items.add_audio(item_id, spoken)
         return out + self.turns.speech_stopped(item_id, self.ctx.clock())
 
     def commit(self, event: dict) -> list[dict]:

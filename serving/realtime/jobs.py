@@ -10,6 +10,8 @@ import numpy as np
 
 from omni import OmniChunk
 
+SPECULATION_DROPPED = "speculation_dropped"  # the cancel reason of an answer started at a pause the speech went on
+
 
 class CancelFlag:
     """The cancel callable of `engine.stream()`, which polls it before every decode step.
@@ -90,3 +92,4 @@ class Metrics(Protocol):
     def first_audio(self, seconds: float) -> None: ...
     def barge_in(self) -> None: ...
     def truncated(self) -> None: ...
+    def speculative_turn(self, outcome: str) -> None: ...

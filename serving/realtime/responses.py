@@ -3,19 +3,23 @@ machine of `voice/turns.py` (the same one the desktop loop runs).
 
 The server VAD's onset and end of speech, the client's `response.create`, the first audio delta and the
 engine's end of an answer are the machine's events; its actions say when to cancel an answer (barge-in)
-and when to answer a finished utterance: at once, or once the interrupted answer has stopped.
+and when to answer a finished utterance: at once, or once the interrupted answer has stopped. An answer to
+a turn that may be ending starts early, unannounced (`speculation.py`).
 """
 from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
 
+import numpy as np
+
 from omni import PCM_SAMPLE_WIDTH, OmniChunk
-from voice.turns import Action, Event, TurnMachine
+from voice.turns import Action, Event, State, TurnMachine
 from .context import Context, new_id
 from .conversation import Conversation, Item
-from .jobs import Job, JobEnd
+from .jobs import SPECULATION_DROPPED, Job, JobChunk, JobEnd
 from .protocol import API_RATE, GA, ProtocolError, answer_part, render_response, response_options, usage
+from .speculation import Speculation
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Responses:
         self.current: Response | None = None
         self.speech_end: float | None = None  # the end of the utterance the machine asks next
         self.question_id: str | None = None  # that utterance's user item: it is asked, or nothing is
+        self.speculation: Speculation | None = None  # the answer started at a pause of the current speech
 
     # -- turns (the input buffer's server VAD) --------------------------------------------------------------------
 
@@ -59,17 +64,53 @@ class Responses:
         return self._act(self.machine.handle(Event.END_OF_SPEECH))
 
     def speech_dropped(self) -> None:
+        self.speech_resumed()
         self.machine.handle(Event.DROPPED)
 
-    def _act(self, actions: list[Action]) -> list[dict]:
-        if Action.ASK not in actions:
-            return []
+    def speech_paused(self, spoken: np.ndarray) -> None:
+        """Silence after speech: if it lasts, `spoken` is the turn's question, so its answer starts now, unheard
+        (when the floor is free: no answer runs, and the turn will be answered)."""
         config = self.ctx.config
+        if (not self.ctx.speculative or not config.turn_detection.create_response or self.current is not None
+                or self.speculation is not None or self.machine.state is not State.USER_SPEAKING):
+            return
+        job = self._job(config.speaks, config.max_output_tokens, spoken, None, self.conversation.image())
+        self.speculation = Speculation(job)
+        self.ctx.submit(job)
+
+    def speech_resumed(self) -> None:
+        """The turn goes on (or is over without a question): the answer started at its pause is not its answer."""
+        self._drop(self.speculation)
+        self.speculation = None
+
+    def hold(self, update: JobChunk | JobEnd) -> bool:
+        """Keep the speculative answer's progress until it is the turn's answer; False: not its update."""
+        if self.speculation is None or update.key != self.speculation.job.key:
+            return False
+        self.speculation.held.append(update)
+        return True
+
+    def _drop(self, speculation: Speculation | None) -> None:
+        if speculation is None or speculation.used:
+            return
+        speculation.job.cancel.set(SPECULATION_DROPPED)
+        self.ctx.jobs.pop(speculation.job.key, None)  # its end, even one already held, concerns no one now
+        if self.ctx.metrics:
+            self.ctx.metrics.speculative_turn("dropped")
+
+    def _act(self, actions: list[Action]) -> list[dict]:
+        ahead, self.speculation = self.speculation, None
         try:
-            return self._start(config.speaks, config.max_output_tokens, self.speech_end, self.question_id)
-        except ProtocolError as e:  # its question was deleted while an earlier answer stopped: nothing to answer
-            self.machine.handle(Event.FINISHED)
-            return [self.ctx.error(e.message, e.code, e.param)]
+            if Action.ASK not in actions:
+                return []
+            config = self.ctx.config
+            try:
+                return self._start(config.speaks, config.max_output_tokens, self.speech_end, self.question_id, ahead)
+            except ProtocolError as e:  # its question was deleted while an earlier answer stopped
+                self.machine.handle(Event.FINISHED)
+                return [self.ctx.error(e.message, e.code, e.param)]
+        finally:
+            self._drop(ahead)  # unless it became the answer
 
     # -- client events ------------------------------------------------------------------------------------------
 
@@ -78,6 +119,7 @@ class Responses:
             raise ProtocolError(f"response {self.current.id} is still in progress: wait for its response.done or "
                                 "cancel it", "conversation_already_has_active_response")
         speaks, limit = response_options(self.ctx.config, event.get("response"), self.ctx.dialect)
+        self.speech_resumed()  # the client asks now: an answer to the speech under way would wait behind it
         out = self._start(speaks, limit, None)
         self.machine.handle(Event.ASKED)
         return out
@@ -92,16 +134,27 @@ class Responses:
         """Ask the engine to stop; `response.done` follows once it has (within one decode step)."""
         self.current.job.cancel.set(reason)
 
-    def _start(self, speaks: bool, limit: int | None, speech_end: float | None,
-               question_id: str | None = None) -> list[dict]:
-        """Answer the user item `question_id` (a spoken turn's), or the latest user message (response.create)."""
+    @staticmethod
+    def _job(speaks: bool, limit: int | None, audio: np.ndarray | None, text: str | None,
+             image: bytes | None) -> Job:
+        task = ("A1" if audio is not None else "T1") + ("A2" if speaks else "T2")
+        return Job(new_id("resp"), "response", task, audio=audio, text=text,
+                   image=image if audio is not None else None, max_output_tokens=limit)
+
+    def _start(self, speaks: bool, limit: int | None, speech_end: float | None, question_id: str | None = None,
+               ahead: Speculation | None = None) -> list[dict]:
+        """Answer the user item `question_id` (a spoken turn's), or the latest user message (response.create);
+        with the answer already started at the turn's pause (`ahead`) when it asks the same."""
         assert self.current is None, self.current.id
         question, image = self.conversation.question(question_id)
         audio_in = question.kind == "audio"
-        task = ("A1" if audio_in else "T1") + ("A2" if speaks else "T2")
-        response_id = new_id("resp")
-        job = Job(response_id, "response", task, audio=question.audio if audio_in else None,
-                  text=None if audio_in else question.text, image=image if audio_in else None, max_output_tokens=limit)
+        job = self._job(speaks, limit, question.audio if audio_in else None, None if audio_in else question.text,
+                        image)
+        if ahead is not None and ahead.answers(job):
+            ahead.used, job = True, ahead.job
+            if self.ctx.metrics:
+                self.ctx.metrics.speculative_turn("used")
+        response_id = job.key
         item = Item(new_id("item"), "assistant", "answer", speaks=speaks, status="new")
         self.current = Response(response_id, item, speaks, limit, job, audio_in, speech_end)
         created = self.ctx.event("response.created", response=self._render("in_progress"))
@@ -112,7 +165,11 @@ class Responses:
         out += self.conversation.added(item, previous)
         item.status = "in_progress"
         out.append(self._part_event("response.content_part.added", part=answer_part(speaks, self.ctx.dialect)))
-        self.ctx.submit(job)
+        if ahead is None or not ahead.used:
+            self.ctx.submit(job)
+            return out
+        for update in ahead.held:  # what the engine made meanwhile, now that the client knows the response
+            out += self.on_chunk(update.chunk) if isinstance(update, JobChunk) else self.on_end(update)
         return out
 
     # -- the engine's answer ----------------------------------------------------------------------------------------

@@ -51,9 +51,9 @@ class RealtimeSession:
 
     def __init__(self, runner: Runner, *, dialect: str = GA, model: str = "mini-omni", can_see: bool = False,
                  vad: Callable[[np.ndarray], float] | None = None, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, speculative: bool = True) -> None:
         assert dialect in (BETA, GA), dialect
-        self.ctx = Context(runner, dialect, model, can_see, metrics, clock)
+        self.ctx = Context(runner, dialect, model, can_see, metrics, clock, speculative=speculative)
         self.conversation = Conversation(self.ctx)
         self.responses = Responses(self.ctx, self.conversation)
         self.input = InputBuffer(self.ctx, self.conversation, self.responses, vad)
@@ -107,6 +107,8 @@ class RealtimeSession:
     def on_job(self, update: JobChunk | JobEnd) -> list[dict]:
         """The engine's progress on a job this session submitted."""
         response = self.responses.current
+        if self.responses.hold(update):
+            return []
         if response is not None and update.key == response.id:
             if isinstance(update, JobChunk):
                 return self.responses.on_chunk(update.chunk)

@@ -20,7 +20,7 @@ from omni import INPUT_SAMPLE_RATE, GenerationConfig, OmniChunk, Task, prompt_le
 from ..asgi import Receive, Scope, Send, send_json, wsgi_environ
 from ..formats import Summary
 from ..service import Admission, EngineService, Refused
-from .jobs import Job, JobChunk, JobEnd
+from .jobs import SPECULATION_DROPPED, Job, JobChunk, JobEnd
 from .protocol import BETA, GA
 from .session import RealtimeSession
 
@@ -129,7 +129,8 @@ class ServiceRunner:
             elif isinstance(event, Summary):
                 status, error = event.outcome, event.error
         status = "failed" if status == "error" else status
-        if job.cancel.steps_after is not None:  # the engine has stopped: how many steps it ran past the cancel
+        # the engine has stopped: how many steps it ran past the cancel (a barge-in's or the client's)
+        if job.cancel.steps_after is not None and job.cancel.reason != SPECULATION_DROPPED:
             self.service.metrics.realtime.cancel_steps(job.cancel.steps_after)
         return JobEnd(job.key, status, error, steps, prompt, hit_limit=steps >= max_tokens - prompt, text=text)
 
@@ -196,7 +197,8 @@ class RealtimeEndpoint:
         runner = ServiceRunner(self.service, lambda update: loop.call_soon_threadsafe(inbox.put_nowait, update))
         engine = self.service.engine
         session = RealtimeSession(runner, dialect=BETA if beta else GA, model=engine.family, can_see=engine.can_see,
-                                  vad=self.vad_factory(), metrics=self.service.metrics.realtime)
+                                  vad=self.vad_factory(), metrics=self.service.metrics.realtime,
+                                  speculative=self.service.speculative_turns)
         ahead = asyncio.Semaphore(MAX_FRAMES_AHEAD)
         reader = asyncio.create_task(self._read(receive, inbox, ahead))
         try:

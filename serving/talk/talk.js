@@ -142,7 +142,8 @@ const HANDLERS = {
     if (mode() === "hands-free") { sending = true; listen(); } else setState("listening", "Hold the button (or the space bar) and talk.");
   },
   "input_audio_buffer.speech_started": () => onSpeechStarted(),
-  "input_audio_buffer.speech_stopped": (e) => newTurn(e.item_id, capturedAt(e.audio_end_ms - silenceMs), silenceMs),
+  // audio_end_ms: the end of the committed speech (one 32 ms frame into the silence the server then waited out)
+  "input_audio_buffer.speech_stopped": (e) => newTurn(e.item_id, capturedAt(e.audio_end_ms), silenceMs),
   "input_audio_buffer.committed": (e) => {
     if (mode() === "press") newTurn(e.item_id, talk.releasedAt, 0);
   },
