@@ -56,6 +56,7 @@ class TurnTiming:
     cancel_ms: float | None = None  # speech_started of the next question -> response.done cancelled
     underruns: int = 0  # times the simulated speaker ran dry before the answer ended
     stall_ms: float = 0.0
+    stalls_at_s: list[float] = field(default_factory=list)  # where in the answer's audio each stall began
     audio_s: float = 0.0
     status: str = ""
 
@@ -98,6 +99,7 @@ class Speaker:
         self.queued_s = 0.0
         self.underruns = 0
         self.stall_s = 0.0
+        self.stalls_at: list[float] = []  # seconds of the answer's audio played when each stall began
 
     def push(self, stamp: float, seconds: float) -> None:
         if self.start is None:
@@ -105,6 +107,7 @@ class Speaker:
         played_until = self.start + self.queued_s + self.stall_s
         if stamp > played_until:  # the audio so far had finished playing before this delta came
             self.underruns += 1
+            self.stalls_at.append(round(self.queued_s, 2))
             self.stall_s += stamp - played_until
         self.queued_s += seconds
 
@@ -134,6 +137,7 @@ def play_out(listener: Listener, first: tuple[float, object], turn: TurnTiming) 
     turn.status = done[-1][1].response.status
     turn.underruns, turn.stall_ms, turn.audio_s = speaker.underruns, round(1000 * speaker.stall_s, 1), \
         round(speaker.queued_s, 2)
+    turn.stalls_at_s = speaker.stalls_at
     time.sleep(max(0.0, speaker.ends_at() - time.perf_counter()))  # the user listens to the end
 
 
@@ -237,7 +241,9 @@ def run_count(sessions: int, args: argparse.Namespace, questions: list[bytes]) -
     for t in sorted(turns, key=lambda t: (t.session, t.index)):
         print(f"session {t.session} turn {t.index:2d}: first audio {t.first_audio_ms:7.0f} ms"
               + (f", barge-in -> cancelled {t.cancel_ms:5.0f} ms" if t.cancel_ms is not None else
-                 f", {t.audio_s:5.2f} s played, underruns {t.underruns} ({t.stall_ms:.0f} ms)") + f"  [{t.status}]")
+                 f", {t.audio_s:5.2f} s played, underruns {t.underruns} ({t.stall_ms:.0f} ms"
+                 + (f", at {', '.join(f'{s:.2f}' for s in t.stalls_at_s)} s of its audio" if t.stalls_at_s else "")
+                 + ")") + f"  [{t.status}]")
     return summary, turns
 
 

@@ -143,6 +143,7 @@ def run_direct(args: argparse.Namespace) -> Figures:
     command = [sys.executable, str(ROOT / "server.py"), "--ckpt-dir", args.ckpt_dir, "--port", str(port),
                "--device", "cpu", "--mode", args.mode]
     command += [] if args.realtime_admission else ["--no-realtime-admission"]
+    args.log_dir.mkdir(parents=True, exist_ok=True)
     with open(args.log_dir / "direct.log", "w") as log:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:

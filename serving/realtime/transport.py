@@ -41,6 +41,12 @@ NORMAL_CLOSURE = 1000  # WebSocket close code of a session the server ends on pu
 # A client reading as it should never gets near it: a whole answer of 4096 steps is about 4 MB of audio deltas.
 # Beyond it the session's answer is cancelled and the session closed, so nothing piles up in the server.
 MAX_UNSENT_BYTES = 8 * 1024 * 1024
+# Frames in an answer's first audio delta. The first chunk plays while the second is made, and the second
+# waits for more steps than any later one (SNAC's whole look-ahead, omni/codec.py): with a first chunk of
+# the usual 4 frames (341 ms) a client that plays on arrival ran dry 4-105 ms at 0.34 s into nearly every
+# answer (fast mode, full-size model, AMD EPYC with AVX2, 2026-12-04). 6 frames start the audio 2 decode
+# steps later and keep it ahead from there.
+FIRST_CHUNK_FRAMES = 6
 POLICY_VIOLATION = 1008  # WebSocket close code of a session closed for what its client did (not reading)
 CLOSE_WAIT_S = 10.0  # how long a closing session waits for its last events and close frame to go out
 
@@ -115,7 +121,8 @@ class ServiceRunner:
         """The engine's chunks for `job`, not yet started."""
         return self.service.engine.stream(
             job.audio, text=job.text, task=Task(job.task), image=job.image, cancel=job.cancel,
-            sample_rate=INPUT_SAMPLE_RATE if job.audio is not None else None, max_tokens=max_tokens)
+            sample_rate=INPUT_SAMPLE_RATE if job.audio is not None else None, max_tokens=max_tokens,
+            first_stride=FIRST_CHUNK_FRAMES)
 
     def _run_answer(self, job: Job, turn: Admission, chunks: Iterator[OmniChunk], prompt: int,
                     max_tokens: int) -> JobEnd:
