@@ -20,6 +20,7 @@ import torch
 
 from omni.engine import prompt_length
 from omni.tokens import Task
+from serving.realtime.transport import FIRST_CHUNK_FRAMES
 from tests.conftest import ROOT
 from tests.http_client import Server, free_port
 from tests.test_realtime_api import connect, heard, question_pcm, silence, speak, until, wav_bytes
@@ -92,8 +93,8 @@ def sample_bytes(sample_wav):
     return sample_wav.read_bytes()
 
 
-def chat(proxy: Proxy, audio: bytes, max_tokens: int = MAX, headers: dict | None = None):
-    body = json.dumps({"audio": base64.b64encode(audio).decode(), "max_tokens": max_tokens}).encode()
+def chat(proxy: Proxy, audio: bytes, max_tokens: int = MAX, headers: dict | None = None, **fields):
+    body = json.dumps({"audio": base64.b64encode(audio).decode(), "max_tokens": max_tokens, **fields}).encode()
     return proxy.request("POST", "/chat", body, {"Content-Type": "application/json", **AUTH, **(headers or {})})
 
 
@@ -162,7 +163,8 @@ def test_realtime_session_through_the_proxy(proxy):
     stopped = next(e for e in events if e.type == "input_audio_buffer.speech_stopped")
     audio = b"".join(base64.b64decode(e.delta) for e in events if e.type == "response.audio.delta")
     samples = heard(pcm, started.audio_start_ms, stopped.audio_end_ms)
-    status, _, body = chat(proxy, wav_bytes(samples), prompt_length(Task.A1A2, samples, None, False) + SHORT)
+    status, _, body = chat(proxy, wav_bytes(samples), prompt_length(Task.A1A2, samples, None, False) + SHORT,
+                           first_stride=FIRST_CHUNK_FRAMES)  # the chunks of a Realtime answer
     assert status == 200 and audio == body
 
 

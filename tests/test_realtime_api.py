@@ -19,6 +19,7 @@ import pytest
 
 from omni.engine import prompt_length
 from omni.tokens import Task
+from serving.realtime.transport import FIRST_CHUNK_FRAMES
 from voice.signal import Resampler, float_to_pcm, pcm_to_float
 from tests.conftest import IMAGE, ROOT
 from tests.http_client import Server
@@ -116,9 +117,10 @@ def metric(server: Server, name: str, headers: dict | None = None) -> float:
 
 
 def chat_answer(server: Server, samples: np.ndarray, steps: int, image: bytes | None = None) -> tuple[bytes, str]:
-    """The /chat answer to the same 16 kHz samples, bounded to the same number of decode steps."""
+    """The /chat answer to the same 16 kHz samples, bounded to the same number of decode steps, in the
+    chunks a Realtime answer has (the first chunk's end is previewed, so its size shapes the bytes)."""
     prompt = prompt_length(Task.A1A2, samples, None, image is not None)
-    fields = {"max_tokens": prompt + steps}
+    fields = {"max_tokens": prompt + steps, "first_stride": FIRST_CHUNK_FRAMES}
     if image is not None:
         fields["image"] = b64(image)
     status, headers, body = server.chat(wav_bytes(samples), **fields)
