@@ -113,15 +113,16 @@ def measure_products(weights: Sequence[torch.Tensor], plans: Sequence[Candidate]
     return best
 
 
-def choose_products(weights: Sequence[torch.Tensor], formulations: Sequence[str]) -> Products:
+def choose_products(weights: Sequence[torch.Tensor], formulations: Sequence[str],
+                    lone: Candidate = ONE_BY_ONE) -> Products:
     """The batch-invariant plan for `weights`: among those no slower (within TIE_MARGIN) than the
     official products at 1 row and, separately, at 2 rows (one request of either task kind), the one
-    with the least time summed over TUNED_ROWS. One row at a time (ONE_BY_ONE, at 1 row the official
-    call itself) is always a candidate; if no plan keeps up at both counts, those keeping up at 1 row
+    with the least time summed over TUNED_ROWS. One row at a time (`lone`: ONE_BY_ONE, at 1 row the
+    official call itself) is always a candidate; if no plan keeps up at both counts, those keeping up at 1 row
     compete on 2 rows alone. Only the plans kept by the first timing are timed at more rows."""
     if weights[0].dtype != torch.float32:
         formulations = [f for f in formulations if f != KERNEL_FORMULATION]
-    plans = [c for c in candidates(formulations) if batch_invariant(c, weights[0])] + [ONE_BY_ONE]
+    plans = [c for c in candidates(formulations) if batch_invariant(c, weights[0])] + [lone]
     solo = measure_products(weights, [OFFICIAL, *plans], TUNED_ROWS[:2])
 
     def keeps_up(c: Candidate, n: int) -> bool:
@@ -152,9 +153,11 @@ def tune_products(groups: dict[str, Sequence[torch.Tensor]], overrides: Override
         if forced not in formulations:
             raise ValueError(f"{ENV['products']}={forced} computes in fp32; this model's weights are {dtype}")
         formulations = (forced,)
+    # one row at a time, the fallback: a forced library formulation's own rows one by one, so that it is forced
+    lone = (forced, 1) if forced and forced != KERNEL_FORMULATION else ONE_BY_ONE
     shapes = {n: [list(s[0].shape), len(s), str(s[0].dtype)] for n, s in samples.items()}
     what = {"rows": TUNED_ROWS, "blocks": BLOCK_ROWS, "formulations": formulations, "groups": shapes}
-    chosen = measured_once(what, lambda: {name: _as_json(choose_products(s, formulations))
+    chosen = measured_once(what, lambda: {name: _as_json(choose_products(s, formulations, lone))
                                           for name, s in samples.items()}, overrides.cache)
     return {name: Products(entry["formulation"], entry["block"]) for name, entry in chosen.items() if name in groups}
 
